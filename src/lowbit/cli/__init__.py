@@ -1,0 +1,42 @@
+"""The ``lowbit`` command: thin wrappers that parse, call the library and print.
+
+Exit codes: 0 ok, 2 bad input (a one-line message), 1 failure.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from lowbit.errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="lowbit: quantize PyTorch models (formats, PTQ, export).")
+# wide enough for tables when the output is a pipe or a CI log (rich would assume 80)
+console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+
+
+@app.callback()
+def _root() -> None:
+    """lowbit: quantize PyTorch models (formats, PTQ, export)."""
+
+
+def fail(msg: str, code: int = 2) -> None:
+    """Print one clear line to stderr and exit with ``code`` (2: bad input)."""
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+from lowbit.cli import formats_cmd  # noqa: E402,F401  (registers commands)
+
+
+def main() -> None:
+    """Entry point of the ``lowbit`` script."""
+    try:
+        app()
+    except LowbitError as e:  # a library error that escaped a command: bad input
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)

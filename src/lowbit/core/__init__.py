@@ -1,0 +1,20 @@
+"""Tensor math of quantization: specs, granularity, scales, quantize/dequantize/fake_quant.
+
+>>> import torch
+>>> from lowbit.core import QuantSpec, quantize, dequantize, fake_quant
+>>> spec = QuantSpec(format="int4", granularity="group", group_size=32)
+>>> w = torch.randn(64, 128)
+>>> qt = quantize(w, spec)          # codes [64, 128] uint8, scale [64, 4]
+>>> torch.equal(dequantize(qt), fake_quant(w, spec))
+True
+"""
+
+from lowbit.core.blocks import BlockFormat, block_format_names, get_block_format
+from lowbit.core.layout import Layout
+from lowbit.core.quant import QTensor, compute_scales, dequantize, fake_quant, quantize
+from lowbit.core.spec import QuantSpec
+
+__all__ = [
+    "BlockFormat", "Layout", "QTensor", "QuantSpec", "block_format_names", "compute_scales",
+    "dequantize", "fake_quant", "get_block_format", "quantize",
+]

@@ -1,0 +1,226 @@
+"""quantize / dequantize / fake_quant: the one place where tensors are rounded.
+
+``quantize(x, spec)`` returns a :class:`QTensor` (codes + scales), ``dequantize(qt)`` maps it
+back, and ``fake_quant(x, spec)`` computes ``dequantize(quantize(x, spec))`` directly, bit
+for bit the same, with a straight-through-estimator gradient.
+
+Scales (AbsMax):
+
+* symmetric integer: ``scale = amax / qmax``; float element formats: ``scale = amax / max``;
+* affine integer: ``scale = (max(x, 0) - min(x, 0)) / (qmax - qmin)``, integer
+  ``zero_point = clamp(qmin - round(min(x, 0) / scale))`` so real 0.0 is exact;
+  ``q = clamp(round(x / scale) + zero_point)`` and ``x_hat = (q - zero_point) * scale``;
+* NVFP4: ``global = amax(tensor) / (6 * 448)``, block scale ``e4m3(amax(block) / 6 / global)``
+  (at least e4m3's smallest subnormal), ``x_hat = e2m1 * block_scale * global``;
+* MX: ``scale = 2^(floor(log2 amax(block)) - emax(element))`` (an e8m0 value).
+
+An all-zero unit gets scale 1 (or the smallest block scale) and codes 0, never NaN.
+Inputs are computed in float32 and returned in their dtype (float16/bfloat16/float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit import formats
+from lowbit.core.layout import Layout
+from lowbit.core.spec import QuantSpec
+from lowbit.errors import FormatError
+
+_E4M3 = formats.get("e4m3")
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: uint8 ``codes`` (shape = original, unpacked) and its scales.
+
+    ``scale`` (float32) and ``zero_point`` (int32, affine only) are in the stored layout of
+    :mod:`lowbit.core.layout`; ``global_scale`` is NVFP4's per-tensor float32 scale.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    global_scale: torch.Tensor | None = None
+
+    @property
+    def element_format(self) -> formats.Format:
+        """The format of the codes."""
+        return self.spec.element_format
+
+    def packed_codes(self) -> torch.Tensor:
+        """Codes packed along the last axis (see :mod:`lowbit.formats.packing`)."""
+        return formats.pack(self.codes, self.element_format.bits)
+
+    def scale_codes(self) -> torch.Tensor | None:
+        """uint8 codes of the scales for e4m3/e8m0 scale formats, else None."""
+        if self.spec.scale_format in ("e4m3", "e8m0"):
+            return formats.get(self.spec.scale_format).encode(self.scale)
+        return None
+
+    def nbytes(self) -> int:
+        """Storage bytes: packed codes + scales (+ zero-points, + global scale)."""
+        n = self.packed_codes().numel()
+        n += self.scale.numel() * self.spec.scale_bits() // 8
+        if self.zero_point is not None:
+            n += -(-self.zero_point.numel() * self.element_format.bits // 8)
+        if self.global_scale is not None:
+            n += 4
+        return n
+
+
+def _finish_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
+    """Zero units get scale 1; the scale is rounded to its storage format."""
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    if scale_format == "fp16":
+        s = s.clamp(6.2e-5, 65504.0).half().float()
+    elif scale_format == "bf16":
+        s = s.clamp_min(_TINY).bfloat16().float()
+    elif scale_format == "e8m0":
+        _, e = torch.frexp(s)
+        exact = torch.ldexp(torch.full_like(s, 0.5), e) == s
+        s = torch.ldexp(torch.ones_like(s), torch.where(exact, e - 1, e).clamp(-127, 127))
+    elif scale_format == "e4m3":
+        s = _E4M3.round(s).clamp_min(_E4M3.min_subnormal)
+    return s.clamp_min(_TINY)
+
+
+def _amax(lay: Layout, xv: torch.Tensor) -> torch.Tensor:
+    dims = lay.reduce_dims
+    if dims is None:
+        return torch.linalg.vector_norm(xv, float("inf")).reshape([1] * xv.ndim)
+    return torch.linalg.vector_norm(xv, float("inf"), dim=dims, keepdim=True)
+
+
+def _check(v: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(v).all()):
+        raise FormatError(f"{what} contains NaN/Inf values; expected finite numbers "
+                          "(pass check_finite=False to skip this check)")
+
+
+def compute_scales(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
+                   check_finite: bool = True):
+    """Scales of ``x`` for ``spec``: ``(layout, xv, scale_v, zero_point_v, global_scale)``.
+
+    ``xv`` is ``x`` in float32 in the layout's view; ``scale_v`` and ``zero_point_v``
+    broadcast against it. ``amax`` (and ``amin`` for affine specs) are calibrated statistics
+    in the stored scale layout; None computes them from ``x``. For NVFP4, ``amax`` is the
+    per-tensor amax that sets the global scale.
+    """
+    lay = Layout(spec, x.shape)
+    xf = x.float() if x.dtype != torch.float32 else x
+    if check_finite and (amax is not None or amin is not None):
+        _check(xf, "input")
+    xv = lay.view(xf)
+    fmt = spec.element_format
+    bf = spec.block_format
+    zp = gs = None
+    if bf is None:
+        if spec.symmetric:
+            a = lay.from_natural(amax) if amax is not None else _amax(lay, xv)
+            if check_finite and amax is None:
+                _check(a, "input")
+            s = _finish_scale(a / fmt.max, spec.scale_format)
+        else:
+            hi = lay.from_natural(amax) if amax is not None else lay.reduce_max(xv)
+            lo = lay.from_natural(amin) if amin is not None else lay.reduce_amax(xv, True)
+            if check_finite and (amax is None or amin is None):
+                _check(hi - lo, "input")
+            hi, lo = hi.clamp_min(0), lo.clamp_max(0)
+            s = _finish_scale((hi - lo) / (fmt.qmax - fmt.qmin), spec.scale_format)
+            zp = (fmt.qmin - torch.round(lo / s)).clamp(fmt.qmin, fmt.qmax)
+        return lay, xv, s, zp, gs
+    bamax = _amax(lay, xv)
+    if check_finite:
+        _check(bamax, "input")
+    if bf.global_scale:
+        t = torch.as_tensor(amax, dtype=torch.float32) if amax is not None else bamax.amax()
+        gs = t.reshape(()) / (fmt.max * _E4M3.max)
+        gs = torch.where(gs > 0, gs, torch.ones_like(gs)).clamp_min(_TINY)
+        sb = _E4M3.round(bamax / fmt.max / gs).clamp_min(_E4M3.min_subnormal)
+        return lay, xv, sb * gs, None, (sb, gs)
+    _, e = torch.frexp(bamax)
+    x_exp = torch.where(bamax > 0, e - 1 - fmt.emax, torch.full_like(e, -127)).clamp(-127, 127)
+    s = torch.ldexp(torch.ones_like(bamax), x_exp)
+    return lay, xv, s, None, None
+
+
+def _scaled(xv: torch.Tensor, s: torch.Tensor, zp: torch.Tensor | None) -> torch.Tensor:
+    y = xv / s
+    return y.add_(zp) if zp is not None else y
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
+             check_finite: bool = True) -> QTensor:
+    """Quantize ``x`` (any shape, float16/bfloat16/float32) to codes and scales.
+
+    ``amax``/``amin``: calibrated statistics in the stored scale layout (see
+    :func:`compute_scales`); None computes them from ``x`` (dynamic or weight).
+    Raises FormatError on NaN/Inf input (unless ``check_finite=False``).
+    """
+    lay, xv, s, zp, extra = compute_scales(x, spec, amax, amin, check_finite)
+    codes = lay.unview(spec.element_format.encode(_scaled(xv, s, zp)))
+    if spec.block_format is not None and spec.block_format.global_scale:
+        sb, gs = extra
+        scale, gscale = lay.to_natural(sb), gs
+    else:
+        scale, gscale = lay.to_natural(s), None
+    zpn = lay.to_natural(zp).to(torch.int32) if zp is not None else None
+    return QTensor(codes.contiguous(), scale.contiguous(), zpn, spec, tuple(x.shape), x.dtype,
+                   gscale)
+
+
+def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Real values of a :class:`QTensor`, shape ``qt.shape``, in ``dtype`` (default its own)."""
+    lay = Layout(qt.spec, qt.shape)
+    vals = lay.view(qt.spec.element_format.decode(qt.codes))
+    s = lay.from_natural(qt.scale)
+    if qt.global_scale is not None:
+        s = s * qt.global_scale
+    if qt.zero_point is not None:
+        vals = vals - lay.from_natural(qt.zero_point.float())
+    y = lay.unview(vals * s)
+    return y.to(dtype or qt.dtype)
+
+
+class _STE(torch.autograd.Function):
+    """Straight-through estimator: gradient 1 inside the clipping range, 0 outside."""
+
+    @staticmethod
+    def forward(ctx, x, y, mask):  # noqa: D102
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        (mask,) = ctx.saved_tensors
+        return g * mask, None, None
+
+
+def fake_quant(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
+               check_finite: bool = True) -> torch.Tensor:
+    """``dequantize(quantize(x, spec))`` bit for bit, same shape and dtype as ``x``.
+
+    Differentiable with the straight-through estimator: the gradient w.r.t. ``x`` is the
+    incoming gradient where ``x`` lies inside the clipping range (``[-max*scale, max*scale]``,
+    or ``[(qmin-zp)*scale, (qmax-zp)*scale]`` for affine specs) and 0 outside.
+    """
+    lay, xv, s, zp, _ = compute_scales(x.detach(), spec, amax, amin, check_finite)
+    fmt = spec.element_format
+    q = _scaled(xv, s, zp)
+    need_grad = x.requires_grad and torch.is_grad_enabled()
+    if need_grad:
+        mask = (q >= fmt.min) & (q <= fmt.max)
+    q = fmt.round(q)
+    if zp is not None:
+        q = q.sub_(zp)
+    y = lay.unview(q.mul_(s)).to(x.dtype)
+    if need_grad:
+        return _STE.apply(x, y, lay.unview(mask).to(x.dtype))
+    return y
