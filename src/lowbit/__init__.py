@@ -1,11 +1,21 @@
 """lowbit: quantize PyTorch models on any machine.
 
-Number formats (:mod:`lowbit.formats`), quantization math (:mod:`lowbit.core`), and on top of
-them calibration, algorithms and export.
+>>> import lowbit
+>>> model = lowbit.quantize(model, "int4-weight-only", group_size=64)   # doctest: +SKIP
+>>> lowbit.print_summary(model)                                        # doctest: +SKIP
+
+Layers: :mod:`lowbit.formats` (what a code means), :mod:`lowbit.core` (quantize/dequantize),
+:mod:`lowbit.calib`, :mod:`lowbit.nn`, :mod:`lowbit.recipes`, :mod:`lowbit.pipeline`.
 """
 
-from lowbit.core import QTensor, QuantSpec, dequantize, fake_quant, quantize
+from lowbit.core import QTensor, QuantSpec, dequantize, fake_quant, quantize as quantize_tensor
+from lowbit.nn import disable_quantizers, enable_quantizers, print_summary
+from lowbit.pipeline import calibrate, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["QTensor", "QuantSpec", "dequantize", "fake_quant", "quantize", "__version__"]
+__all__ = [
+    "QTensor", "QuantSpec", "calibrate", "dequantize", "disable_quantizers",
+    "enable_quantizers", "fake_quant", "print_summary", "quantize", "quantize_tensor",
+    "__version__",
+]

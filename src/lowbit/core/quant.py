@@ -105,22 +105,34 @@ def _check(v: torch.Tensor, what: str) -> None:
 
 
 def compute_scales(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
-                   check_finite: bool = True):
-    """Scales of ``x`` for ``spec``: ``(layout, xv, scale_v, zero_point_v, global_scale)``.
+                   check_finite: bool = True, scale=None, zero_point=None, global_scale=None):
+    """Scales of ``x`` for ``spec``: ``(layout, xv, scale_v, zero_point_v, extra)``.
 
     ``xv`` is ``x`` in float32 in the layout's view; ``scale_v`` and ``zero_point_v``
     broadcast against it. ``amax`` (and ``amin`` for affine specs) are calibrated statistics
     in the stored scale layout; None computes them from ``x``. For NVFP4, ``amax`` is the
-    per-tensor amax that sets the global scale.
+    per-tensor amax that sets the global scale. ``scale`` (+ ``zero_point``, +
+    ``global_scale`` for NVFP4) fixes the scales instead (stored layout), as GPTQ and
+    checkpoints loaded from disk do.
     """
     lay = Layout(spec, x.shape)
     xf = x.float() if x.dtype != torch.float32 else x
-    if check_finite and (amax is not None or amin is not None):
+    if check_finite and (amax is not None or amin is not None or scale is not None):
         _check(xf, "input")
     xv = lay.view(xf)
     fmt = spec.element_format
     bf = spec.block_format
     zp = gs = None
+    if scale is not None:
+        s = lay.from_natural(scale)
+        if zero_point is not None:
+            zp = lay.from_natural(torch.as_tensor(zero_point).float())
+        if bf is not None and bf.global_scale:
+            if global_scale is None:
+                raise FormatError(f"{spec.format}: a fixed scale needs its global_scale too")
+            gs = torch.as_tensor(global_scale, dtype=torch.float32).reshape(())
+            return lay, xv, s * gs, None, (s, gs)
+        return lay, xv, s, zp, None
     if bf is None:
         if spec.symmetric:
             a = lay.from_natural(amax) if amax is not None else _amax(lay, xv)
@@ -157,14 +169,17 @@ def _scaled(xv: torch.Tensor, s: torch.Tensor, zp: torch.Tensor | None) -> torch
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
-             check_finite: bool = True) -> QTensor:
+             check_finite: bool = True, scale=None, zero_point=None,
+             global_scale=None) -> QTensor:
     """Quantize ``x`` (any shape, float16/bfloat16/float32) to codes and scales.
 
     ``amax``/``amin``: calibrated statistics in the stored scale layout (see
     :func:`compute_scales`); None computes them from ``x`` (dynamic or weight).
+    ``scale``/``zero_point``/``global_scale`` fix the scales instead (stored layout).
     Raises FormatError on NaN/Inf input (unless ``check_finite=False``).
     """
-    lay, xv, s, zp, extra = compute_scales(x, spec, amax, amin, check_finite)
+    lay, xv, s, zp, extra = compute_scales(x, spec, amax, amin, check_finite, scale,
+                                           zero_point, global_scale)
     codes = lay.unview(spec.element_format.encode(_scaled(xv, s, zp)))
     if spec.block_format is not None and spec.block_format.global_scale:
         sb, gs = extra
@@ -204,14 +219,16 @@ class _STE(torch.autograd.Function):
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
-               check_finite: bool = True) -> torch.Tensor:
+               check_finite: bool = True, scale=None, zero_point=None,
+               global_scale=None) -> torch.Tensor:
     """``dequantize(quantize(x, spec))`` bit for bit, same shape and dtype as ``x``.
 
     Differentiable with the straight-through estimator: the gradient w.r.t. ``x`` is the
     incoming gradient where ``x`` lies inside the clipping range (``[-max*scale, max*scale]``,
     or ``[(qmin-zp)*scale, (qmax-zp)*scale]`` for affine specs) and 0 outside.
     """
-    lay, xv, s, zp, _ = compute_scales(x.detach(), spec, amax, amin, check_finite)
+    lay, xv, s, zp, _ = compute_scales(x.detach(), spec, amax, amin, check_finite, scale,
+                                       zero_point, global_scale)
     fmt = spec.element_format
     q = _scaled(xv, s, zp)
     need_grad = x.requires_grad and torch.is_grad_enabled()

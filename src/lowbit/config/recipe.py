@@ -1,0 +1,186 @@
+"""``Recipe``: which layers get which quantization, in which order, with which algorithms.
+
+A recipe maps ordered name patterns to specs for a module's ``weight``, ``input`` and
+``output``; later matching entries win, role by role (an entry only overrides the roles it
+names; ``null`` switches a role off). Patterns are fnmatch wildcards matched against the
+full module name (``model.layers.0.self_attn.q_proj``), or against its tail after a dot (so
+``q_proj`` and ``*.mlp.*`` work), or regular expressions written ``re:...`` (searched).
+
+YAML::
+
+    name: int4-weight-only
+    targets:
+      - pattern: "*"
+        weight: {format: int4, granularity: group, group_size: 128}
+    exclude: ["*lm_head", "*embed*"]
+    kv_cache: fp8            # optional: fp8 | int8 | a spec
+    algorithms: []           # ordered steps, e.g. [{name: gptq, args: {...}}]
+    group_policy: fallback   # or strict
+    strict: false            # true: a pattern that matches nothing is an error
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from lowbit.core import QuantSpec
+from lowbit.errors import ConfigError
+
+ROLES = ("weight", "input", "output")
+FORMAT_ALIASES = {"fp8": "fp8_e4m3", "fp4": "fp4_e2m1", "fp6": "fp6_e3m2"}
+DEFAULT_EXCLUDE = ["*lm_head", "*embed*", "*wte", "*wpe"]
+
+
+def _spec(v: Any, where: str) -> QuantSpec | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = {"format": v}
+    if isinstance(v, dict) and v.get("format") in FORMAT_ALIASES:
+        v = {**v, "format": FORMAT_ALIASES[v["format"]]}
+    return QuantSpec.parse(v, where)
+
+
+class Target(BaseModel):
+    """One ordered entry of a recipe: a pattern and the specs of the roles it sets."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    pattern: str | list[str]
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    output: QuantSpec | None = None
+
+    @property
+    def patterns(self) -> list[str]:
+        """The patterns of this entry as a list."""
+        return [self.pattern] if isinstance(self.pattern, str) else list(self.pattern)
+
+    def roles_set(self) -> list[str]:
+        """Roles this entry names (explicit ``null`` included)."""
+        return [r for r in ROLES if r in self.model_fields_set]
+
+
+class AlgorithmStep(BaseModel):
+    """One algorithm step (``smoothquant``, ``awq``, ``gptq``...) with its arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    args: dict[str, Any] = {}
+    targets: list[str] | None = None
+
+
+class Recipe(BaseModel):
+    """A whole quantization recipe; build with :func:`lowbit.recipes.load` or ``parse``."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str = "custom"
+    description: str = ""
+    targets: list[Target] = []
+    exclude: list[str] = list(DEFAULT_EXCLUDE)
+    kv_cache: QuantSpec | None = None
+    algorithms: list[AlgorithmStep] = []
+    group_policy: Literal["strict", "fallback"] = "fallback"
+    strict: bool = False
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _algos(cls, v):
+        return [{"name": a} if isinstance(a, str) else a for a in (v or [])]
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def parse(cls, data: dict, source: str = "recipe") -> "Recipe":
+        """Validate a dict (from YAML); every error is one ConfigError line naming the key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got "
+                              f"{type(data).__name__}")
+        data = dict(data)
+        targets = []
+        for i, t in enumerate(data.pop("targets", []) or []):
+            if not isinstance(t, dict):
+                raise ConfigError(f"{source}: targets[{i}] must be a mapping")
+            t = dict(t)
+            unknown = set(t) - {"pattern", *ROLES}
+            if unknown:
+                raise ConfigError(f"{source}: targets[{i}]: unknown key {sorted(unknown)[0]!r}; "
+                                  f"expected pattern, weight, input, output")
+            if "pattern" not in t:
+                raise ConfigError(f"{source}: targets[{i}] needs a 'pattern'")
+            for r in ROLES:
+                if r in t:
+                    t[r] = _spec(t[r], f"{source}: targets[{i}].{r}")
+            targets.append(Target(**t))
+        if "kv_cache" in data:
+            data["kv_cache"] = _spec(data["kv_cache"], f"{source}: kv_cache")
+        try:
+            return cls(targets=targets, **data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                raise ConfigError(f"{source}: unknown key {loc!r}; expected one of: "
+                                  f"{', '.join(cls.model_fields)}") from None
+            raise ConfigError(f"{source}: {loc}: {err['msg']}") from None
+
+    def to_dict(self) -> dict:
+        """Plain dict (YAML-ready) that :meth:`parse` turns back into an equal recipe."""
+        def spec(s: QuantSpec | None):
+            return None if s is None else s.model_dump(exclude_defaults=True)
+
+        targets = []
+        for t in self.targets:
+            d: dict[str, Any] = {"pattern": t.pattern}
+            for r in t.roles_set():
+                d[r] = spec(getattr(t, r))
+            targets.append(d)
+        return {
+            "name": self.name, "description": self.description, "targets": targets,
+            "exclude": list(self.exclude), "kv_cache": spec(self.kv_cache),
+            "algorithms": [a.model_dump(exclude_defaults=True) for a in self.algorithms],
+            "group_policy": self.group_policy, "strict": self.strict,
+        }
+
+    # --- matching -------------------------------------------------------------------------
+    def is_excluded(self, name: str) -> bool:
+        """Whether the module called ``name`` is excluded."""
+        return any(match(p, name) for p in self.exclude)
+
+    def specs_for(self, name: str) -> tuple[dict[str, QuantSpec | None], list[int]]:
+        """Resolved ``{role: spec}`` for module ``name`` and the indices of matching entries."""
+        out: dict[str, QuantSpec | None] = {r: None for r in ROLES}
+        hits = []
+        for i, t in enumerate(self.targets):
+            if any(match(p, name) for p in t.patterns):
+                hits.append(i)
+                for r in t.roles_set():
+                    out[r] = getattr(t, r)
+        return out, hits
+
+    def has_static_activations(self) -> bool:
+        """Whether calibration data is needed (a static input/output or KV-cache spec)."""
+        specs = [getattr(t, r) for t in self.targets for r in ("input", "output")]
+        specs.append(self.kv_cache)
+        return any(s is not None and not s.dynamic and
+                   not (s.block_format is not None and not s.block_format.global_scale)
+                   for s in specs)
+
+
+def match(pattern: str, name: str) -> bool:
+    """fnmatch on the full name or on any dotted tail; ``re:`` patterns are searched."""
+    if pattern.startswith("re:"):
+        try:
+            return re.search(pattern[3:], name) is not None
+        except re.error as e:
+            raise ConfigError(f"pattern {pattern!r} is not a valid regular expression: {e}") \
+                from None
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(1, len(parts)))

@@ -1,0 +1,102 @@
+"""``lowbit.quantize(model, recipe, forward_loop)``: the main entry point of PTQ.
+
+1. insert quantizers per the recipe (modules change class in place, nothing is copied);
+2. run the recipe's algorithm steps (SmoothQuant, AWQ, GPTQ...) when it has any;
+3. calibrate the static activation and KV-cache quantizers by running ``forward_loop``;
+4. return the same model, now fake-quantized.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowbit import recipes as _recipes
+from lowbit.config.recipe import Recipe
+from lowbit.errors import CalibrationError, ConfigError
+from lowbit.nn.swap import apply_recipe
+from lowbit.nn.utils import quantizers
+
+
+def _forward_loop_from(calib_data: Any) -> Callable[[nn.Module], None]:
+    from lowbit.data.text import forward_loop_from_batches
+
+    if isinstance(calib_data, torch.Tensor) and calib_data.dim() == 1:
+        calib_data = calib_data.unsqueeze(0)
+    return forward_loop_from_batches(calib_data)
+
+
+def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int:
+    """Run ``forward_loop(model)`` with every static quantizer observing; returns how many
+    quantizers were calibrated. Weights stay in full precision while activations are observed.
+    """
+    todo = [q for _, q in quantizers(model) if q.needs_calibration and q.mode != "disabled"]
+    if not todo:
+        return 0
+    saved = {}
+    for name, q in quantizers(model):
+        if q.role == "weight" and q.is_enabled:
+            saved[name] = q
+            q.disable()
+    for q in todo:
+        q.start_calibration()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+        for q in todo:
+            q.finish_calibration()
+    finally:
+        for q in saved.values():
+            q.enable()
+        for q in todo:
+            if q.mode == "calibrating":  # failed half-way: leave it disabled, not half-made
+                q.calibrator = None
+                q.disable()
+        model.train(was_training)
+    return len(todo)
+
+
+def quantize(model: nn.Module, recipe: "str | Recipe | dict",
+             forward_loop: Callable[[nn.Module], Any] | None = None,
+             calib_data: Any = None, **overrides: Any) -> nn.Module:
+    """Quantize ``model`` in place per ``recipe`` and return it.
+
+    Args:
+        model: any ``nn.Module`` (transformers models included), float32/float16/bfloat16.
+        recipe: a preset name (``lowbit.recipes.names()``), a YAML path, a dict or a Recipe.
+        forward_loop: ``callable(model)`` running the calibration data through the model;
+            needed when the recipe has static activation or KV-cache quantizers or
+            data-driven algorithms. Weight-only recipes need no data.
+        calib_data: instead of ``forward_loop``: token ids ``LongTensor [n, seq]`` (or a list
+            of batches / dicts of model inputs) run in batches of 1.
+        **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...).
+
+    The report of what was done is in ``model.lowbit_report`` (quantized and excluded
+    modules, group-size fallbacks, KV-cache attachment, times).
+    """
+    t0 = time.perf_counter()
+    recipe = _recipes.load(recipe, **overrides)
+    if forward_loop is None and calib_data is not None:
+        forward_loop = _forward_loop_from(calib_data)
+    report = apply_recipe(model, recipe)
+    if recipe.algorithms:
+        from lowbit.pipeline.algorithms import run_algorithms
+
+        run_algorithms(model, recipe, forward_loop, report)
+    needs = any(q.needs_calibration for _, q in quantizers(model))
+    if needs:
+        if forward_loop is None:
+            raise CalibrationError(
+                f"recipe {recipe.name} has static activation quantizers: pass forward_loop= "
+                "or calib_data= (or use a dynamic or weight-only recipe)"
+            )
+        calibrate(model, forward_loop)
+    report.seconds = time.perf_counter() - t0
+    model.lowbit_report = report
+    model.lowbit_recipe = recipe
+    return model

@@ -1,0 +1,120 @@
+"""Preset recipes shipped as YAML, and loading/saving of recipe files.
+
+>>> from lowbit import recipes
+>>> r = recipes.load("int4-weight-only", group_size=64)
+>>> r.targets[0].weight.group_size
+64
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowbit.config.recipe import FORMAT_ALIASES, Recipe, _spec
+from lowbit.core.blocks import get_block_format
+from lowbit.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+OVERRIDES = ("group_size", "kv_cache", "calibrator", "strict", "group_policy", "exclude",
+             "algorithms")
+
+
+def names() -> list[str]:
+    """Names of the preset recipes, sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def load(name_or_path: "str | os.PathLike | Recipe | dict", **overrides: Any) -> Recipe:
+    """A preset by name, a YAML file by path, a dict or a Recipe, with overrides applied.
+
+    Overrides: ``group_size`` (every grouped spec that is not a block format),
+    ``kv_cache`` (``"fp8"``, ``"int8"``, a spec dict or None), ``calibrator`` (every static
+    activation spec), ``strict``, ``group_policy``, ``exclude`` (replaces the list),
+    ``algorithms`` (replaces the steps).
+    """
+    if isinstance(name_or_path, Recipe):
+        recipe = name_or_path
+    elif isinstance(name_or_path, dict):
+        recipe = Recipe.parse(name_or_path)
+    else:
+        s = str(name_or_path)
+        p = Path(s)
+        if s in names():
+            recipe = Recipe.parse(_read_yaml(PRESET_DIR / f"{s}.yaml"), f"preset {s}")
+        elif p.suffix in (".yaml", ".yml") or p.exists():
+            if not p.is_file():
+                raise ConfigError(f"recipe file {s} does not exist")
+            recipe = Recipe.parse(_read_yaml(p), s)
+        else:
+            raise ConfigError(f"unknown recipe {s!r}; expected a YAML file or one of: "
+                              f"{', '.join(names())}")
+    return apply_overrides(recipe, **overrides) if overrides else recipe
+
+
+def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
+    """A copy of ``recipe`` with load-time overrides (see :func:`load`)."""
+    bad = [k for k in overrides if k not in OVERRIDES]
+    if bad:
+        raise ConfigError(f"unknown recipe override {bad[0]!r}; expected one of: "
+                          f"{', '.join(OVERRIDES)}")
+    d = recipe.to_dict()
+    gs = overrides.get("group_size")
+    cal = overrides.get("calibrator")
+    for t in d["targets"]:
+        for role in ("weight", "input", "output"):
+            s = t.get(role)
+            if not s:
+                continue
+            if gs is not None and s.get("granularity") == "group" and \
+                    get_block_format(s["format"]) is None:
+                s["group_size"] = int(gs)
+            if cal is not None and role != "weight" and not s.get("dynamic"):
+                s["calibrator"] = cal
+    if "kv_cache" in overrides:
+        d["kv_cache"] = kv_cache_spec(overrides["kv_cache"])
+    for k in ("strict", "group_policy", "exclude", "algorithms"):
+        if k in overrides:
+            d[k] = overrides[k]
+    if overrides:
+        d["name"] = recipe.name
+    return Recipe.parse(d, f"recipe {recipe.name}")
+
+
+def kv_cache_spec(v: Any) -> dict | None:
+    """``"fp8"``/``"int8"``/a format name/a dict -> a KV-cache spec dict (per-tensor static)."""
+    if v is None or v == "none":
+        return None
+    if isinstance(v, str):
+        return {"format": FORMAT_ALIASES.get(v, v), "granularity": "tensor"}
+    if isinstance(v, dict):
+        return v
+    return _spec(v, "kv_cache").model_dump(exclude_defaults=True)
+
+
+def save(recipe: Recipe, path: "str | os.PathLike") -> Path:
+    """Write ``recipe`` as YAML to ``path`` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["Recipe", "load", "names", "save", "apply_overrides", "kv_cache_spec", "PRESET_DIR"]
