@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lowbit formats
+	$(VENV)/bin/lowbit demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/formats.py
