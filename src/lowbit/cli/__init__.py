@@ -26,11 +26,11 @@ def _root() -> None:
 
 def fail(msg: str, code: int = 2) -> None:
     """Print one clear line to stderr and exit with ``code`` (2: bad input)."""
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-from lowbit.cli import formats_cmd, ptq_cmds  # noqa: E402,F401  (registers commands)
+from lowbit.cli import advice_cmds, formats_cmd, ptq_cmds  # noqa: E402,F401  (registers commands)
 
 
 def main() -> None:
@@ -38,5 +38,5 @@ def main() -> None:
     try:
         app()
     except LowbitError as e:  # a library error that escaped a command: bad input
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -1,0 +1,94 @@
+"""``lowbit estimate`` (memory table) and ``lowbit recommend`` (which method, and why)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from lowbit.cli import app, console, fail
+from lowbit.errors import LowbitError
+
+GOALS = {
+    "training-speed": ("FP8 training (E4M3 forward, E5M2 gradients, delayed scaling)",
+                       "fp8 (training: lowbit.training.fp8_autocast)",
+                       "Native FP8 tensor cores on Hopper-class GPUs, ~2x over BF16 with "
+                       "minimal accuracy loss."),
+    "inference-int8": ("SmoothQuant + W8A8 INT8", "int8-smoothquant",
+                       "Best W8A8 accuracy: moves activation outliers into the weights; INT8 "
+                       "kernels are everywhere (CPU included)."),
+    "inference-int4-quality": ("AWQ or GPTQ, INT4 weights (group 128, or 64 when the width "
+                               "needs it)", "int4-gptq / int4-awq",
+                               "Near-lossless 4-bit weights using calibration data; GPTQ is "
+                               "slower to calibrate and sometimes more accurate."),
+    "inference-int4-speed": ("AWQ, INT4 weights", "int4-awq",
+                             "Faster calibration than GPTQ and good engine support "
+                             "(TensorRT-LLM, vLLM)."),
+    "max-accuracy": ("QAT (quantization-aware training)", "lowbit.training.prepare_qat",
+                     "Retraining with the quantization in the loop compensates its error."),
+    "quick": ("Basic PTQ (round to nearest)", "fp8-dynamic / int8-dynamic / int4-weight-only",
+              "Fastest: no data or minutes of calibration; good enough for many workloads."),
+}
+
+
+@app.command("estimate")
+def estimate_cmd(
+    model: Optional[str] = typer.Argument(None, help="model folder / config.json / known name"),
+    params: Optional[str] = typer.Option(None, "--params", help="parameter count, e.g. 70B"),
+    seq_len: int = typer.Option(4096, help="KV-cache sequence length (tokens)"),
+    batch: int = typer.Option(1, help="sequences in the batch"),
+    kv_format: str = typer.Option("fp16", help="KV-cache precision: fp16, bf16, fp8, int8 ..."),
+    group_size: int = typer.Option(128, help="group size of INT4 weights (16-bit scales)"),
+) -> None:
+    """Memory of the weights at each precision (scales included) and of the KV cache."""
+    from lowbit.eval.memory import KNOWN, estimate, parse_params, resolve_arch
+
+    try:
+        if model is None and params is None:
+            fail("give a MODEL (folder, config.json or one of "
+                 f"{', '.join(KNOWN)}) or --params like 70B")
+        arch = resolve_arch(model) if model is not None else None
+        n = parse_params(params) if params is not None else arch.params()
+        if seq_len < 1 or batch < 1:
+            fail("--seq-len and --batch must be positive")
+        est = estimate(n, arch, seq_len, batch, kv_format, group_size)
+    except LowbitError as e:
+        fail(str(e))
+    title = f"{arch.name if arch else ''} {n / 1e9:.2f}B parameters".strip()
+    t = Table(title=f"weights: {title}")
+    fp32 = est["weights"][0]["total"]
+    unit, div = ("GB", 1e9) if fp32 >= 1e10 else ("MB", 1e6)
+    for c in ("precision", "bits/weight", f"codes {unit}", f"scales {unit}", f"total {unit}",
+              "vs FP32"):
+        t.add_column(c, justify="right")
+    for r in est["weights"]:
+        bpw = 8 * r["total"] / n
+        t.add_row(r["precision"], f"{bpw:.3g}", f"{r['codes'] / div:.1f}",
+                  f"{r['scales'] / div:.2f}", f"{r['total'] / div:.1f}",
+                  f"{fp32 / r['total']:.1f}x")
+    console.print(t)
+    console.print(f"scales: int4 one fp16 per {group_size}, nvfp4 one e4m3 per 16 (+1 fp32 per "
+                  "tensor), mxfp4 one e8m0 per 32; GB = 1e9 bytes, MB = 1e6 bytes")
+    if "kv_cache" in est:
+        kv = est["kv_cache"]
+        console.print(
+            f"KV cache ({kv_format}): {kv['bytes'] / 1e9:.3g} GB for {batch} x {seq_len} tokens "
+            f"({kv['per_token_bytes'] / 1024:.0f} KiB per token: 2 x {arch.layers} layers x "
+            f"{arch.kv_heads} KV heads x {arch.hd} dims)")
+
+
+@app.command("recommend")
+def recommend_cmd(
+    goal: str = typer.Option(..., help="|".join(GOALS)),
+) -> None:
+    """Which method to use for a goal, and why (the recommended-method table)."""
+    if goal not in GOALS:
+        fail(f"unknown goal {goal!r}; expected one of: {', '.join(GOALS)}")
+    method, recipe, why = GOALS[goal]
+    t = Table(show_header=False)
+    t.add_row("goal", goal)
+    t.add_row("method", method)
+    t.add_row("lowbit", recipe)
+    t.add_row("why", why)
+    console.print(t)
