@@ -1,0 +1,191 @@
+"""``lowbit quantize`` and ``lowbit eval``: the main jobs from the command line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lowbit.cli import app, console, fail
+from lowbit.errors import LowbitError
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+def _check_model_path(model: str) -> None:
+    p = Path(model)
+    if model.lower() in ("smollm2-135m", "default"):
+        return
+    if not p.exists():
+        fail(f"model {model} does not exist (expected a transformers model folder, a .gguf "
+             "file or 'smollm2-135m')")
+    if p.is_dir() and not (p / "config.json").exists():
+        fail(f"{model} is not a model folder: no config.json in it")
+    if p.is_file() and p.suffix != ".gguf":
+        fail(f"{model} is not a model: expected a folder with config.json or a .gguf file")
+
+
+def _load(model: str):
+    from lowbit.data import load_model
+
+    with console.status(f"loading {model}"):
+        return load_model(model)
+
+
+def _text_ids(tok, text: Path):
+    from lowbit.data import read_text, tokenize
+
+    if not text.exists():
+        fail(f"text file {text} does not exist")
+    body = read_text(text)
+    ids = tokenize(tok, body)
+    if ids.numel() < 2:
+        fail(f"text file {text} holds no tokens")
+    return ids
+
+
+def _max_ctx(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="transformers model folder, .gguf file, or "
+                                "smollm2-135m"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    calib: Optional[Path] = typer.Option(None, help="calibration text file"),
+    samples: int = typer.Option(128, help="calibration windows"),
+    seq_len: int = typer.Option(512, help="tokens per calibration window"),
+    group_size: Optional[int] = typer.Option(None, help="override the recipe's group size"),
+    kv_cache: Optional[str] = typer.Option(None, help="quantize the KV cache: fp8 | int8"),
+    format: str = typer.Option("lowbit", "--format", "-f",
+                               help="lowbit | compressed-tensors | gguf | onnx"),
+    force: bool = typer.Option(False, help="replace --out if it exists"),
+) -> None:
+    """Quantize a model with a recipe and write a checkpoint (exit 0 ok, 2 bad input, 1 failure)."""
+    import torch
+
+    import lowbit
+    from lowbit import recipes
+    from lowbit.eval.footprint import weight_footprint
+    from lowbit.export import exporter_names, save
+
+    _check_model_path(model)
+    if out.exists() and not force:
+        fail(f"output folder {out} exists; pass --force to replace it")
+    if format not in exporter_names():
+        fail(f"unknown --format {format!r}; expected one of: {', '.join(exporter_names())}")
+    if samples < 1 or seq_len < 2:
+        fail("--samples must be >= 1 and --seq-len >= 2")
+    over = {}
+    if group_size is not None:
+        over["group_size"] = group_size
+    if kv_cache is not None:
+        over["kv_cache"] = kv_cache
+    try:
+        rec = recipes.load(recipe, **over)
+    except LowbitError as e:
+        fail(str(e))
+    t0 = time.perf_counter()
+    try:
+        m, tok = _load(model)
+        ctx = _max_ctx(m)
+        if ctx and seq_len > ctx:
+            fail(f"--seq-len {seq_len} is beyond the model's context of {ctx} tokens")
+        loop = None
+        if calib is not None:
+            from lowbit.data import calibration_batches
+
+            if not calib.exists():
+                fail(f"calibration text {calib} does not exist")
+            batches = calibration_batches(tok, calib, n_samples=samples, seq_len=seq_len)
+
+            def loop(mod, batches=batches):
+                with _progress() as prog:
+                    task = prog.add_task("calibrating", total=len(batches))
+                    for b in batches:
+                        mod(b.unsqueeze(0) if b.dim() == 1 else b)
+                        prog.advance(task)
+        elif rec.has_static_activations() or rec.algorithms:
+            fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
+        before = weight_footprint(m)
+        with torch.no_grad():
+            lowbit.quantize(m, rec, forward_loop=loop)
+        after = weight_footprint(m)
+        with console.status(f"writing {format} checkpoint to {out}"):
+            save(m, out, format=format, overwrite=force, tokenizer=tok)
+    except LowbitError as e:
+        fail(str(e))
+    except typer.Exit:
+        raise
+    except Exception as e:  # a real failure: say so in one line, exit 1
+        fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
+    report = m.lowbit_report
+    t = Table(title=f"{model} -> {out} ({format})")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    counts: dict[str, int] = {}
+    for name in report.quantized:
+        mod = m.get_submodule(name)
+        spec = mod.weight_quantizer.spec
+        key = spec.short() if spec is not None else "activations only"
+        counts[key] = counts.get(key, 0) + 1
+    for k, n in sorted(counts.items()):
+        t.add_row(f"layers {k}", str(n))
+    t.add_row("excluded", str(len(report.excluded)))
+    t.add_row("weight memory before", f"{before['bytes'] / 1e6:.1f} MB")
+    t.add_row("weight memory after", f"{after['bytes'] / 1e6:.1f} MB "
+              f"({after['bits_per_weight']:.2f} bits/weight)")
+    t.add_row("time", f"{time.perf_counter() - t0:.1f} s")
+    console.print(t)
+    for note in report.fallbacks[:5]:
+        console.print(f"note: {note}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="model folder, lowbit checkpoint or .gguf"),
+    text: Path = typer.Option(..., "--text", help="text file to score"),
+    baseline: Optional[str] = typer.Option(None, help="baseline model to compare with"),
+    seq_len: int = typer.Option(512, help="window length (tokens)"),
+    windows: int = typer.Option(32, help="number of windows"),
+    stride: Optional[int] = typer.Option(None, help="stride between windows (default seq-len)"),
+) -> None:
+    """Perplexity on a text; with --baseline: delta, mean KL and top-1 agreement."""
+    from lowbit.eval import compare, perplexity
+
+    _check_model_path(model)
+    if baseline is not None:
+        _check_model_path(baseline)
+    try:
+        m, tok = _load(model)
+        ctx = _max_ctx(m)
+        if ctx and seq_len > ctx:
+            fail(f"--seq-len {seq_len} is beyond the model's context of {ctx} tokens")
+        ids = _text_ids(tok, text)
+        if ids.numel() < seq_len:
+            fail(f"{text} has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        if baseline is None:
+            r = perplexity(m, ids, seq_len=seq_len, n_windows=windows, stride=stride)
+            console.print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
+                          f"({r['windows']} windows of {seq_len})")
+            return
+        b, _ = _load(baseline)
+        r = compare(m, b, ids, seq_len=seq_len, n_windows=windows)
+    except LowbitError as e:
+        fail(str(e))
+    t = Table(title=f"{model} vs {baseline}")
+    for k in r:
+        t.add_column(k, justify="right")
+    t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
+    console.print(t)
+
