@@ -60,7 +60,9 @@ class IntFormat(Format):
                          narrow=True)
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x.float()).clamp_(self.qmin, self.qmax)
+        # + 0.0 turns -0.0 into +0.0: integers have no negative zero, so the float path
+        # gives exactly what decode(encode(x)) gives
+        return torch.round(x.float()).clamp_(self.qmin, self.qmax).add_(0.0)
 
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         """Rounded integer values (int32) of ``x``: the codes' meaning before bit encoding."""
