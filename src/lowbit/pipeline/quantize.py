@@ -33,7 +33,8 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int
     """Run ``forward_loop(model)`` with every static quantizer observing; returns how many
     quantizers were calibrated. Weights stay in full precision while activations are observed.
     """
-    todo = [q for _, q in quantizers(model) if q.needs_calibration and q.mode != "disabled"]
+    todo = [q for _, q in quantizers(model) if q.needs_calibration and q.mode != "disabled"
+            and q.amax is None]
     if not todo:
         return 0
     saved = {}
@@ -63,7 +64,8 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int
 
 def quantize(model: nn.Module, recipe: "str | Recipe | dict",
              forward_loop: Callable[[nn.Module], Any] | None = None,
-             calib_data: Any = None, **overrides: Any) -> nn.Module:
+             calib_data: Any = None, progress: Callable[[int, int, str], None] | None = None,
+             **overrides: Any) -> nn.Module:
     """Quantize ``model`` in place per ``recipe`` and return it.
 
     Args:
@@ -74,6 +76,8 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
             data-driven algorithms. Weight-only recipes need no data.
         calib_data: instead of ``forward_loop``: token ids ``LongTensor [n, seq]`` (or a list
             of batches / dicts of model inputs) run in batches of 1.
+        progress: ``callable(done, total, block_name)`` called after each decoder block when
+            the recipe has algorithm steps (they run block by block).
         **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...).
 
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
@@ -87,8 +91,8 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     if recipe.algorithms:
         from lowbit.pipeline.algorithms import run_algorithms
 
-        run_algorithms(model, recipe, forward_loop, report)
-    needs = any(q.needs_calibration for _, q in quantizers(model))
+        run_algorithms(model, recipe, forward_loop, report, progress=progress)
+    needs = any(q.needs_calibration and q.amax is None for _, q in quantizers(model))
     if needs:
         if forward_loop is None:
             raise CalibrationError(
