@@ -14,7 +14,7 @@ from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize_weight
 from lowbit.algorithms.smoothing import capture_inputs
 from lowbit.errors import ConfigError
 from lowbit.nn.modules import QuantMixin
-from lowbit.pipeline.blocks import run_block
+from lowbit.pipeline import blocks as _blocks
 
 
 def _check_args(name: str, args: dict, allowed: set[str]) -> None:
@@ -33,7 +33,7 @@ def _groups(block, inputs, ctx, with_pairs: bool):
 
 
 def _inputs_of(block, inputs, names):
-    got = capture_inputs(block, names, lambda: run_block(block, inputs))
+    got = capture_inputs(block, names, lambda: _blocks.run_block(block, inputs))
     return {n: torch.cat(v) for n, v in got.items() if v}
 
 
@@ -99,7 +99,7 @@ def gptq_step(block, inputs, args, ctx) -> None:
         for q in wq:  # Hessians of the inputs; this group's weights still in FP
             q.disable()
         try:
-            run_block(block, inputs)
+            _blocks.run_block(block, inputs)
         finally:
             for h in hooks:
                 h.remove()
