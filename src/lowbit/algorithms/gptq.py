@@ -75,7 +75,7 @@ def _column_spec(spec: QuantSpec) -> QuantSpec:
     """A per-row spec for one column ``[out, 1]`` with fixed scales."""
     return QuantSpec(format=spec.element_format.name.removesuffix("_narrow"),
                      granularity="channel", axis=0, symmetric=spec.symmetric,
-                     narrow_range=spec.narrow_range)
+                     narrow_range=spec.narrow_range, sym_scale=spec.sym_scale)
 
 
 def _group_scales(w: torch.Tensor, spec: QuantSpec, gs):

@@ -6,7 +6,9 @@ for bit the same, with a straight-through-estimator gradient.
 
 Scales (AbsMax):
 
-* symmetric integer: ``scale = amax / qmax``; float element formats: ``scale = amax / max``;
+* symmetric integer: ``scale = amax / ((qmax - qmin) / 2)`` (``amax / 7.5`` for int4, codes
+  -8..7, the GPTQ/compressed-tensors convention; ``sym_scale="qmax"``: ``amax / qmax``);
+  float element formats: ``scale = amax / max``;
 * affine integer: ``scale = (max(x, 0) - min(x, 0)) / (qmax - qmin)``, integer
   ``zero_point = clamp(qmin - round(min(x, 0) / scale))`` so real 0.0 is exact;
   ``q = clamp(round(x / scale) + zero_point)`` and ``x_hat = (q - zero_point) * scale``;
@@ -138,7 +140,9 @@ def compute_scales(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
             a = lay.from_natural(amax) if amax is not None else _amax(lay, xv)
             if check_finite and amax is None:
                 _check(a, "input")
-            s = _finish_scale(a / fmt.max, spec.scale_format)
+            denom = (fmt.qmax - fmt.qmin) / 2 if fmt.kind == "int" and \
+                spec.sym_scale == "half_range" else fmt.max
+            s = _finish_scale(a / denom, spec.scale_format)
         else:
             hi = lay.from_natural(amax) if amax is not None else lay.reduce_max(xv)
             lo = lay.from_natural(amin) if amin is not None else lay.reduce_amax(xv, True)

@@ -41,6 +41,11 @@ class QuantSpec(BaseModel):
     block: tuple[int, int] | None = None
     symmetric: bool = True
     narrow_range: bool = False
+    # symmetric integers only (ignored otherwise): "half_range" (default) -> scale =
+    # amax / ((qmax - qmin) / 2), e.g. amax / 7.5 for int4 with codes -8..7 (the positive
+    # extreme clips by half a step), the convention of GPTQ, compressed-tensors and torchao,
+    # and measurably better at 4 bits; "qmax" -> scale = amax / qmax (int4: codes -7..7)
+    sym_scale: Literal["qmax", "half_range"] = "half_range"
     dynamic: bool = False
     scale_format: ScaleFormat = "fp32"
     calibrator: str = "max"
