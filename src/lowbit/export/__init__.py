@@ -6,5 +6,7 @@
 from lowbit.export.base import (atomic_dir, exporter_names, get_exporter, quantized_modules,
                                 register_exporter, save, weight_qtensor)
 
-__all__ = ["atomic_dir", "exporter_names", "get_exporter", "quantized_modules",
+from lowbit.export.native import load  # noqa: E402
+
+__all__ = ["load", "atomic_dir", "exporter_names", "get_exporter", "quantized_modules",
            "register_exporter", "save", "weight_qtensor"]

@@ -1,0 +1,104 @@
+"""Reading checkpoints safely: safetensors only (never pickle), every tensor checked.
+
+A truncated or corrupt shard, a tensor with the wrong dtype or shape, or a missing scale is
+a :class:`~lowbit.errors.CheckpointError` naming the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lowbit import formats
+from lowbit.core import Layout, QuantSpec
+from lowbit.errors import CheckpointError, ConfigError
+
+META = "lowbit_checkpoint.json"
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (from the index when sharded)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        return [path / f for f in sorted(set(wm.values()))]
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path}: no model.safetensors (nor an index) in this folder")
+    return [single]
+
+
+def read_tensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of ``files`` and the file each came from."""
+    out: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"shard {f} is missing")
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    out[k] = h.get_tensor(k)
+                    where[k] = f
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated or corrupt file
+            raise CheckpointError(f"{f}: cannot read as safetensors ({str(e).splitlines()[0]})"
+                                  "; the file is truncated or corrupt") from None
+    return out, where
+
+
+def _expect(tensors, where, key, dtype, shape, path) -> None:
+    t = tensors.get(key)
+    if t is None:
+        raise CheckpointError(f"{path}: tensor {key!r} is missing")
+    if t.dtype != dtype:
+        raise CheckpointError(f"{where[key]}: tensor {key!r} has dtype {t.dtype}, expected "
+                              f"{dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{where[key]}: tensor {key!r} has shape {list(t.shape)}, "
+                              f"expected {list(shape)}")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a native lowbit checkpoint, every quantized tensor checked
+    against the metadata (codes, scales, zero-points, global scales)."""
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a lowbit checkpoint: {META} is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e.msg})") from None
+    if meta.get("format") != "lowbit" or meta.get("version") != 1:
+        raise CheckpointError(f"{meta_file}: unsupported checkpoint version "
+                              f"{meta.get('version')!r}; expected 1")
+    tensors, where = read_tensors(shard_files(path))
+    for name, qm in meta.get("quantized", {}).items():
+        key = f"{name}.weight"
+        try:
+            spec = QuantSpec.parse(qm["spec"], f"{meta_file}: {name}")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        shape = tuple(qm["shape"])
+        bits = spec.element_format.bits
+        _expect(tensors, where, f"{key}.codes", torch.uint8,
+                (*shape[:-1], formats.packed_size(shape[-1], bits)), path)
+        sshape = Layout(spec, shape).natural_shape()
+        sdtype = torch.uint8 if spec.scale_format in ("e4m3", "e8m0") else torch.float32
+        _expect(tensors, where, f"{key}.scale", sdtype, sshape, path)
+        if not spec.symmetric:
+            _expect(tensors, where, f"{key}.zero_point", torch.int32, sshape, path)
+        bf = spec.block_format
+        if bf is not None and bf.global_scale:
+            _expect(tensors, where, f"{key}.global_scale", torch.float32, (1,), path)
+        if math.prod(shape) == 0:
+            raise CheckpointError(f"{path}: tensor {key!r} has an empty shape {list(shape)}")
+    return meta, tensors
