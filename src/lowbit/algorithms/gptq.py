@@ -1,17 +1,32 @@
 """GPTQ: quantize a weight column by column, compensating each error with the Hessian.
 
-For a linear layer ``y = W x`` and calibration inputs ``X``, ``H = 2/N * sum x x^T``. Columns
-are quantized in order (or by descending ``diag(H)`` with ``act_order``); after each column,
-the not-yet-quantized columns absorb its error: ``W[:, j:] -= err * Hinv[i, j:] / Hinv[i, i]``
-(with ``Hinv`` the upper Cholesky factor of ``H^-1``), in lazy batches of ``block_size``
-columns (Frantar et al. 2022, and the reference implementation's numerics).
+For a linear layer ``y = W x`` and calibration inputs ``x_t``, ``H = 2/N * sum_t x_t x_t^T``
+(:class:`HessianAccumulator`). Columns of ``W`` are quantized one at a time (in natural order,
+or by descending ``diag(H)`` with ``act_order``); after each column the columns not yet
+quantized absorb its error, ``W[:, j:] -= err * U[i, j:]`` with ``err = (w - q) / U[i, i]`` and
+``U`` the upper Cholesky factor of ``(H + damp I)^-1``, in lazy batches of ``block_size``
+columns (Frantar et al. 2022 and the numerics of the reference implementation).
 
-Scales: per-tensor and per-channel specs take their scales from the whole weight up front;
-grouped specs (int, FP4/FP6/FP8 groups, NVFP4, MX) compute each group's scale when the sweep
-reaches the group's first column, from the current (error-compensated) weights. With
-``act_order`` the group scales are computed up front from the original weights ("static
-groups"), so every column keeps its natural group and the result exports like any other.
-All rounding goes through :func:`lowbit.core.fake_quant`.
+Preparation, as in the reference: inputs never seen (``H_ii == 0``) get ``H_ii = 1`` and a zero
+weight column; ``damp = percdamp * mean(diag(H))``; a failed Cholesky factorization is retried
+with ten times the damping (with a warning), up to ``max_retries`` times, then
+:class:`~lowbit.errors.CalibrationError`.
+
+Scales (all computed by :func:`lowbit.core.compute_scales`, all rounding by
+:func:`lowbit.core.fake_quant` with the scales fixed, one column at a time):
+
+* per-tensor, per-channel and 2-D block specs: from the whole weight, up front;
+* groups along the input dimension (int groups, NVFP4, MXFP4/6/8): the scales of a group are
+  computed when the sweep reaches the group's first column, from the *current*
+  (error-compensated, lazy updates included) weights of its columns;
+* ``act_order`` with ``static_groups=True`` (the default): every group's scales come from the
+  original weights up front; ``act_order`` with ``static_groups=False``: a group's scales are
+  computed when the sweep first reaches any of its columns, from the current weights of all
+  its columns. In both cases column ``j`` keeps its natural group ``j // group_size``, so the
+  scales have the ordinary stored layout ``[out, in / g]`` and the result exports like any
+  other quantized weight: no ``g_idx`` is needed; ``perm`` is only informative.
+  (``static_groups`` has no effect without ``act_order``: groups are then reached in order.)
+* NVFP4: the per-tensor global scale comes from the whole weight's amax, up front.
 """
 
 from __future__ import annotations
@@ -21,46 +36,79 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.core import QuantSpec, fake_quant, quantize
-from lowbit.errors import CalibrationError
+from lowbit.core import Layout, QuantSpec, compute_scales, fake_quant
+from lowbit.errors import CalibrationError, ConfigError
 
 
 class HessianAccumulator:
-    """Running ``H = 2/N * sum_t x_t x_t^T`` over calibration tokens ``x_t`` (float32 or 64).
+    """Running ``H = 2/N * sum_t x_t x_t^T`` over calibration tokens (float32, or float64).
 
-    ``state_dict()`` holds ``H * N`` (the sum) and ``N`` so that summing states across
-    processes (an all-reduce) and dividing gives exactly the single-process H.
+    ``add`` keeps the running average of the reference (``H *= n / (n + m)``, then
+    ``H += 2 / (n + m) * X^T X``). For data-parallel calibration, :meth:`state_dict` gives
+    ``{"sum": sum_t 2 x_t x_t^T, "n": N}``: sum both entries over processes (an all-reduce,
+    or :meth:`merge` / :meth:`all_reduce`) and :meth:`load_state_dict` rebuilds the H of one
+    pass over all tokens.
     """
 
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device=None):
+        if dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"HessianAccumulator dtype must be float32 or float64, not {dtype}")
+        self.in_features = in_features
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate activations ``x [..., in_features]`` (any float dtype)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.dtype)
+        """Accumulate activations ``x [..., in_features]`` (any float dtype) entering the layer."""
+        if x.shape[-1] != self.in_features:
+            raise CalibrationError(f"HessianAccumulator: inputs of size {x.shape[-1]} in the last "
+                                   f"dimension; expected {self.in_features} (in_features)")
+        x = x.detach().reshape(-1, self.in_features).to(self.H.device, self.H.dtype)
         m = x.shape[0]
         if m == 0:
             return
         n = self.n_tokens
         self.H.mul_(n / (n + m))
-        x = x * (2.0 / (n + m)) ** 0.5
-        self.H.addmm_(x.t(), x)
+        self.H.addmm_(x.t(), x, alpha=2.0 / (n + m))
         self.n_tokens = n + m
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"sum": H * N, "n": N}`` (sums add across processes)."""
-        return {"sum": self.H * self.n_tokens, "n": torch.tensor(self.n_tokens)}
+        """``{"sum": sum_t 2 x_t x_t^T (= H * N), "n": N}``; both add across processes."""
+        return {"sum": self.H * self.n_tokens,
+                "n": torch.tensor(self.n_tokens, dtype=torch.int64, device=self.H.device)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Set H from a (possibly all-reduced) state."""
+        """Set ``H`` and ``n_tokens`` from a state (possibly summed over processes)."""
         self.n_tokens = int(state["n"])
-        self.H = state["sum"] / max(self.n_tokens, 1)
+        self.H = (state["sum"] / max(self.n_tokens, 1)).to(self.H.dtype)
+
+    def merge(self, other: "HessianAccumulator") -> "HessianAccumulator":
+        """Add the tokens seen by ``other`` (the same as one pass over both); returns self."""
+        a, b = self.state_dict(), other.state_dict()
+        self.load_state_dict({"sum": a["sum"] + b["sum"].to(a["sum"]),
+                              "n": int(a["n"]) + int(b["n"])})
+        return self
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the state over the processes of ``torch.distributed`` (every rank gets the H)."""
+        import torch.distributed as dist
+
+        s = self.state_dict()
+        dist.all_reduce(s["sum"], group=group)
+        dist.all_reduce(s["n"], group=group)
+        self.load_state_dict(s)
 
 
 @dataclass
 class GPTQResult:
-    """The quantized weight (dequantized values, on the grid of the scales) and its scales."""
+    """Quantized weight (dequantized, float32, exactly on the grid of its scales) and scales.
+
+    ``fake_quant(weight, spec, scale=scale, zero_point=zero_point, global_scale=global_scale)``
+    returns ``weight`` bit for bit. ``scale``/``zero_point`` are in the stored layout of
+    :mod:`lowbit.core.layout` (group: ``[out, in/g]``, channel: ``[out, 1]``, tensor: ``[]``),
+    ``global_scale`` is NVFP4's, ``perm`` the act-order permutation (None without it),
+    ``loss`` the proxy loss ``sum (w - q)^2 / d^2`` and ``damp`` the value actually added to
+    the diagonal of H (after retries).
+    """
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -72,136 +120,160 @@ class GPTQResult:
 
 
 def _column_spec(spec: QuantSpec) -> QuantSpec:
-    """A per-row spec for one column ``[out, 1]`` with fixed scales."""
-    return QuantSpec(format=spec.element_format.name.removesuffix("_narrow"),
-                     granularity="channel", axis=0, symmetric=spec.symmetric,
-                     narrow_range=spec.narrow_range, sym_scale=spec.sym_scale)
+    """Spec of one column ``[out, 1]`` quantized with fixed per-row scales."""
+    bf = spec.block_format
+    return QuantSpec(format=bf.element if bf else spec.format, granularity="channel", axis=0,
+                     symmetric=spec.symmetric, narrow_range=spec.narrow_range,
+                     sym_scale=spec.sym_scale)
 
 
-def _group_scales(w: torch.Tensor, spec: QuantSpec, gs):
-    """Scale (and zero point) ``[out, 1]`` of one group's columns ``w [out, g]``."""
-    qt = quantize(w, spec, amax=gs)
-    zp = qt.zero_point.float() if qt.zero_point is not None else None
-    return qt.scale, zp
+def _scales(x: torch.Tensor, spec: QuantSpec, nv_amax):
+    """Scales of ``x`` for ``spec``: (per-element effective scale, per-element zero point or
+    None, stored scale, stored zero point or None, NVFP4 global scale or None)."""
+    lay, xv, s, zp, extra = compute_scales(x, spec, amax=nv_amax)
+
+    def full(t):
+        return lay.unview(t.expand_as(xv))
+
+    stored = lay.to_natural(extra[0] if extra is not None else s)
+    return (full(s), None if zp is None else full(zp), stored,
+            None if zp is None else lay.to_natural(zp), None if extra is None else extra[1])
+
+
+def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: str):
+    """Upper Cholesky factor of ``(H + damp I)^-1`` (retrying with 10x damping), and damp."""
+    diag = torch.diag(H)
+    base = float(diag.abs().mean())  # mean(diag H) for any valid (PSD) Hessian
+    base = base if base > 0 else 1.0
+    damp = percdamp * base
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        new = damp * 10 if damp > 0 else 0.01 * base
+        if attempt == max_retries:
+            break
+        warnings.warn(f"GPTQ {name}: Cholesky factorization of the Hessian failed with damping "
+                      f"{damp:.3g} ({damp / base:.3g} of its mean diagonal); retrying with "
+                      f"{new:.3g}", RuntimeWarning, stacklevel=3)
+        damp = new
+    raise CalibrationError(f"GPTQ {name}: the Hessian [{H.shape[0]}x{H.shape[0]}] is not positive "
+                           f"definite even with damping {damp:.3g} after {max_retries} retries; "
+                           "calibrate with more (or more varied) data or raise percdamp")
 
 
 def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
                          block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
-                         static_groups: bool = True, max_retries: int = 5) -> GPTQResult:
-    """GPTQ of ``weight [out, in]`` with Hessian ``H [in, in]`` for ``spec`` (see module doc).
+                         static_groups: bool = True, max_retries: int = 5,
+                         name: str = "weight") -> GPTQResult:
+    """GPTQ of ``weight [out, in]`` with the Hessian ``H [in, in]`` of its inputs, for ``spec``.
 
-    Returns a :class:`GPTQResult` whose ``weight`` satisfies
-    ``fake_quant(weight, spec, scale=scale, zero_point=zero_point, global_scale=...) == weight``.
-    A Cholesky failure raises the damping tenfold (with a warning) up to ``max_retries`` times.
+    See the module doc for the scales and act-order. ``name`` (e.g. the layer's) goes into
+    warnings and errors. Raises :class:`CalibrationError` for a Hessian of the wrong shape,
+    with NaN/Inf, or not positive definite after ``max_retries`` tenfold dampings.
     """
-    W = weight.detach().float().clone()
-    out_f, in_f = W.shape
-    H = H.detach().to(torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
+    if weight.ndim != 2:
+        raise ConfigError(f"GPTQ {name}: expected a 2-D weight [out, in], got shape "
+                          f"{list(weight.shape)}")
+    out_f, in_f = weight.shape
+    if tuple(H.shape) != (in_f, in_f):
+        raise CalibrationError(f"GPTQ {name}: Hessian of shape {list(H.shape)}; expected "
+                               f"[{in_f}, {in_f}] for a weight of shape [{out_f}, {in_f}]")
+    if block_size < 1 or percdamp < 0 or max_retries < 0:
+        raise ConfigError(f"GPTQ {name}: block_size must be >= 1, percdamp and max_retries >= 0 "
+                          f"(got {block_size}, {percdamp}, {max_retries})")
+    if spec.granularity == "token" or spec.dynamic:
+        raise ConfigError(f"GPTQ {name}: spec {spec.short()} is dynamic; GPTQ needs a weight spec "
+                          "with static scales")
+    dev = weight.device
+    W = weight.detach().to(torch.float32).clone()
+    H = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
+    if not bool(torch.isfinite(H).all()):
+        raise CalibrationError(f"GPTQ {name}: the Hessian contains NaN/Inf values (non-finite "
+                               "calibration activations?)")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    grouped = spec.granularity == "group"
-    g = spec.group_size if grouped else in_f
+
+    lay = Layout(spec, W.shape)  # checks that the group size divides in_features
     bf = spec.block_format
-    gscale = None
-    if bf is not None and bf.global_scale:
-        gscale = W.abs().amax()  # the per-tensor amax that sets NVFP4's global scale
+    nv_amax = W.abs().amax() if bf is not None and bf.global_scale else None
+    grouped = spec.granularity == "group" and lay.axis == 1
+    g = spec.group_size if grouped else in_f
+    sweep = grouped and not (act_order and static_groups)
     col_spec = _column_spec(spec)
-    n_groups = in_f // g if grouped else 1
-    scales = torch.zeros(out_f, n_groups)
-    zps = torch.zeros(out_f, n_groups) if not spec.symmetric else None
-    if not grouped:
-        qt = quantize(W, spec)
-        s_full = qt.scale.expand(out_f, 1) if qt.scale.dim() == 0 else qt.scale.reshape(out_f, 1)
-        scales[:] = s_full
-        if zps is not None:
-            zps[:] = qt.zero_point.float().reshape(-1, 1).expand(out_f, 1)
-    elif act_order or static_groups:
-        for k in range(n_groups):
-            s, z = _group_scales(W[:, k * g:(k + 1) * g], spec, gscale)
-            scales[:, k:k + 1] = s
-            if zps is not None:
-                zps[:, k:k + 1] = z
-    known = torch.zeros(n_groups, dtype=torch.bool) if grouped and not (act_order or
-                                                                         static_groups) \
-        else torch.ones(n_groups, dtype=torch.bool)
+
+    # per-element scales S (and zero points Z), transposed [in, out] so a column is a row
+    if sweep:
+        ST = torch.empty(in_f, out_f, device=dev)
+        ZT = None if spec.symmetric else torch.empty(in_f, out_f, device=dev)
+        scale = torch.empty(out_f, in_f // g, device=dev)
+        zp = None if spec.symmetric else torch.empty(out_f, in_f // g, device=dev)
+        gscale = None
+    else:
+        S, Z, scale, zp, gscale = _scales(W, spec, nv_amax)
+        ST = S.t().contiguous()
+        ZT = None if Z is None else Z.t().contiguous()
+    known = [not sweep] * (in_f // g)
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    order = perm if perm is not None else torch.arange(in_f)
+    cols = perm.tolist() if perm is not None else list(range(in_f))
+    pos_of = torch.argsort(perm) if perm is not None else torch.arange(in_f, device=dev)
 
-    damp = percdamp * float(torch.mean(torch.diag(H)))
-    eye = torch.eye(in_f, dtype=H.dtype)
-    for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                break
-        if attempt == max_retries:
-            raise CalibrationError(f"GPTQ: the Hessian is not positive definite even with "
-                                   f"damping {damp:.3g}; use more calibration data")
-        new = damp * 10 if damp > 0 else 1e-6 * max(float(torch.diag(H).abs().mean()), 1e-12)
-        warnings.warn(f"GPTQ: Cholesky failed with damping {damp:.3g}; retrying with "
-                      f"{new:.3g}", stacklevel=2)
-        damp = new
-    Hinv = U.float()
+    U, damp = _inverse_hessian(H, percdamp, max_retries, name)
+    Hinv = U.to(torch.float32)
+    del H, U
 
-    # work on W^T so that a column of W is a contiguous row
-    WT = W.t().contiguous()
-    QT = torch.zeros_like(WT)
-    losses = torch.zeros(out_f)
-    nv_gs = _nv_global(gscale, spec) if gscale is not None else None
+    WT = W.t().contiguous()  # [in, out], in sweep order
+    QT = torch.empty_like(WT)
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(order[i1 + i])
-            k = col // g if grouped else 0
-            if not bool(known[k]):
-                # first column of a group in natural order: scales from current weights
-                cur = torch.cat([W1[i:], WT[i2:]], dim=0)[:g].t()
-                s, z = _group_scales(cur, spec, gscale)
-                scales[:, k:k + 1] = s
-                if zps is not None:
-                    zps[:, k:k + 1] = z
+            col = cols[i1 + i]
+            k = col // g
+            if not known[k]:
+                # the first column of group k the sweep reaches: scales from the current
+                # weights of all its columns (those past this lazy block get its updates now)
+                pos = pos_of[k * g:(k + 1) * g]
+                inb = pos < i2
+                cur = torch.empty(g, out_f, device=dev)
+                cur[inb] = W1[pos[inb] - i1]
+                if not bool(inb.all()):
+                    p = pos[~inb]
+                    cur[~inb] = WT[p] - Hinv[i1:i2, p].t() @ Err1
+                s_el, z_el, s_st, z_st, gs = _scales(cur.t(), spec, nv_amax)
+                ST[k * g:(k + 1) * g] = s_el.t()
+                scale[:, k:k + 1] = s_st
+                if ZT is not None:
+                    ZT[k * g:(k + 1) * g] = z_el.t()
+                    zp[:, k:k + 1] = z_st
+                gscale = gs
                 known[k] = True
             w = W1[i]
-            sc = scales[:, k]
-            if nv_gs is not None:
-                sc = sc * nv_gs
-            zp = zps[:, k:k + 1] if zps is not None else None
-            q = fake_quant(w[:, None], col_spec, scale=sc[:, None], zero_point=zp,
+            q = fake_quant(w[:, None], col_spec, scale=ST[col][:, None],
+                           zero_point=None if ZT is None else ZT[col][:, None],
                            check_finite=False)[:, 0]
-            d = Hinv1[i, i]
             QT[i1 + i] = q
-            err = (w - q) / d
-            losses += err.square() / 2
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            err = (w - q) / Hinv1[i, i]
             Err1[i] = err
-        WT[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
-    Q = QT.t().contiguous()
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        loss += Err1.double().square().sum()
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+
+    Q = QT.t()
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    # stored layouts of the spec
-    if spec.granularity == "tensor":
-        scale_out = scales[0, 0].clone()
-        zp_out = zps[0, 0].to(torch.int32) if zps is not None else None
-    else:
-        scale_out = scales.clone()
-        zp_out = zps.to(torch.int32) if zps is not None else None
-    return GPTQResult(weight=Q, scale=scale_out, zero_point=zp_out,
-                      global_scale=None if gscale is None else _nv_global(gscale, spec),
-                      perm=perm, loss=float(losses.sum()), damp=damp)
-
-
-def _nv_global(amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """NVFP4's global scale for a tensor amax, computed by core exactly as quantize does."""
-    qt = quantize(torch.zeros(1, spec.group_size), spec, amax=amax)
-    return qt.global_scale
+        Q = Q[:, pos_of]
+    return GPTQResult(weight=Q.contiguous(), scale=scale.contiguous(),
+                      zero_point=None if zp is None else zp.to(torch.int32).contiguous(),
+                      global_scale=gscale, perm=perm, loss=float(loss), damp=damp)

@@ -1,9 +1,19 @@
-"""The real model and texts: loading, tokenizing, calibration batches, forward loops."""
+"""The real model and texts: loading, tokenizing, calibration batches, forward loops.
+
+* :func:`load_model` -- ``(model, tokenizer)``: the packaged SmolLM2-135M (converted once and
+  cached), a transformers folder, a lowbit checkpoint or a ``.gguf`` file; never a hub.
+* :func:`read_text`, :func:`tokenize`, :func:`split_tokens` -- a file's token ids, split 80/20
+  into calibration and held-out evaluation parts.
+* :func:`calibration_batches`, :func:`forward_loop_from_batches` -- seeded calibration windows
+  ``[n_samples, seq_len]`` and the ``forward_loop(model)`` that :func:`lowbit.quantize` takes.
+* :func:`default_demo_text` -- ~200k characters of standard-library docstrings.
+"""
 
 from lowbit.data.models import cache_dir, default_gguf, load_model, model_dir
-from lowbit.data.text import (calibration_batches, default_demo_text, forward_loop_from_batches,
-                              read_text, split_tokens, tokenize, windows_from_ids)
+from lowbit.data.text import (batches_from_tensors, calibration_batches, default_demo_text,
+                              forward_loop_from_batches, read_text, split_tokens, tokenize,
+                              tokenizer_fingerprint, windows_from_ids)
 
-__all__ = ["cache_dir", "calibration_batches", "default_demo_text", "default_gguf",
-           "forward_loop_from_batches", "load_model", "model_dir", "read_text", "split_tokens",
-           "tokenize", "windows_from_ids"]
+__all__ = ["batches_from_tensors", "cache_dir", "calibration_batches", "default_demo_text",
+           "default_gguf", "forward_loop_from_batches", "load_model", "model_dir", "read_text",
+           "split_tokens", "tokenize", "tokenizer_fingerprint", "windows_from_ids"]

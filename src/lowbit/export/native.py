@@ -2,25 +2,31 @@
 
 Layout of the folder:
 
-* ``lowbit_checkpoint.json``: format version, the recipe (as YAML-ready dict), and for every
-  quantized module its spec, 2-D weight shape and tensor names; tied parameters;
+* ``lowbit_checkpoint.json``: format version, the recipe (as a YAML-ready dict), the specs
+  of every quantized module (``modules``: weight/input/output specs as applied, group-size
+  fallbacks included), for every quantized weight its 2-D shape and dtype (``quantized``),
+  the KV-cache spec, quantizers switched off, tied parameters;
 * ``model.safetensors`` (or shards ``model-00001-of-0000N.safetensors`` with
   ``model.safetensors.index.json``): for a quantized weight ``W`` of module ``m``:
   ``m.weight.codes`` (uint8, codes packed along the input dimension, see
   :mod:`lowbit.formats.packing`), ``m.weight.scale`` (float32, stored layout; e4m3/e8m0 scales
   as their uint8 codes), ``m.weight.zero_point`` (int32, affine only), ``m.weight.global_scale``
-  (NVFP4); calibrated statistics of activation and KV-cache quantizers under their module
-  names (``...input_quantizer.amax``); every other parameter and buffer as it is;
-* ``config.json`` (+ tokenizer files) for transformers models.
+  (NVFP4); calibrated statistics of activation and KV-cache quantizers under their names
+  (``...input_quantizer.amax``, ``...self_attn.k_cache_quantizer.amax``); every other
+  parameter and buffer as it is, tied ones once;
+* ``config.json``, ``generation_config.json`` (+ tokenizer files) for transformers models.
 
-:func:`load` rebuilds the model from ``config.json``, applies the recipe, and installs the
-dequantized weights with their fixed scales: its outputs equal the exported model's bit for
-bit.
+:func:`load` rebuilds the model from ``config.json`` (no weight initialisation), inserts the
+quantizers with the stored specs, and installs the dequantized weights with their fixed
+scales: its outputs equal the exported model's bit for bit. Nothing but safetensors and JSON
+is read (see :mod:`lowbit.export.safe_read`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,13 +34,14 @@ from torch import nn
 
 from lowbit import formats
 from lowbit.core import QTensor, QuantSpec, dequantize
-from lowbit.errors import CheckpointError
+from lowbit.errors import CheckpointError, ConfigError
 from lowbit.export.base import quantized_modules, weight_qtensor
-from lowbit.export.shards import write_shards
+from lowbit.export.shards import plain_tensors, write_hf_files, write_shards
 from lowbit.nn.utils import quantizers
 
 VERSION = 1
 META = "lowbit_checkpoint.json"
+WEIGHT_SUFFIXES = (".codes", ".scale", ".zero_point", ".global_scale")
 
 
 def _scale_tensor(qt: QTensor) -> torch.Tensor:
@@ -42,14 +49,31 @@ def _scale_tensor(qt: QTensor) -> torch.Tensor:
     return codes if codes is not None else qt.scale.float().contiguous()
 
 
+def _spec_dict(spec: QuantSpec | None) -> dict | None:
+    return None if spec is None else spec.model_dump(exclude_defaults=True)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int | None = None,
            **_ignored) -> None:
-    """Write ``model`` (quantized by lowbit) as a native lowbit checkpoint into ``out_dir``."""
+    """Write ``model`` (quantized by lowbit) as a native lowbit checkpoint into ``out_dir``.
+
+    Options: ``tokenizer`` (saved alongside), ``max_shard_size`` (bytes per safetensors
+    shard; default one file).
+    """
     recipe = getattr(model, "lowbit_recipe", None)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict[str, dict] = {}
+    modules: dict[str, dict] = {}
     skip: set[str] = set()
     for name, m in quantized_modules(model):
+        modules[name] = {r: _spec_dict(q.spec) for r, q in m.quantizers()}
         qt = weight_qtensor(m)
         if qt is None:
             continue
@@ -64,42 +88,36 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
         qmeta[name] = {"shape": list(qt.shape), "dtype": str(m.weight.dtype).split(".")[-1],
                        "spec": qt.spec.model_dump(exclude_defaults=True),
                        "fixed": m.weight_quantizer.scale is not None}
+    kv_spec = None
+    kv_names = []
+    disabled = []
     for name, q in quantizers(model):
+        if q.spec is not None and q.mode == "disabled":
+            disabled.append(name)
+        if q.role == "kv_cache":
+            kv_names.append(name)
+            kv_spec = kv_spec or q.spec
+            if name.endswith("_fallback"):
+                raise ConfigError(f"{name}: KV-cache quantizers on projection outputs (no "
+                                  "shared attention function) cannot be exported")
         if q.role != "weight" and q.amax is not None:
             tensors[f"{name}.amax"] = q.amax.float().contiguous()
             if q.amin is not None:
                 tensors[f"{name}.amin"] = q.amin.float().contiguous()
-    # everything else, tied tensors once
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for k, v in model.state_dict(keep_vars=False).items():
-        if k in skip or ".weight_quantizer." in k or "_quantizer." in k:
-            continue
-        ptr = v.data_ptr()
-        if ptr in seen and v.numel() > 0:
-            tied[k] = seen[ptr]
-            continue
-        seen[ptr] = k
-        tensors[k] = v.detach().contiguous()
-    # a tied weight whose target is a quantized weight keeps its own float copy
+    if recipe is not None and recipe.kv_cache is not None:
+        kv_spec = recipe.kv_cache
+    plain, tied = plain_tensors(model, skip)
+    tensors.update(plain)
     meta = {"format": "lowbit", "version": VERSION,
             "model_class": type(model).__name__,
+            "dtype": str(_model_dtype(model)).split(".")[-1],
             "recipe": recipe.to_dict() if recipe is not None else None,
-            "quantized": qmeta, "tied": tied,
-            "kv_cache": [n for n, q in quantizers(model) if q.role == "kv_cache"]}
+            "modules": modules, "quantized": qmeta, "tied": tied,
+            "kv_cache": {"spec": _spec_dict(kv_spec), "quantizers": kv_names},
+            "disabled": disabled}
     write_shards(tensors, out_dir, max_shard_size, {"format": "lowbit"})
     (out_dir / META).write_text(json.dumps(meta, indent=1))
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "save_pretrained"):
-        cfg.save_pretrained(out_dir)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(out_dir)
-            except Exception:  # generation config is optional
-                pass
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    write_hf_files(model, out_dir, tokenizer)
 
 
 def qtensor_from(meta: dict, tensors: dict[str, torch.Tensor], key: str) -> QTensor:
@@ -118,51 +136,102 @@ def qtensor_from(meta: dict, tensors: dict[str, torch.Tensor], key: str) -> QTen
                    None if gs is None else gs.reshape(()))
 
 
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _spec(d: dict | None, where: str) -> QuantSpec | None:
+    return None if d is None else QuantSpec.parse(d, where)
+
+
+def _insert_quantizers(model: nn.Module, meta: dict, where: str) -> None:
+    from lowbit.nn import attach_kv_quantizers, quantize_module
+
+    mods = dict(model.named_modules())
+    for name, specs in meta.get("modules", {}).items():
+        m = mods.get(name)
+        if m is None:
+            raise CheckpointError(f"{where}: quantized module {name!r} does not exist in the "
+                                  f"model built from config.json")
+        quantize_module(m, _spec(specs.get("weight"), f"{where}: {name}.weight"),
+                        _spec(specs.get("input"), f"{where}: {name}.input"),
+                        _spec(specs.get("output"), f"{where}: {name}.output"), name)
+    kv = meta.get("kv_cache") or {}
+    if kv.get("spec") is not None:
+        attach_kv_quantizers(model, _spec(kv["spec"], f"{where}: kv_cache"))
+
+
 def load(path: "str | Path", device: str = "cpu") -> nn.Module:
-    """Rebuild a quantized transformers model from a native lowbit checkpoint folder."""
-    from lowbit.export.safe_read import read_checkpoint
+    """Rebuild a quantized transformers model from a native lowbit checkpoint folder.
+
+    The FP checkpoint is not needed: the model is built from ``config.json`` without weight
+    initialisation, quantizers are inserted with the stored specs (no calibration), quantized
+    weights are installed as ``dequantize(codes, scales)`` with those scales fixed, calibrated
+    statistics and every other tensor are loaded as stored. Raises
+    :class:`~lowbit.errors.CheckpointError` for a missing, truncated or inconsistent file.
+    """
+    from lowbit.config import Recipe
+    from lowbit.export.safe_read import check_against_model, read_checkpoint
 
     path = Path(path)
-    meta, tensors = read_checkpoint(path)
+    meta, tensors, where = read_checkpoint(path)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.config import Recipe
-    from lowbit.nn import apply_recipe
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") \
+            from None
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    recipe = Recipe.parse(meta["recipe"], f"{path / META}: recipe") if meta["recipe"] else None
-    if recipe is not None:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            apply_recipe(model, recipe)
+    where = str(path / META)
+    recipe = Recipe.parse(meta["recipe"], f"{where}: recipe") if meta["recipe"] else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _insert_quantizers(model, meta, where)
     mods = dict(model.named_modules())
+    qkeys = {f"{n}.weight{s}" for n in meta["quantized"] for s in WEIGHT_SUFFIXES}
     with torch.no_grad():
         for name, qm in meta["quantized"].items():
             key = f"{name}.weight"
             qt = qtensor_from(qm, tensors, key)
             m = mods[name]
-            m.weight.copy_(m.weight_from_2d(dequantize(qt, torch.float32)).to(m.weight.dtype))
+            w = m.weight_from_2d(dequantize(qt, torch.float32)).to(m.weight.dtype)
+            # a quantized weight tied to another parameter gets its own
+            m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
             m.weight_quantizer.set_fixed_scale(qt.scale, qt.zero_point, qt.global_scale)
             m.invalidate_weight_cache()
-        rest = {k: v for k, v in tensors.items()
-                if not any(k.endswith(s) for s in (".codes", ".scale", ".zero_point",
-                                                   ".global_scale", ".amax", ".amin"))}
-        missing, _ = model.load_state_dict(rest, strict=False)
+        rest = {k: v for k, v in tensors.items() if k not in qkeys and "_quantizer." not in k}
+        check_against_model(rest, where, model.state_dict())
+        missing, unexpected = model.load_state_dict(rest, strict=False)
         allowed = set(meta["tied"]) | {f"{n}.weight" for n in meta["quantized"]}
-        bad = [k for k in missing if k not in allowed and "_quantizer." not in k
-               and not k.endswith("rotary_emb.inv_freq")]
+        bad = [k for k in missing if k not in allowed and "_quantizer." not in k]
         if bad:
             raise CheckpointError(f"{path}: tensor {bad[0]!r} is missing from the checkpoint "
                                   f"({len(bad)} missing in all)")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        if unexpected:
+            raise CheckpointError(f"{path}: tensor {unexpected[0]!r} of the checkpoint is not "
+                                  f"in the model built from config.json")
+        for k, src in meta["tied"].items():
+            mod_name, _, attr = k.rpartition(".")
+            owner = mods.get(mod_name)
+            if owner is not None and mod_name not in meta["quantized"]:
+                s_mod, _, s_attr = src.rpartition(".")
+                setattr(owner, attr, getattr(mods[s_mod], s_attr))
         for name, q in quantizers(model):
             a = tensors.get(f"{name}.amax")
             if a is not None:
                 q.set_amax(a, tensors.get(f"{name}.amin"))
+            if name in meta.get("disabled", ()):
+                q.disable()
+            elif q.needs_calibration and q.amax is None:
+                raise CheckpointError(f"{path}: tensor {name + '.amax'!r} is missing (the "
+                                      f"calibrated range of a static quantizer)")
     model.lowbit_recipe = recipe
     return model.to(device)

@@ -67,9 +67,10 @@ def _expect(tensors, where, key, dtype, shape, path) -> None:
                               f"expected {list(shape)}")
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a native lowbit checkpoint, every quantized tensor checked
-    against the metadata (codes, scales, zero-points, global scales)."""
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, Path]]:
+    """``(metadata, tensors, file of each tensor)`` of a native lowbit checkpoint, every
+    quantized tensor checked against the metadata (codes, scales, zero-points, global
+    scales, calibrated statistics)."""
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a lowbit checkpoint: {META} is missing")
@@ -77,21 +78,28 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file}: not valid JSON ({e.msg})") from None
-    if meta.get("format") != "lowbit" or meta.get("version") != 1:
-        raise CheckpointError(f"{meta_file}: unsupported checkpoint version "
-                              f"{meta.get('version')!r}; expected 1")
+    if not isinstance(meta, dict) or meta.get("format") != "lowbit" or \
+            meta.get("version") != 1:
+        raise CheckpointError(f"{meta_file}: not a lowbit checkpoint of version 1 (format "
+                              f"{meta.get('format')!r}, version {meta.get('version')!r})")
+    for k in ("quantized", "tied"):
+        if not isinstance(meta.get(k), dict):
+            raise CheckpointError(f"{meta_file}: {k!r} is missing or not a mapping")
     tensors, where = read_tensors(shard_files(path))
     for name, qm in meta.get("quantized", {}).items():
         key = f"{name}.weight"
+        if not isinstance(qm, dict) or "spec" not in qm or \
+                not isinstance(qm.get("shape"), list) or len(qm["shape"]) < 1:
+            raise CheckpointError(f"{meta_file}: quantized[{name!r}] needs a spec and a shape")
         try:
             spec = QuantSpec.parse(qm["spec"], f"{meta_file}: {name}")
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
-        shape = tuple(qm["shape"])
+            shape = tuple(int(n) for n in qm["shape"])
+            sshape = Layout(spec, shape).natural_shape()
+        except (ConfigError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{meta_file}: quantized[{name!r}]: {e}") from None
         bits = spec.element_format.bits
         _expect(tensors, where, f"{key}.codes", torch.uint8,
                 (*shape[:-1], formats.packed_size(shape[-1], bits)), path)
-        sshape = Layout(spec, shape).natural_shape()
         sdtype = torch.uint8 if spec.scale_format in ("e4m3", "e8m0") else torch.float32
         _expect(tensors, where, f"{key}.scale", sdtype, sshape, path)
         if not spec.symmetric:
@@ -101,4 +109,24 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             _expect(tensors, where, f"{key}.global_scale", torch.float32, (1,), path)
         if math.prod(shape) == 0:
             raise CheckpointError(f"{path}: tensor {key!r} has an empty shape {list(shape)}")
-    return meta, tensors
+    for key, t in tensors.items():
+        if key.endswith((".amax", ".amin")) and t.dtype != torch.float32:
+            raise CheckpointError(f"{where[key]}: tensor {key!r} has dtype {t.dtype}, expected "
+                                  "torch.float32")
+    return meta, tensors, where
+
+
+def check_against_model(tensors: dict[str, torch.Tensor], where: dict[str, Path],
+                        expected: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ``tensors`` that ``expected`` (a state dict) names must have its shape
+    and dtype; a CheckpointError names the first that does not."""
+    for k, t in tensors.items():
+        e = expected.get(k)
+        if e is None:
+            continue
+        if tuple(t.shape) != tuple(e.shape):
+            raise CheckpointError(f"{where[k]}: tensor {k!r} has shape {list(t.shape)}, "
+                                  f"expected {list(e.shape)}")
+        if t.dtype != e.dtype:
+            raise CheckpointError(f"{where[k]}: tensor {k!r} has dtype {t.dtype}, expected "
+                                  f"{e.dtype}")

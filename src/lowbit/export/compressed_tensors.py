@@ -1,0 +1,401 @@
+"""compressed-tensors checkpoints, the format vLLM and transformers load.
+
+The writer follows compressed-tensors 0.20 (``compressors/`` of that package), without
+importing it. Per quantized ``Linear`` ``m`` and the compression format of its scheme:
+
+================================ ==========================================================
+format                           tensors of ``m``
+================================ ==========================================================
+``pack-quantized`` (INT weights, ``weight_packed`` int32 (32 codes in ``bits`` words, little
+weight-only)                     end first, offset ``2^(bits-1)``), ``weight_scale``,
+                                 ``weight_shape`` int64 [2], ``weight_zero_point`` (asym:
+                                 int32, packed along the output dimension)
+``int-quantized`` (INT weights + ``weight`` int8, ``weight_scale`` (+ ``weight_zero_point``
+activations), ``naive-quantized``int8), ``input_scale`` [1] for static activations
+``float-quantized`` (FP8 weights  ``weight`` float8_e4m3fn, ``weight_scale``, ``input_scale``
++ activations), ``naive-quantized``
+``nvfp4-pack-quantized``         ``weight_packed`` uint8 (two e2m1 per byte, low nibble
+                                 first), ``weight_scale`` float8_e4m3fn [O, I/16],
+                                 ``weight_global_scale`` float32 [1], ``input_global_scale``
+``mxfp4-pack-quantized``         ``weight_packed`` uint8, ``weight_scale`` uint8 (E8M0 codes)
+``mxfp8-quantized``              ``weight`` float8_e4m3fn, ``weight_scale`` uint8 (E8M0)
+================================ ==========================================================
+
+KV-cache scales are ``k_scale``/``v_scale`` [1] on the attention module with
+``kv_cache_scheme`` in the config. ``config.json`` gets ``quantization_config`` as
+compressed-tensors writes it (``config_groups`` with ``targets``, ``ignore``, ``format``,
+``quant_method: compressed-tensors``, ``quantization_status: compressed``, ``version``).
+
+Numerics: compressed-tensors dequantizes ``(q - zero_point) * scale`` in the dtype of the
+scale, and divides by its NVFP4 global scale (``448 * 6 / amax``) where lowbit multiplies by
+``amax / (448 * 6)``. So:
+
+* float scales are stored in the export dtype (the model's, or ``dtype=``), which is the
+  dtype transformers gives the scale parameters on load; a scale that dtype cannot hold
+  exactly is reported with a warning (quantize with ``scale_format: bf16``/``fp16`` for a
+  16-bit export and the checkpoint is exact);
+* the NVFP4 global scale is written as the float32 ``g`` next to ``1 / global`` for which
+  ``s / g == s * global`` holds for every e4m3 block scale ``s``, so decompressed weights
+  equal lowbit's bit for bit;
+* NVFP4 and MXFP4 weights decompress to bfloat16 in compressed-tensors (transformers needs
+  ``dtype=torch.bfloat16`` for them), so those exports default to ``dtype=bfloat16``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit import formats
+from lowbit.core import QTensor, QuantSpec, compute_scales
+from lowbit.errors import ConfigError
+from lowbit.export.base import quantized_modules, weight_qtensor
+from lowbit.export.shards import plain_tensors, shares_storage, write_hf_files, write_shards
+from lowbit.nn.utils import quantizers
+
+CT_VERSION = "0.20.0"  # the compressed-tensors release whose format this writer follows
+_E4M3 = formats.get("e4m3")
+
+
+# --- QuantSpec -> QuantizationArgs ---------------------------------------------------------
+def _args(spec: QuantSpec, role: str, where: str) -> dict:
+    """The ``QuantizationArgs`` dict (as compressed-tensors dumps it) of ``spec``."""
+    bf = spec.block_format
+    a = {"num_bits": None, "type": None, "symmetric": spec.symmetric, "group_size": None,
+         "strategy": None, "block_structure": None, "dynamic": spec.dynamic,
+         "actorder": None, "scale_dtype": None, "zp_dtype": None, "observer": None,
+         "observer_kwargs": {}}
+    if bf is not None:
+        if bf.name == "nvfp4":
+            a.update(num_bits=4, type="float", group_size=16, strategy="tensor_group",
+                     scale_dtype="torch.float8_e4m3fn")
+            if role != "weight":
+                a["dynamic"] = "local"  # static global scale, block scales per input
+            return a
+        if bf.name in ("mxfp4", "mxfp8_e4m3"):
+            a.update(num_bits=4 if bf.name == "mxfp4" else 8, type="float", group_size=32,
+                     strategy="group", scale_dtype="torch.uint8")
+            if role != "weight" and not spec.dynamic:
+                raise ConfigError(f"{where}: compressed-tensors computes {bf.name} activation "
+                                  "scales at run time; use dynamic: true")
+            return a
+        raise ConfigError(f"{where}: compressed-tensors has no format for {bf.name}")
+    fmt = spec.element_format
+    if fmt.kind == "int":
+        if not fmt.signed:
+            raise ConfigError(f"{where}: compressed-tensors stores signed integers; "
+                              f"{spec.format} is unsigned (use int{fmt.bits}, symmetric: false)")
+        a.update(num_bits=fmt.bits, type="int")
+        if not spec.symmetric:
+            a["zp_dtype"] = "torch.int8"
+        if role != "weight" and (spec.narrow_range or (
+                spec.symmetric and spec.dynamic and spec.sym_scale != "half_range")):
+            raise ConfigError(f"{where}: compressed-tensors quantizes integer activations "
+                              "over the full range with scale amax / ((qmax - qmin) / 2); "
+                              "narrow_range / sym_scale: qmax cannot be exported exactly")
+    elif spec.format == "fp8_e4m3":
+        a.update(num_bits=8, type="float")
+    else:
+        raise ConfigError(f"{where}: compressed-tensors has no element format {spec.format} "
+                          "(int2..int8, fp8_e4m3, nvfp4, mxfp4, mxfp8_e4m3)")
+    g = spec.granularity
+    if g == "tensor":
+        a["strategy"] = "tensor"
+    elif g == "channel":
+        if role != "weight":
+            raise ConfigError(f"{where}: compressed-tensors has no per-channel activation "
+                              "scales (tensor, token or group)")
+        if spec.axis not in (0, -2):
+            raise ConfigError(f"{where}: per-channel weight scales must be per output channel "
+                              f"(axis 0), not axis {spec.axis}")
+        a["strategy"] = "channel"
+    elif g == "group":
+        if spec.axis not in (-1, 1):
+            raise ConfigError(f"{where}: groups must run along the input dimension (axis -1)")
+        a.update(strategy="group", group_size=spec.group_size)
+    elif g == "block":
+        a.update(strategy="block", block_structure=list(spec.block))
+    else:  # token
+        a["strategy"] = "token"
+    if role != "weight" and not spec.dynamic and g != "tensor":
+        raise ConfigError(f"{where}: static activation scales must be per tensor for "
+                          f"compressed-tensors, not {g}")
+    return a
+
+
+def _format_of(w: dict | None, i: dict | None) -> str:
+    """The compression format compressed-tensors infers for a scheme (its priority order:
+    MX/NVFP4 first, then int-quantized, pack-quantized, float-quantized, naive)."""
+    if w is None:
+        return "dense"
+    if w["type"] == "float" and w["group_size"] == 32 and w["scale_dtype"] == "torch.uint8":
+        return "mxfp4-pack-quantized" if w["num_bits"] == 4 else "mxfp8-quantized"
+    if w["type"] == "float" and w["num_bits"] == 4:
+        return "nvfp4-pack-quantized"
+    if w["type"] == "int":
+        if i is not None:
+            return "int-quantized"
+        return "pack-quantized"
+    return "float-quantized" if i is not None else "naive-quantized"
+
+
+# --- tensors ---------------------------------------------------------------------------------
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' ``pack_to_int32`` along the last dim: signed ``values`` (any int
+    dtype) offset by ``2^(bits-1)``, element ``i`` at bit ``i * bits`` of the row, 32-bit
+    little-endian words, ``ceil(n * bits / 32)`` words per row."""
+    n = values.shape[-1]
+    u = (values.to(torch.int32) + (1 << (bits - 1))).to(torch.uint8)
+    stream = formats.pack(u, bits)  # little-endian bit stream, whole bytes
+    words = math.ceil(n * bits / 32)
+    nbytes = words * 4
+    if stream.shape[-1] < nbytes:
+        stream = torch.nn.functional.pad(stream, (0, nbytes - stream.shape[-1]))
+    stream = stream[..., :nbytes].contiguous()
+    out = stream.view(torch.int32)
+    if not _little_endian():
+        out = stream.reshape(*stream.shape[:-1], words, 4).flip(-1).contiguous().view(
+            torch.int32).reshape(*stream.shape[:-1], words)
+    return out
+
+
+def _little_endian() -> bool:
+    import sys
+
+    return sys.byteorder == "little"
+
+
+def _int_values(qt: QTensor) -> torch.Tensor:
+    return qt.element_format.code_to_int(qt.codes)
+
+
+def ct_global_scale(gs: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' NVFP4 global scale for lowbit's ``gs`` (float32 [1]): a float32
+    ``g`` close to ``1 / gs`` with ``s / g == s * gs`` for every e4m3 value ``s``, so that
+    its ``scale / global_scale`` equals lowbit's ``scale * global_scale`` exactly; the
+    nearest float32 to ``1 / gs`` when no such ``g`` lies within 64 ulps."""
+    gs = gs.float().reshape(())
+    vals = _E4M3.values()
+    vals = vals[vals > 0]
+    want = vals * gs
+    base = (1.0 / gs).reshape(1)
+    bits = base.view(torch.int32)
+    for k in range(65):
+        for d in ((0,) if k == 0 else (k, -k)):
+            c = (bits + d).view(torch.float32)
+            if torch.equal(vals / c, want):
+                return c.clone()
+    return base
+
+
+def _exact_cast(t: torch.Tensor, dtype: torch.dtype, inexact: list[str], name: str):
+    out = t.to(dtype)
+    if not torch.equal(out.float(), t.float()):
+        inexact.append(name)
+    return out.contiguous()
+
+
+def _weight_tensors(prefix: str, qt: QTensor, fmt: str, dtype: torch.dtype,
+                    inexact: list[str]) -> dict[str, torch.Tensor]:
+    spec = qt.spec
+    out: dict[str, torch.Tensor] = {}
+    nat = qt.scale
+    if spec.granularity == "tensor":
+        nat = nat.reshape(1)
+    if fmt == "pack-quantized":
+        bits = spec.element_format.bits
+        out["weight_packed"] = pack_int32(_int_values(qt), bits)
+        out["weight_shape"] = torch.tensor(list(qt.shape), dtype=torch.int64)
+        out["weight_scale"] = _exact_cast(nat, dtype, inexact, f"{prefix}.weight_scale")
+        if qt.zero_point is not None:
+            zp = qt.zero_point
+            if spec.granularity in ("group", "channel"):
+                out["weight_zero_point"] = pack_int32(zp.t(), bits).t().contiguous()
+            else:
+                out["weight_zero_point"] = zp.reshape(1).to(torch.int8)
+    elif fmt in ("int-quantized", "naive-quantized", "float-quantized", "mxfp8-quantized"):
+        if spec.element_format.kind == "int":
+            out["weight"] = _int_values(qt).to(torch.int8)
+        else:
+            out["weight"] = qt.codes.contiguous().view(torch.float8_e4m3fn)
+        if fmt == "mxfp8-quantized":
+            out["weight_scale"] = qt.scale_codes().contiguous()
+        else:
+            out["weight_scale"] = _exact_cast(nat, dtype, inexact, f"{prefix}.weight_scale")
+        if qt.zero_point is not None:
+            out["weight_zero_point"] = qt.zero_point.reshape(nat.shape).to(torch.int8)
+    elif fmt == "nvfp4-pack-quantized":
+        out["weight_packed"] = qt.packed_codes().contiguous()
+        out["weight_scale"] = qt.scale.to(torch.float8_e4m3fn).contiguous()
+        out["weight_global_scale"] = ct_global_scale(qt.global_scale)
+    elif fmt == "mxfp4-pack-quantized":
+        out["weight_packed"] = qt.packed_codes().contiguous()
+        out["weight_scale"] = qt.scale_codes().contiguous()
+    else:  # pragma: no cover - _format_of returns only the formats above
+        raise ConfigError(f"{prefix}: no writer for format {fmt}")
+    return {f"{prefix}.{k}": v for k, v in out.items()}
+
+
+def _static_scale(q, spec: QuantSpec, n: int = 1):
+    """``(scale [1], zero_point [1] | None, global | None)`` of a static quantizer, computed
+    by lowbit's own rule from its calibrated amax (the values fake quantization uses)."""
+    block = spec.group_size if spec.block_format is not None else 1
+    dummy = torch.zeros(n, block)
+    _, _, s, zp, extra = compute_scales(dummy, spec, amax=q.amax, amin=q.amin)
+    if extra is not None:
+        return None, None, extra[1].reshape(1)
+    return s.reshape(1), None if zp is None else zp.reshape(1), None
+
+
+def _activation_tensors(prefix: str, base: str, q, dtype, inexact) -> dict[str, torch.Tensor]:
+    spec = q.spec
+    if spec.dynamic or not q.is_enabled:
+        return {}
+    if q.amax is None:
+        raise ConfigError(f"{q.qname or prefix}: static quantizer was never calibrated; "
+                          "calibrate before exporting")
+    s, zp, g = _static_scale(q, spec)
+    out = {}
+    if g is not None:
+        out[f"{prefix}.{base}_global_scale"] = ct_global_scale(g)
+        return out
+    out[f"{prefix}.{base}_scale"] = _exact_cast(s, dtype, inexact, f"{prefix}.{base}_scale")
+    if zp is not None:
+        out[f"{prefix}.{base}_zero_point"] = zp.to(torch.int8)
+    return out
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+# --- the exporter ----------------------------------------------------------------------------
+def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int | None = None,
+           dtype: "torch.dtype | str | None" = None, **_ignored) -> None:
+    """Write ``model`` (quantized by lowbit) as a compressed-tensors checkpoint.
+
+    Options: ``tokenizer`` (saved alongside), ``max_shard_size`` (bytes per shard),
+    ``dtype``: the dtype of the checkpoint's float tensors and of ``config.json`` (default:
+    the model's; bfloat16 when NVFP4/MXFP4 weights are present, as compressed-tensors
+    decompresses those to bfloat16). Raises ConfigError for a spec compressed-tensors
+    cannot express exactly (e.g. uint codes, per-channel activation scales).
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    tensors: dict[str, torch.Tensor] = {}
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    skip: set[str] = set()
+    inexact: list[str] = []
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    quantized: list[tuple[str, nn.Module, dict]] = []
+    for name, m in quantized_modules(model):
+        if not isinstance(m, nn.Linear):
+            raise ConfigError(f"{name}: compressed-tensors quantizes Linear layers only, not "
+                              f"{type(m).__name__}")
+        roles = {}
+        for role, key in (("weight", "weights"), ("input", "input_activations"),
+                          ("output", "output_activations")):
+            q = getattr(m, f"{role}_quantizer")
+            roles[key] = _args(q.spec, role, f"{name}.{role}_quantizer") \
+                if q.is_enabled else None
+        if all(v is None for v in roles.values()):
+            continue
+        roles["format"] = _format_of(roles["weights"], roles["input_activations"])
+        quantized.append((name, m, roles))
+    formats_used = {r["format"] for _, _, r in quantized}
+    if dtype is None:
+        dtype = _model_dtype(model)
+        if formats_used & {"nvfp4-pack-quantized", "mxfp4-pack-quantized"}:
+            dtype = torch.bfloat16
+    for name, m, roles in quantized:
+        if roles["weights"] is not None:
+            qt = weight_qtensor(m)
+            skip.add(f"{name}.weight")
+            tensors.update(_weight_tensors(name, qt, roles["format"], dtype, inexact))
+        if roles["input_activations"] is not None:
+            tensors.update(_activation_tensors(name, "input", m.input_quantizer, dtype, inexact))
+        if roles["output_activations"] is not None:
+            tensors.update(_activation_tensors(name, "output", m.output_quantizer, dtype,
+                                               inexact))
+        key = repr(sorted((k, repr(v)) for k, v in roles.items()))
+        groups.setdefault(key, {"roles": roles, "names": []})["names"].append(name)
+    kv_args, kv_tensors = _kv_cache(model, dtype, inexact)
+    tensors.update(kv_tensors)
+    if not quantized and kv_args is None:
+        raise ConfigError("the model has no quantized layer to export; quantize it first")
+    untie = shares_storage(model, skip)
+    plain, _tied = plain_tensors(model, skip, dtype)
+    tensors.update(plain)
+    qnames = {n for n, _, _ in quantized}
+    config_groups = {}
+    for i, g in enumerate(groups.values()):
+        r = g["roles"]
+        # one scheme for the whole model targets the layer type, as llm-compressor writes it
+        targets = ["Linear"] if len(groups) == 1 else list(g["names"])
+        config_groups[f"group_{i}"] = {"targets": targets, "weights": r["weights"],
+                                       "input_activations": r["input_activations"],
+                                       "output_activations": r["output_activations"],
+                                       "format": r["format"]}
+    ignore = [n for n in linear_names if n not in qnames] if len(groups) <= 1 else []
+    fmts = {g["format"] for g in config_groups.values()}
+    qconfig = {
+        "config_groups": config_groups,
+        "format": fmts.pop() if len(fmts) == 1 else ("dense" if not fmts
+                                                      else "mixed-precision"),
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": kv_args,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+    }
+    if inexact:
+        warnings.warn(f"{len(inexact)} scale tensor(s) (first: {inexact[0]}) are not exactly "
+                      f"representable in {dtype}: the loaded model will differ from the "
+                      f"fake-quantized one at {dtype} rounding level; quantize with a "
+                      f"matching scale_format for an exact checkpoint", stacklevel=3)
+    write_shards(tensors, out_dir, max_shard_size, {"format": "pt"})
+    updates = {"quantization_config": qconfig, "dtype": str(dtype).split(".")[-1],
+               "torch_dtype": None}
+    if untie:
+        updates["tie_word_embeddings"] = False
+    write_hf_files(model, out_dir, tokenizer, updates)
+
+
+def _kv_cache(model: nn.Module, dtype, inexact) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    args = None
+    out: dict[str, torch.Tensor] = {}
+    for name, q in quantizers(model):
+        if q.role != "kv_cache" or not q.is_enabled:
+            continue
+        mod, _, qname = name.rpartition(".")
+        if qname.endswith("_fallback"):
+            raise ConfigError(f"{name}: this attention module quantizes its K/V projection "
+                              "outputs (before RoPE); compressed-tensors quantizes the cache "
+                              "after RoPE, so it cannot be exported exactly")
+        spec = q.spec
+        if spec.granularity != "tensor" or spec.dynamic or spec.block_format is not None:
+            raise ConfigError(f"{name}: compressed-tensors KV-cache scales are static per "
+                              f"tensor; got {spec.short()}")
+        a = _args(spec, "kv_cache", name)
+        if args is not None and a != args:
+            raise ConfigError(f"{name}: every attention layer needs the same KV-cache spec")
+        args = a
+        if q.amax is None:
+            raise ConfigError(f"{name}: KV-cache quantizer was never calibrated")
+        s, zp, _ = _static_scale(q, spec)
+        kv = "k" if qname.startswith("k_") else "v"
+        out[f"{mod}.{kv}_scale"] = _exact_cast(s, dtype, inexact, f"{mod}.{kv}_scale")
+        if zp is not None:
+            out[f"{mod}.{kv}_zero_point"] = zp.to(torch.int8)
+    return args, out
