@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.core import Layout, QuantSpec, compute_scales, fake_quant
-from lowbit.errors import CalibrationError, ConfigError
+from lowbit.errors import CalibrationError, ConfigError, FormatError
 
 
 class HessianAccumulator:
@@ -173,7 +173,9 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
 
     See the module doc for the scales and act-order. ``name`` (e.g. the layer's) goes into
     warnings and errors. Raises :class:`CalibrationError` for a Hessian of the wrong shape,
-    with NaN/Inf, or not positive definite after ``max_retries`` tenfold dampings.
+    with NaN/Inf, or not positive definite after ``max_retries`` tenfold dampings (each retry
+    warns), :class:`FormatError` for a weight with NaN/Inf, :class:`ConfigError` for bad
+    options (a group size that does not divide ``in``, a dynamic spec...).
     """
     if weight.ndim != 2:
         raise ConfigError(f"GPTQ {name}: expected a 2-D weight [out, in], got shape "
@@ -190,6 +192,9 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
                           "with static scales")
     dev = weight.device
     W = weight.detach().to(torch.float32).clone()
+    if not bool(torch.isfinite(W).all()):
+        raise FormatError(f"GPTQ {name}: the weight contains NaN/Inf values; expected finite "
+                          "numbers")
     H = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
         raise CalibrationError(f"GPTQ {name}: the Hessian contains NaN/Inf values (non-finite "
