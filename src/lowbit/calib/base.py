@@ -43,6 +43,7 @@ so ``compute()``, is bit-identical to one process that observed all the data.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, ClassVar
 
@@ -53,6 +54,25 @@ from lowbit.errors import CalibrationError, ConfigError
 
 #: ``ndim`` of a state that saw no data (identity of the MIN reduction).
 NO_NDIM = 1 << 20
+
+
+class _hybridmethod:
+    """A classmethod that, called on an instance, also loads its result into the instance."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj, cls):
+        if obj is None:
+            return functools.wraps(self.func)(functools.partial(self.func, cls))
+
+        @functools.wraps(self.func)
+        def bound(states):
+            merged = self.func(type(obj), states)
+            obj.load_state_dict(merged)
+            return merged
+        return bound
 
 
 class Calibrator:
@@ -302,13 +322,17 @@ class Calibrator:
         ``"min"`` entries (histograms re-bin here); the identity by default."""
         return state
 
-    @classmethod
+    @_hybridmethod
     def merge_states(cls, states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The state of one calibrator that observed everything the ``states`` observed.
 
         ``states`` come from :meth:`state_dict` of calibrators of this class with the same
-        spec and options (e.g. one per process). Use ``cal.load_state_dict(merged)`` and
-        then ``cal.compute()``; the result equals a single run over all the data.
+        spec and options (e.g. one per process, gathered with
+        ``torch.distributed.all_gather_object``). Called on the class
+        (``PercentileCalibrator.merge_states(states)`` or ``type(cal).merge_states``) it only
+        returns the merged state; called on an instance (``cal.merge_states(states)``) it
+        also loads it into ``cal``. ``cal.compute()`` then equals a single run over all the
+        data, bit for bit.
         """
         full = [s for s in states if int(s["n_batches"]) > 0 and "amax" in s]
         if not full:
@@ -359,16 +383,17 @@ class Calibrator:
         if "amax" not in state:
             self._alloc(units, dev)
             state = self.state_dict()
+        agreed = {k: state[k].clone() for k, op in self.REDUCE.items() if op != "sum"}
         for k, op in self.REDUCE.items():
-            if op in ("max", "min"):
-                dist.all_reduce(state[k], group=group,
+            if op != "sum":
+                dist.all_reduce(agreed[k], group=group,
                                 op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
-        state = self._align(state, {k: state[k] for k, op in self.REDUCE.items()
-                                    if op in ("max", "min")})
+        aligned = self._align(state, agreed)  # local state onto the agreed grid
         for k, op in self.REDUCE.items():
             if op == "sum":
-                dist.all_reduce(state[k], op=dist.ReduceOp.SUM, group=group)
-        self.load_state_dict(state)
+                agreed[k] = aligned[k].contiguous()
+                dist.all_reduce(agreed[k], op=dist.ReduceOp.SUM, group=group)
+        self.load_state_dict(agreed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec.short()}, n_batches={self.n_batches})"

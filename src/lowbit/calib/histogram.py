@@ -24,18 +24,21 @@ The exact running ``max|x|`` (and min/max x) is kept beside it, and no result ex
   ``percentile``-th and ``(100 - percentile)``-th percentiles of ``x``.
 * ``mse``: among candidate clipping values ``ratio * max|x|`` (``ratios``, default 100 steps
   over [0.5, 1]; affine specs scale ``max x`` and ``min x`` by the same ratio), the one with
-  the least expected squared quantization error over the histogram: bin centres weighted
-  by their counts, quantized by :func:`lowbit.core.fake_quant` with that static amax (so
-  every format, scale format and integer convention of ``spec`` is honoured).
+  the least expected squared quantization error over the signed histogram: points of each
+  non-empty bin (``subsamples`` per bin, 4 by default; 1 = the bin centre) weighted by its
+  count, quantized by :func:`lowbit.core.fake_quant` with that static amax (so every
+  format, scale format and integer convention of ``spec`` is honoured).
 * ``entropy``: TensorRT's KL-divergence threshold (symmetric specs). For each candidate
   threshold of ``i`` bins (``i`` from ``start_bin``, 128, up to the last non-empty bin):
   the reference ``P`` is the first ``i`` bins with the clipped tail folded into bin ``i-1``;
   the candidate ``Q`` merges those ``i`` bins (unclipped counts) into ``levels`` groups of
   ``i // levels`` bins (the last group takes the remainder; ``levels = 2**(bits-1)``, 128 for
   8-bit formats, ``2**bits`` for unsigned ones) and spreads each group's count evenly over
-  its bins where ``P`` is non-zero; both are smoothed (zero bins get ``eps``, taken evenly
-  from the non-zero ones, as MXNet/TVM do) and the threshold with the least ``KL(P || Q)``
-  wins (the largest one on ties). Like TensorRT's calibrator, bin 0 (exact zeros) takes
+  its bins where ``P`` is non-zero; zero bins are smoothed with ``eps`` as MXNet/TVM do (they
+  add nothing to the divergence, and a bin of ``P`` whose ``Q`` is empty gets ``q = eps``),
+  and the threshold with the least ``KL(P || Q)`` wins (the largest one on ties). The
+  divergences come from prefix sums, ``O(levels)`` per candidate, vectorized over
+  candidates and channels. Like TensorRT's calibrator, bin 0 (exact zeros) takes
   bin 1's count (``ignore_zero_bin``). The threshold is the upper edge of bin ``i-1``.
 """
 
@@ -47,7 +50,7 @@ import torch
 
 from lowbit.calib.base import Calibrator, register_calibrator
 from lowbit.core import QuantSpec, fake_quant
-from lowbit.errors import ConfigError
+from lowbit.errors import CalibrationError, ConfigError
 
 #: smallest bin-width exponent (w = 2^-126, the smallest normal float32: 1/w is finite)
 EXP_MIN = -126
@@ -151,7 +154,7 @@ class HistogramCalibrator(Calibrator):
             if S == 2:
                 idx += (xf < 0).long() * B
             idx += offs
-            flat += torch.bincount(idx.view(-1), minlength=U * S * B)
+            flat += torch.bincount(idx.reshape(-1), minlength=U * S * B)
 
     def _extra_state(self) -> dict[str, torch.Tensor]:
         return {"hist": self.hist, "exp": self.exp}
@@ -160,12 +163,10 @@ class HistogramCalibrator(Calibrator):
         hist = state["hist"]
         want = (self.amax.numel(), self.signs, self.num_bins)
         if tuple(hist.shape) != want:
-            from lowbit.errors import CalibrationError
-
             raise CalibrationError(f"calibrator {self.name!r}: histogram state of shape "
                                    f"{list(hist.shape)}, expected {list(want)} (same spec "
                                    "and num_bins on every process)")
-        self.hist = hist.clone().long()
+        self.hist = hist.long().contiguous().clone()
         self.exp = state["exp"].clone().long()
 
     @classmethod
@@ -225,15 +226,23 @@ class MSECalibrator(HistogramCalibrator):
 
     Candidates: ``ratios`` (any positive numbers) or ``steps`` evenly spaced ratios over
     ``[start, stop]`` (default 100 over [0.5, 1.0]). Errors are evaluated on the signed
-    histogram: bin centres weighted by counts, quantized by :func:`lowbit.core.fake_quant`
-    with the candidate as static amax (affine: ``amax = ratio * max x``,
-    ``amin = ratio * min x``). Ties go to the larger ratio. Cost of ``compute()``:
-    ``len(ratios) x units x 2 x used bins`` fake-quantized values (in chunks).
-    Options: ``ratios``, ``start``, ``stop``, ``steps``, ``num_bins``.
+    histogram: each non-empty bin is represented by ``subsamples`` evenly spaced points
+    (the midpoints of its ``subsamples`` equal parts; 1 = the bin centre) sharing its count,
+    quantized by :func:`lowbit.core.fake_quant` with the candidate as static amax (affine:
+    ``amax = ratio * max x``, ``amin = ratio * min x``). Several points per bin matter for
+    float formats, whose steps near zero are much finer than a bin (with the centre only,
+    fp8 picks a ratio by aliasing noise). Ties go to the larger ratio. Cost of
+    ``compute()``: ``len(ratios) x units x subsamples x non-empty bins (<= 2 num_bins)``
+    fake-quantized values, in chunks of 4M. Options: ``ratios``, ``start``, ``stop``,
+    ``steps``, ``subsamples`` (4), ``num_bins``.
     """
 
     def __init__(self, spec: QuantSpec, ratios: Iterable[float] | torch.Tensor | None = None,
-                 start: float = 0.5, stop: float = 1.0, steps: int = 100, **options):
+                 start: float = 0.5, stop: float = 1.0, steps: int = 100, subsamples: int = 4,
+                 **options):
+        if int(subsamples) < 1:
+            raise ConfigError(f"mse: subsamples must be >= 1, got {subsamples}")
+        self.subsamples = int(subsamples)
         if ratios is None:
             if not (0 < start <= stop) or int(steps) < 1:
                 raise ConfigError(f"mse: need 0 < start <= stop and steps >= 1; got start "
@@ -257,13 +266,18 @@ class MSECalibrator(HistogramCalibrator):
         dev = self.hist.device
         n = int(self.used_bins().max())
         w = self.bin_width()
-        j = torch.arange(n, dtype=torch.float64, device=dev) + 0.5
-        c = (j[None, None, :] * w[:, None, None]) * torch.tensor([1.0, -1.0], device=dev,
-                                                                dtype=torch.float64)[None, :, None]
-        c = c.reshape(U, S * n).float()
+        j = torch.arange(n, dtype=torch.float64, device=dev).repeat(S)  # bin index
+        sg = torch.tensor([1.0, -1.0], dtype=torch.float64, device=dev).repeat_interleave(n)
         cnt = self.hist[:, :, :n].reshape(U, S * n).double()
-        keep = cnt.sum(0) > 0  # drop columns empty for every unit
-        c, cnt = c[:, keep], cnt[:, keep]
+        # keep each unit's non-empty bins only (padded with zero counts to the longest)
+        nz = cnt > 0
+        K = max(1, int(nz.sum(1).max()))
+        order = torch.argsort((~nz).to(torch.int8), dim=1, stable=True)[:, :K]
+        cnt, j, sg = cnt.gather(1, order), j[order], sg[order]
+        k = self.subsamples
+        sub = (torch.arange(k, dtype=torch.float64, device=dev) + 0.5) / k
+        c = ((j[..., None] + sub) * (w[:, None, None] * sg[..., None])).reshape(U, K * k).float()
+        cnt = (cnt / k)[..., None].expand(U, K, k).reshape(U, K * k)
         spec = self.spec.model_copy(update={"granularity": "channel", "axis": 0})
         ratios = self.ratios.to(dev)
         hi_base = self.amax if self.spec.symmetric else self.max
@@ -295,8 +309,8 @@ class EntropyCalibrator(HistogramCalibrator):
     ``stride`` (1: candidate spacing, in bins), ``levels`` (default ``2**(bits-1)`` of the
     element format, ``2**bits`` if unsigned), ``eps`` (1e-4: smoothing of zero bins, in
     counts), ``ignore_zero_bin`` (True). When the data spans fewer bins than
-    ``max(start_bin, levels)`` the result is ``max|x|``. Per channel the search runs once
-    per channel (about 10-50 ms each).
+    ``max(start_bin, levels)`` the result is ``max|x|``. Per channel, every channel gets its
+    own threshold (cost ~ channels x candidates x levels).
     """
 
     supports_asymmetric = False
@@ -323,69 +337,68 @@ class EntropyCalibrator(HistogramCalibrator):
     def _compute(self):
         L = self.num_levels()
         start = max(self.start_bin, L)
-        hist = self.abs_histogram()
         used = self.used_bins()
         w = self.bin_width()
         out = self.amax.clone()
-        for u in range(hist.shape[0]):
-            n = int(used[u])
-            if n < start or float(self.amax[u]) == 0:
-                continue
-            h = hist[u, :n].double()
-            if self.ignore_zero_bin and n > 1:
-                h[0] = h[1]
-            cands = torch.arange(start, n + 1, self.stride, device=h.device)
-            kl = kl_divergences(h, cands, L, self.eps)
-            i = int(cands[len(kl) - 1 - int(kl.flip(0).argmin())])
-            out[u] = torch.minimum(torch.tensor(float(i * w[u]), device=out.device),
-                                   self.amax[u])
+        rows = ((used >= start) & (self.amax > 0)).nonzero().flatten()
+        if rows.numel() == 0:
+            return out, None
+        n = int(used[rows].max())
+        cands = torch.arange(start, n + 1, self.stride, device=out.device)
+        h = self.abs_histogram()[:, :n].double()
+        if self.ignore_zero_bin:
+            h[:, 0] = h[:, 1]
+        step = max(1, _CHUNK // 4 // (cands.numel() * L))
+        for r0 in range(0, rows.numel(), step):
+            r = rows[r0:r0 + step]
+            kl = kl_divergences(h[r], cands, L, self.eps)  # [u, R]
+            kl = torch.where(cands[None, :] <= used[r, None], kl, torch.full_like(kl, torch.inf))
+            best = cands.numel() - 1 - kl.flip(1).argmin(1)  # the largest i on ties
+            thr = (cands[best].double() * w[r]).float()
+            out[r] = torch.minimum(thr, self.amax[r])
         return out, None
 
 
-def _smooth(d: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zero entries of each row (inside ``valid``) get ``eps``, taken from the non-zero ones."""
-    zero = valid & (d == 0)
-    nz = d > 0
-    eps1 = eps * zero.sum(1, keepdim=True) / nz.sum(1, keepdim=True).clamp_min(1)
-    out = d + eps * zero - eps1 * nz
-    return torch.where(valid, out.clamp_min(eps * 1e-3), torch.zeros_like(out))
+def _xlogx(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v > 0, v * torch.log(v.clamp_min(1e-300)), torch.zeros_like(v))
 
 
 def kl_divergences(h: torch.Tensor, cands: torch.Tensor, levels: int,
                    eps: float = 1e-4) -> torch.Tensor:
-    """``KL(P_i || Q_i)`` for each candidate threshold of ``i`` bins in ``cands`` (float64).
+    """``KL(P_i || Q_i)`` per unit and candidate (float64 ``[U, R]``), in O(U x R x levels).
 
-    ``h``: counts of ``|x|`` ``[n]`` (float64); every ``i`` in ``cands`` satisfies
-    ``levels <= i <= n``. See the module doc for ``P_i`` and ``Q_i``. Vectorized over
-    candidates in chunks.
+    ``h``: counts of ``|x|`` ``[U, n]`` (float64); ``cands``: candidate thresholds in bins
+    ``[R]``, each with ``levels <= i <= n``. ``P_i``/``Q_i`` as in the module doc, computed
+    from prefix sums over the ``levels`` groups: with ``P = p / N`` and ``Q = q / H``
+    (``N`` all counts, ``H`` the unclipped ones), ``KL = (1/N) sum_groups [sum p log p -
+    (sum p) log q_group] - log N + log H``. Zero bins of ``P`` contribute nothing (``Q`` is
+    zero there too, both get ``eps`` when smoothed); a non-zero ``P`` bin whose group has no
+    unclipped count (the folded tail alone) gets ``q = eps``. The ``O(eps / count)``
+    re-normalisation of the smoothing is neglected.
     """
-    n = h.numel()
+    h = h.double()
+    U, n = h.shape
     dev = h.device
-    tail = torch.cat([h.flip(0).cumsum(0).flip(0), h.new_zeros(1)])  # tail[i] = sum(h[i:])
-    out = []
-    step = max(1, _CHUNK // 4 // n)
-    for c0 in range(0, cands.numel(), step):
-        I = cands[c0:c0 + step]
-        r, cols = I.numel(), int(I.max())
-        j = torch.arange(cols, device=dev)
-        valid = j[None, :] < I[:, None]
-        hs = h[:cols][None, :] * valid
-        p = hs.clone()
-        p[torch.arange(r, device=dev), I - 1] += tail[I]
-        m = (I // levels)[:, None]
-        grp = torch.where(valid, torch.clamp(j[None, :] // m, max=levels - 1),
-                          torch.full_like(valid, levels, dtype=torch.int64))
-        qb = torch.zeros(r, levels + 1, dtype=h.dtype, device=dev).scatter_add_(1, grp, hs)
-        pnz = p > 0
-        cnt = torch.zeros(r, levels + 1, dtype=h.dtype, device=dev).scatter_add_(
-            1, grp, pnz.to(h.dtype))
-        q = torch.where(pnz, qb.gather(1, grp) / cnt.gather(1, grp).clamp_min(1),
-                        torch.zeros_like(p))
-        ok = (q > 0).any(1)
-        p, q = _smooth(p, valid, eps), _smooth(q, valid, eps)
-        p = p / p.sum(1, keepdim=True)
-        q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
-        terms = torch.where(valid & (p > 0), p * torch.log(p / q), torch.zeros_like(p))
-        kl = terms.sum(1)
-        out.append(torch.where(ok & torch.isfinite(kl), kl, torch.full_like(kl, float("inf"))))
-    return torch.cat(out)
+    one = (h > 0).to(h.dtype)
+    C = torch.cat([h, _xlogx(h), one], 0).cumsum(1)  # [3U, n]
+    C = torch.cat([torch.zeros(3 * U, 1, dtype=h.dtype, device=dev), C], 1).view(3, U, n + 1)
+    N = C[0, :, -1:]  # [U, 1] all counts
+    i = cands.long()
+    m = (i // levels)[:, None]
+    k = torch.arange(levels, device=dev)[None, :]
+    lo = k * m  # [R, L] group starts
+    hi = torch.where(k == levels - 1, i[:, None], lo + m)  # the last group takes the rest
+    D = C[:, :, hi] - C[:, :, lo]  # [3, U, R, L]: sums of h, h log h, (h > 0) per group
+    S, A, Z = D[0], D[1], D[2]
+    H = C[0][:, i]  # [U, R] counts below the threshold
+    T = N - H  # clipped tail, folded into bin i-1 of P
+    hl = h[:, i - 1]
+    pl = hl + T
+    # the last group of P holds bin i-1 with the tail folded in; Q keeps the unclipped sums
+    Z[..., -1] += (pl > 0).to(h.dtype) - (hl > 0).to(h.dtype)
+    A[..., -1] += _xlogx(pl) - _xlogx(hl)
+    q = torch.where(S > 0, S / Z.clamp_min(1), torch.full_like(S, eps))
+    S[..., -1] += T  # now the sums of P per group
+    terms = (A - S * torch.log(q)).masked_fill_(S <= 0, 0.0)
+    kl = terms.sum(-1) / N - torch.log(N) + torch.log(H.clamp_min(1e-300))
+    return torch.where(H > 0, kl, torch.full_like(kl, torch.inf))

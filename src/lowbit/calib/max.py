@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from lowbit.calib.base import Calibrator, register_calibrator
 
 
