@@ -189,3 +189,74 @@ def eval_cmd(
     t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
     console.print(t)
 
+
+
+@app.command("report")
+def report_cmd(
+    model: str = typer.Argument(..., help="transformers model folder, .gguf or smollm2-135m"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
+    text: Path = typer.Option(..., "--text", help="text for calibration and perplexity"),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
+    samples: int = typer.Option(8, help="calibration windows"),
+    seq_len: int = typer.Option(512, help="tokens per window"),
+    windows: int = typer.Option(4, help="perplexity windows (from the last 20% of the text)"),
+    group_size: Optional[int] = typer.Option(None, help="override the recipe's group size"),
+    force: bool = typer.Option(False, help="replace --out if it exists"),
+) -> None:
+    """One self-contained HTML page: per-layer error, outliers, weight grid, size/perplexity."""
+    import copy
+
+    import lowbit
+    from lowbit import recipes
+    from lowbit.data import calibration_batches, forward_loop_from_batches, split_tokens
+    from lowbit.eval import perplexity
+    from lowbit.eval.footprint import weight_footprint
+    from lowbit.eval.report import build_report, capture_layer_inputs, write_report
+
+    _check_model_path(model)
+    if out.exists() and not force:
+        fail(f"{out} exists; pass --force to replace it")
+    try:
+        rec = recipes.load(recipe, **({"group_size": group_size} if group_size else {}))
+        m, tok = _load(model)
+        ctx = _max_ctx(m)
+        if ctx and seq_len > ctx:
+            fail(f"--seq-len {seq_len} is beyond the model's context of {ctx} tokens")
+        ids = _text_ids(tok, text)
+        calib_ids, eval_ids = split_tokens(ids)
+        if eval_ids.numel() < seq_len or calib_ids.numel() < seq_len:
+            fail(f"{text} is too short: need at least {seq_len} tokens in each of its first "
+                 "80% and last 20%")
+        batches = calibration_batches(tok, text, n_samples=samples, seq_len=seq_len)
+        loop = forward_loop_from_batches(batches)
+        fp = copy.deepcopy(m)
+        with console.status("baseline: perplexity and layer inputs"):
+            p0 = perplexity(fp, eval_ids, seq_len=seq_len, n_windows=windows)
+            before = weight_footprint(fp)
+        with console.status(f"quantizing with {rec.name}"):
+            lowbit.quantize(m, rec, forward_loop=loop)
+            from lowbit.nn import disable_quantizers, enable_quantizers
+
+            disable_quantizers(m)
+            inputs = capture_layer_inputs(m, loop)  # FP activations of the smoothed model
+            enable_quantizers(m)
+            raw = capture_layer_inputs(fp, loop, names=list(inputs))  # original activations
+        with console.status("quantized: perplexity"):
+            p1 = perplexity(m, eval_ids, seq_len=seq_len, n_windows=windows)
+        after = weight_footprint(m)
+        summary = {
+            "model": model, "recipe": rec.name,
+            "layers quantized": len(m.lowbit_report.quantized),
+            "weight memory": f"{before['bytes'] / 1e6:.1f} MB -> {after['bytes'] / 1e6:.1f} MB "
+                             f"({after['bits_per_weight']:.2f} bits/weight)",
+            "perplexity": f"{p0['ppl']:.3f} -> {p1['ppl']:.3f} "
+                          f"({100 * (p1['ppl'] / p0['ppl'] - 1):+.2f}%), {p0['windows']} "
+                          f"windows x {seq_len} tokens of {text.name}",
+            "calibration": f"{samples} x {seq_len} tokens",
+        }
+        with console.status("plotting"):
+            page = build_report(m, inputs, summary, f"lowbit report: {rec.name}", raw)
+        write_report(out, page)
+    except LowbitError as e:
+        fail(str(e))
+    console.print(f"wrote {out} (perplexity {p0['ppl']:.2f} -> {p1['ppl']:.2f})")
