@@ -65,3 +65,21 @@ def test_bad_input(model_dir, tmp_path, args, msg):
     assert rc == 2, (o, e)
     assert msg in e and len(e.strip().splitlines()) == 1, e
     assert not (tmp_path / "a").exists()
+
+
+def test_recommend_measures_candidates(model_dir):
+    d, text = model_dir
+    rc, o, e = run("recommend", "--model", str(d), "--text", str(text), "--candidates",
+                   "int8-dynamic,int4-weight-only", "--seq-len", "32", "--windows", "2",
+                   "--samples", "2", "--group-size", "32", "--max-size", "1")
+    assert rc == 0, e
+    assert "recommended:" in o and "int4-weight-only" in o
+
+
+def test_report_command(model_dir, tmp_path):
+    d, text = model_dir
+    out = tmp_path / "r.html"
+    rc, o, e = run("report", str(d), "-r", "int8", "--text", str(text), "--out", str(out),
+                   "--seq-len", "32", "--samples", "2", "--windows", "2")
+    assert rc == 0, e
+    assert out.read_text().count("data:image/png;base64,") == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -78,17 +79,83 @@ def estimate_cmd(
             f"{arch.kv_heads} KV heads x {arch.hd} dims)")
 
 
+CANDIDATES = ["fp8-dynamic", "int8-dynamic", "int8-smoothquant", "int4-awq", "int4-gptq",
+              "int4-weight-only", "nvfp4-weight-only"]
+
+
 @app.command("recommend")
 def recommend_cmd(
-    goal: str = typer.Option(..., help="|".join(GOALS)),
+    goal: Optional[str] = typer.Option(None, help="|".join(GOALS)),
+    model: Optional[str] = typer.Option(None, help="measure candidates on this model"),
+    text: Optional[Path] = typer.Option(None, help="text to calibrate and measure on"),
+    max_size: Optional[float] = typer.Option(None, help="largest weight memory allowed (GB)"),
+    candidates: str = typer.Option(",".join(CANDIDATES), help="comma-separated recipes"),
+    samples: int = typer.Option(8, help="calibration windows"),
+    windows: int = typer.Option(4, help="perplexity windows"),
+    seq_len: int = typer.Option(512, help="tokens per window"),
+    group_size: int = typer.Option(128, help="group size for grouped recipes (falls back to "
+                                   "a divisor of the width when needed)"),
 ) -> None:
-    """Which method to use for a goal, and why (the recommended-method table)."""
-    if goal not in GOALS:
-        fail(f"unknown goal {goal!r}; expected one of: {', '.join(GOALS)}")
-    method, recipe, why = GOALS[goal]
-    t = Table(show_header=False)
-    t.add_row("goal", goal)
-    t.add_row("method", method)
-    t.add_row("lowbit", recipe)
-    t.add_row("why", why)
+    """Which method to use for a goal and why; with --model/--text, measure and pick."""
+    if model is None:
+        if goal is None:
+            fail("give --goal, or --model with --text to measure candidates")
+        if goal not in GOALS:
+            fail(f"unknown goal {goal!r}; expected one of: {', '.join(GOALS)}")
+        method, recipe, why = GOALS[goal]
+        t = Table(show_header=False)
+        t.add_row("goal", goal)
+        t.add_row("method", method)
+        t.add_row("lowbit", recipe)
+        t.add_row("why", why)
+        console.print(t)
+        return
+    if text is None:
+        fail("--model needs --text to measure the candidates on")
+    if not text.exists():
+        fail(f"text file {text} does not exist")
+    import copy
+
+    import lowbit
+    from lowbit import recipes
+    from lowbit.data import (calibration_batches, forward_loop_from_batches, load_model,
+                             read_text, split_tokens, tokenize)
+    from lowbit.eval import perplexity
+    from lowbit.eval.footprint import weight_footprint
+
+    names = [c.strip() for c in candidates.split(",") if c.strip()]
+    try:
+        for n in names:
+            recipes.load(n)
+        with console.status(f"loading {model}"):
+            base, tok = load_model(model)
+        _, ev = split_tokens(tokenize(tok, read_text(text)))
+        loop = forward_loop_from_batches(calibration_batches(tok, text, n_samples=samples,
+                                                             seq_len=seq_len))
+        rows = []
+        with console.status("FP baseline"):
+            p0 = perplexity(base, ev, seq_len=seq_len, n_windows=windows)["ppl"]
+        for n in names:
+            with console.status(f"measuring {n}"):
+                m = copy.deepcopy(base)
+                lowbit.quantize(m, n, forward_loop=loop, group_size=group_size)
+                size = weight_footprint(m)["bytes"] / 1e9
+                p = perplexity(m, ev, seq_len=seq_len, n_windows=windows)["ppl"]
+            rows.append((n, size, p))
+            del m
+    except LowbitError as e:
+        fail(str(e))
+    fits = [r for r in rows if max_size is None or r[1] <= max_size]
+    t = Table(title=f"{model}: {windows} windows x {seq_len} tokens of {text.name}, "
+                    f"FP perplexity {p0:.3f}")
+    for c in ("recipe", "weights GB", "perplexity", "delta", "fits"):
+        t.add_column(c, justify="right")
+    for n, size, p in sorted(rows, key=lambda r: r[2]):
+        t.add_row(n, f"{size:.3f}", f"{p:.3f}", f"{100 * (p / p0 - 1):+.2f}%",
+                  "yes" if (max_size is None or size <= max_size) else "no")
     console.print(t)
+    if not fits:
+        fail(f"no candidate fits in {max_size} GB; the smallest needs "
+             f"{min(r[1] for r in rows):.3f} GB", code=1)
+    best = min(fits, key=lambda r: r[2])
+    console.print(f"recommended: [bold]{best[0]}[/] ({best[1]:.3f} GB, perplexity {best[2]:.3f})")
