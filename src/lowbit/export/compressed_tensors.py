@@ -37,8 +37,8 @@ scale, and divides by its NVFP4 global scale (``448 * 6 / amax``) where lowbit m
 * the NVFP4 global scale is written as the float32 ``g`` next to ``1 / global`` for which
   ``s / g == s * global`` holds for every e4m3 block scale ``s``, so decompressed weights
   equal lowbit's bit for bit;
-* NVFP4 and MXFP4 weights decompress to bfloat16 in compressed-tensors (transformers needs
-  ``dtype=torch.bfloat16`` for them), so those exports default to ``dtype=bfloat16``.
+* NVFP4, MXFP4 and MXFP8 weights decompress to bfloat16 in compressed-tensors (transformers
+  needs ``dtype=torch.bfloat16`` for them), so those exports default to ``dtype=bfloat16``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ from lowbit.nn.utils import quantizers
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose format this writer follows
 _E4M3 = formats.get("e4m3")
+# compressed-tensors decompresses these to bfloat16 weights whatever the model's dtype
+BF16_FORMATS = {"nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized"}
 
 
 # --- QuantSpec -> QuantizationArgs ---------------------------------------------------------
@@ -75,6 +77,9 @@ def _args(spec: QuantSpec, role: str, where: str) -> dict:
             a.update(num_bits=4, type="float", group_size=16, strategy="tensor_group",
                      scale_dtype="torch.float8_e4m3fn")
             if role != "weight":
+                if spec.dynamic:
+                    raise ConfigError(f"{where}: compressed-tensors needs a calibrated global "
+                                      "scale for NVFP4 activations; use dynamic: false")
                 a["dynamic"] = "local"  # static global scale, block scales per input
             return a
         if bf.name in ("mxfp4", "mxfp8_e4m3"):
@@ -149,18 +154,26 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     """compressed-tensors' ``pack_to_int32`` along the last dim: signed ``values`` (any int
     dtype) offset by ``2^(bits-1)``, element ``i`` at bit ``i * bits`` of the row, 32-bit
     little-endian words, ``ceil(n * bits / 32)`` words per row."""
-    n = values.shape[-1]
-    u = (values.to(torch.int32) + (1 << (bits - 1))).to(torch.uint8)
-    stream = formats.pack(u, bits)  # little-endian bit stream, whole bytes
+    fmt = formats.get(f"int{bits}")
+    return packed_to_int32(formats.pack(fmt.encode(values.float()), bits), bits,
+                           values.shape[-1])
+
+
+def packed_to_int32(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """lowbit's packed two's-complement codes (:func:`lowbit.formats.pack` of ``n`` signed
+    ``bits``-bit codes per row) as compressed-tensors' int32 words: the same little-endian
+    bit stream with each code offset by ``2^(bits-1)`` (its top bit flipped), zero-padded
+    to ``ceil(n * bits / 32)`` words."""
+    mask = formats.pack(torch.full((n,), 1 << (bits - 1), dtype=torch.uint8), bits)
     words = math.ceil(n * bits / 32)
     nbytes = words * 4
-    if stream.shape[-1] < nbytes:
-        stream = torch.nn.functional.pad(stream, (0, nbytes - stream.shape[-1]))
-    stream = stream[..., :nbytes].contiguous()
-    out = stream.view(torch.int32)
+    k = min(nbytes, stream.shape[-1])
+    buf = torch.zeros(*stream.shape[:-1], nbytes, dtype=torch.uint8)  # fresh, contiguous
+    buf[..., :k] = stream[..., :k] ^ mask[:k]  # bytes past the codes stay zero padding
+    out = buf.view(torch.int32)
     if not _little_endian():
-        out = stream.reshape(*stream.shape[:-1], words, 4).flip(-1).contiguous().view(
-            torch.int32).reshape(*stream.shape[:-1], words)
+        out = buf.reshape(*buf.shape[:-1], words, 4).flip(-1).contiguous().view(
+            torch.int32).reshape(*buf.shape[:-1], words)
     return out
 
 
@@ -174,23 +187,32 @@ def _int_values(qt: QTensor) -> torch.Tensor:
     return qt.element_format.code_to_int(qt.codes)
 
 
-def ct_global_scale(gs: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' NVFP4 global scale for lowbit's ``gs`` (float32 [1]): a float32
-    ``g`` close to ``1 / gs`` with ``s / g == s * gs`` for every e4m3 value ``s``, so that
-    its ``scale / global_scale`` equals lowbit's ``scale * global_scale`` exactly; the
-    nearest float32 to ``1 / gs`` when no such ``g`` lies within 64 ulps."""
+def ct_global_scale(gs: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+    """compressed-tensors' NVFP4 global scale for lowbit's ``gs``, as float32 [1].
+
+    compressed-tensors divides each e4m3 block scale ``s`` by its global scale ``g``;
+    lowbit multiplies by ``gs``. ``g = 1 / gs`` rounded is usually 1 ulp off for some ``s``,
+    so the float32 ``g`` within 64 ulps of ``1 / gs`` is chosen for which ``s / g == s * gs``
+    holds for the most block scales (``used``: the ones a tensor has; default every e4m3
+    value), ties to the nearest. Often it holds for all; otherwise the remaining scales
+    differ by 1 float32 ulp, below the bfloat16 rounding of the decompressed weights.
+    """
     gs = gs.float().reshape(())
-    vals = _E4M3.values()
+    vals = _E4M3.values() if used is None else used.float().reshape(-1).unique()
     vals = vals[vals > 0]
     want = vals * gs
     base = (1.0 / gs).reshape(1)
     bits = base.view(torch.int32)
+    best, best_score = base, -1
     for k in range(65):
         for d in ((0,) if k == 0 else (k, -k)):
             c = (bits + d).view(torch.float32)
-            if torch.equal(vals / c, want):
-                return c.clone()
-    return base
+            score = int((vals / c == want).sum())
+            if score > best_score:
+                best, best_score = c.clone(), score
+            if score == vals.numel():
+                return best
+    return best
 
 
 def _exact_cast(t: torch.Tensor, dtype: torch.dtype, inexact: list[str], name: str):
@@ -209,7 +231,7 @@ def _weight_tensors(prefix: str, qt: QTensor, fmt: str, dtype: torch.dtype,
         nat = nat.reshape(1)
     if fmt == "pack-quantized":
         bits = spec.element_format.bits
-        out["weight_packed"] = pack_int32(_int_values(qt), bits)
+        out["weight_packed"] = packed_to_int32(qt.packed_codes(), bits, qt.shape[-1])
         out["weight_shape"] = torch.tensor(list(qt.shape), dtype=torch.int64)
         out["weight_scale"] = _exact_cast(nat, dtype, inexact, f"{prefix}.weight_scale")
         if qt.zero_point is not None:
@@ -232,7 +254,7 @@ def _weight_tensors(prefix: str, qt: QTensor, fmt: str, dtype: torch.dtype,
     elif fmt == "nvfp4-pack-quantized":
         out["weight_packed"] = qt.packed_codes().contiguous()
         out["weight_scale"] = qt.scale.to(torch.float8_e4m3fn).contiguous()
-        out["weight_global_scale"] = ct_global_scale(qt.global_scale)
+        out["weight_global_scale"] = ct_global_scale(qt.global_scale, qt.scale)
     elif fmt == "mxfp4-pack-quantized":
         out["weight_packed"] = qt.packed_codes().contiguous()
         out["weight_scale"] = qt.scale_codes().contiguous()
@@ -313,7 +335,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     formats_used = {r["format"] for _, _, r in quantized}
     if dtype is None:
         dtype = _model_dtype(model)
-        if formats_used & {"nvfp4-pack-quantized", "mxfp4-pack-quantized"}:
+        if formats_used & BF16_FORMATS:
             dtype = torch.bfloat16
     for name, m, roles in quantized:
         if roles["weights"] is not None:

@@ -9,11 +9,13 @@ Layout of the folder:
 * ``model.safetensors`` (or shards ``model-00001-of-0000N.safetensors`` with
   ``model.safetensors.index.json``): for a quantized weight ``W`` of module ``m``:
   ``m.weight.codes`` (uint8, codes packed along the input dimension, see
-  :mod:`lowbit.formats.packing`), ``m.weight.scale`` (float32, stored layout; e4m3/e8m0 scales
-  as their uint8 codes), ``m.weight.zero_point`` (int32, affine only), ``m.weight.global_scale``
-  (NVFP4); calibrated statistics of activation and KV-cache quantizers under their names
-  (``...input_quantizer.amax``, ``...self_attn.k_cache_quantizer.amax``); every other
-  parameter and buffer as it is, tied ones once;
+  :mod:`lowbit.formats.packing`), ``m.weight.scale`` (stored layout, in the dtype of its scale
+  format: float32/float16/bfloat16, e4m3/e8m0 as uint8 codes), ``m.weight.zero_point``
+  (affine only: integer codes of the element format, packed along the last axis),
+  ``m.weight.global_scale`` (NVFP4, float32 [1]); calibrated statistics of activation and
+  KV-cache quantizers under their names (``...input_quantizer.amax``,
+  ``...self_attn.k_cache_quantizer.amax``); every other parameter and buffer as it is, tied
+  ones once;
 * ``config.json``, ``generation_config.json`` (+ tokenizer files) for transformers models.
 
 :func:`load` rebuilds the model from ``config.json`` (no weight initialisation), inserts the
@@ -36,6 +38,7 @@ from lowbit import formats
 from lowbit.core import QTensor, QuantSpec, dequantize
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.export.base import quantized_modules, weight_qtensor
+from lowbit.export.safe_read import SCALE_DTYPES
 from lowbit.export.shards import plain_tensors, write_hf_files, write_shards
 from lowbit.nn.utils import quantizers
 
@@ -46,7 +49,17 @@ WEIGHT_SUFFIXES = (".codes", ".scale", ".zero_point", ".global_scale")
 
 def _scale_tensor(qt: QTensor) -> torch.Tensor:
     codes = qt.scale_codes()
-    return codes if codes is not None else qt.scale.float().contiguous()
+    if codes is not None:
+        return codes.contiguous()
+    return qt.scale.to(SCALE_DTYPES[qt.spec.scale_format]).contiguous()  # exact: rounded so
+
+
+def _zero_point_codes(qt: QTensor) -> torch.Tensor:
+    """Integer zero-points as codes of the element format, packed along the last axis."""
+    fmt = qt.element_format
+    zp = qt.zero_point.reshape(-1, qt.zero_point.shape[-1]) if qt.zero_point.ndim else \
+        qt.zero_point.reshape(1, 1)
+    return formats.pack(fmt.encode(zp.float()), fmt.bits).contiguous()
 
 
 def _spec_dict(spec: QuantSpec | None) -> dict | None:
@@ -82,7 +95,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
         tensors[f"{key}.codes"] = qt.packed_codes().contiguous()
         tensors[f"{key}.scale"] = _scale_tensor(qt)
         if qt.zero_point is not None:
-            tensors[f"{key}.zero_point"] = qt.zero_point.contiguous()
+            tensors[f"{key}.zero_point"] = _zero_point_codes(qt)
         if qt.global_scale is not None:
             tensors[f"{key}.global_scale"] = qt.global_scale.reshape(1).float()
         qmeta[name] = {"shape": list(qt.shape), "dtype": str(m.weight.dtype).split(".")[-1],
@@ -130,6 +143,10 @@ def qtensor_from(meta: dict, tensors: dict[str, torch.Tensor], key: str) -> QTen
     if spec.scale_format in ("e4m3", "e8m0"):
         scale = formats.get(spec.scale_format).decode(scale)
     zp = tensors.get(f"{key}.zero_point")
+    if zp is not None:
+        zshape = tuple(scale.shape)
+        n = zshape[-1] if zshape else 1
+        zp = fmt.code_to_int(formats.unpack(zp, fmt.bits, n)).reshape(zshape)
     gs = tensors.get(f"{key}.global_scale")
     return QTensor(codes, scale.float(), zp, spec, shape,
                    getattr(torch, meta.get("dtype", "float32")),
@@ -151,6 +168,13 @@ def _spec(d: dict | None, where: str) -> QuantSpec | None:
 def _insert_quantizers(model: nn.Module, meta: dict, where: str) -> None:
     from lowbit.nn import attach_kv_quantizers, quantize_module
 
+    try:
+        _insert(model, meta, where, attach_kv_quantizers, quantize_module)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _insert(model, meta, where, attach_kv_quantizers, quantize_module) -> None:
     mods = dict(model.named_modules())
     for name, specs in meta.get("modules", {}).items():
         m = mods.get(name)
@@ -190,11 +214,11 @@ def load(path: "str | Path", device: str = "cpu") -> nn.Module:
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    where = str(path / META)
-    recipe = Recipe.parse(meta["recipe"], f"{where}: recipe") if meta["recipe"] else None
+    meta_file = str(path / META)
+    recipe = Recipe.parse(meta["recipe"], f"{meta_file}: recipe") if meta["recipe"] else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _insert_quantizers(model, meta, where)
+        _insert_quantizers(model, meta, meta_file)
     mods = dict(model.named_modules())
     qkeys = {f"{n}.weight{s}" for n in meta["quantized"] for s in WEIGHT_SUFFIXES}
     with torch.no_grad():
@@ -202,7 +226,7 @@ def load(path: "str | Path", device: str = "cpu") -> nn.Module:
             key = f"{name}.weight"
             qt = qtensor_from(qm, tensors, key)
             m = mods[name]
-            w = m.weight_from_2d(dequantize(qt, torch.float32)).to(m.weight.dtype)
+            w = m.weight_from_2d(dequantize(qt, torch.float32)).to(m.weight.dtype).contiguous()
             # a quantized weight tied to another parameter gets its own
             m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
             m.weight_quantizer.set_fixed_scale(qt.scale, qt.zero_point, qt.global_scale)

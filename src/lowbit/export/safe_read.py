@@ -18,6 +18,9 @@ from lowbit.core import Layout, QuantSpec
 from lowbit.errors import CheckpointError, ConfigError
 
 META = "lowbit_checkpoint.json"
+# stored dtype of weight scales per scale format (e4m3/e8m0 scales as their uint8 codes)
+SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                "e4m3": torch.uint8, "e8m0": torch.uint8}
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -100,10 +103,11 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
         bits = spec.element_format.bits
         _expect(tensors, where, f"{key}.codes", torch.uint8,
                 (*shape[:-1], formats.packed_size(shape[-1], bits)), path)
-        sdtype = torch.uint8 if spec.scale_format in ("e4m3", "e8m0") else torch.float32
-        _expect(tensors, where, f"{key}.scale", sdtype, sshape, path)
+        _expect(tensors, where, f"{key}.scale", SCALE_DTYPES[spec.scale_format], sshape, path)
         if not spec.symmetric:
-            _expect(tensors, where, f"{key}.zero_point", torch.int32, sshape, path)
+            zshape = (math.prod(sshape[:-1]), formats.packed_size(sshape[-1], bits)) \
+                if sshape else (1, formats.packed_size(1, bits))
+            _expect(tensors, where, f"{key}.zero_point", torch.uint8, zshape, path)
         bf = spec.block_format
         if bf is not None and bf.global_scale:
             _expect(tensors, where, f"{key}.global_scale", torch.float32, (1,), path)
