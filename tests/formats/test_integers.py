@@ -112,7 +112,7 @@ def test_decode_ignores_high_bits(name):
 
 def test_encode_accepts_half_precision_inputs():
     f = F.get("int8")
-    x = torch.tensor([-130.0, -2.5, -0.5, 0.5, 1.5, 126.6, 300.0])
+    x = torch.tensor([-130.0, -2.5, -0.5, 0.5, 1.5, 3.75, 125.0, 300.0])  # exact in bf16
     want = f.encode(x)
     for dt in (torch.float16, torch.bfloat16, torch.float64):
         assert torch.equal(f.encode(x.to(dt)), want)
@@ -162,7 +162,7 @@ def test_unsigned_saturates_negatives_to_zero():
 @pytest.mark.parametrize("fmt", all_int_formats(), ids=lambda f: f.name)
 def test_decode_encode_equals_round_dense_grid(fmt):
     # dense grid over (and well beyond) every range, plus every exact half integer
-    grid = torch.cat([torch.linspace(-300, 300, 48_001),
+    grid = torch.cat([torch.linspace(-300, 300, 12_001),
                       torch.arange(-300, 301, dtype=torch.float32) + 0.5,
                       torch.tensor([-0.0, 0.0, 2.0**-30, -(2.0**-30)])])
     via_codes = fmt.decode(fmt.encode(grid))

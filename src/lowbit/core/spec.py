@@ -66,6 +66,11 @@ class QuantSpec(BaseModel):
                                   f"{self.axis}")
             if not self.symmetric:
                 raise ConfigError(f"format {self.format} is symmetric; got symmetric: false")
+            if self.narrow_range:
+                raise ConfigError(f"narrow_range is for integer formats, not {self.format}")
+            if self.block is not None:
+                raise ConfigError(f"block is only for granularity 'block', not format "
+                                  f"{self.format} (groups of {bf.block_size})")
             object.__setattr__(self, "granularity", "group")
             object.__setattr__(self, "group_size", bf.block_size)
             object.__setattr__(self, "axis", -1)

@@ -50,29 +50,30 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64) & (2**bits - 1)
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
-    c = c.reshape(*codes.shape[:-1], -1, per)
+    # explicit sizes (not -1): a zero-size leading dim makes -1 ambiguous
+    c = c.reshape(*codes.shape[:-1], (n + pad) // per, per)
     shifts = torch.arange(per, dtype=torch.int64) * bits
     word = (c << shifts).sum(-1)  # [..., units], < 2^(8*nbytes) <= 2^56
     byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
-    return out.reshape(*codes.shape[:-1], -1).to(torch.uint8)
+    return out.flatten(-2).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: uint8 ``[..., packed_size(n)]`` -> uint8 codes ``[..., n]``."""
     if not 1 <= bits <= 8:
         raise FormatError(f"cannot unpack {bits}-bit codes; expected 1..8 bits")
-    if bits == 8:
-        return packed[..., :n].clone()
-    per, nbytes = _unit(bits)
     if packed.shape[-1] != packed_size(n, bits):
         raise FormatError(
             f"packed row has {packed.shape[-1]} bytes; expected {packed_size(n, bits)} "
             f"for {n} codes of {bits} bits"
         )
-    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, nbytes)
+    if bits == 8:
+        return packed.clone()
+    per, nbytes = _unit(bits)
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
     byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
     word = (p << byte_shifts).sum(-1)
     shifts = torch.arange(per, dtype=torch.int64) * bits
     c = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return c.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    return c.flatten(-2)[..., :n].to(torch.uint8)
