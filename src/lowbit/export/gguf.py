@@ -1,0 +1,457 @@
+"""GGUF export for llama.cpp: lowbit's quantized weights as ggml block types, bit for bit.
+
+>>> lowbit.save(model, "out/", format="gguf", tokenizer=tok)   # writes out/model.gguf  # doctest: +SKIP
+
+What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` writes them):
+
+* tensors named by ``gguf.TensorNameMap`` (``blk.N.attn_q.weight`` ...); the rows of
+  ``q_proj``/``k_proj`` (weights and biases) permuted for llama.cpp's rotary layout on the
+  ``llama`` architecture (Llama, Mistral; not Qwen2/Qwen3), codes and scales together;
+* quantized weights in the ggml type that holds lowbit's codes and scales exactly (see
+  :mod:`lowbit.export.gguf_types`: Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, MXFP4), so that
+  ``gguf.quants.dequantize`` of the file gives the fake-quantized weights bit for bit;
+  a weight with no exact type is a ConfigError naming it, unless ``allow_requantize=True``
+  (then ``gguf.quants`` requantizes the fake-quantized weight to ``requantize_type`` and a
+  warning says which layers and how much they moved);
+* norms and biases in F32, other unquantized matrices in ``float_type`` (``"f32"``, exact;
+  ``"f16"`` or ``"bf16"``), the token embedding in ``embedding_type`` (default
+  ``float_type``; ``"q8_0"``... quantizes it with ``gguf.quants``, which lowbit's own model
+  does not do); tied embeddings give no ``output.weight`` unless ``lm_head`` is quantized;
+* hyperparameters (context length, heads, KV heads, head size, rope theta and scaling,
+  RMS-norm epsilon) from ``model.config``; the tokenizer (GPT-2-style byte-level BPE:
+  tokens, token types, merges, pre-tokenizer name, special ids, add-BOS/EOS flags, chat
+  template) from a transformers tokenizer. Without one, a vocabulary-less file
+  (``tokenizer.ggml.model = "none"``) is written: llama.cpp runs it on token ids.
+
+GGUF stores weights only: activation and KV-cache quantizers are not exported (a warning
+says so); llama.cpp quantizes activations its own way (to Q8_0/Q8_K blocks for quantized
+matmuls on CPU), so its outputs differ slightly from lowbit's fake-quantized model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.export.base import weight_qtensor
+from lowbit.export.gguf_types import NotExact, ggml_type_for, to_blocks
+from lowbit.nn.modules import QuantMixin
+from lowbit.nn.utils import quantizers
+
+FILENAME = "model.gguf"
+FLOAT_TYPES = ("f32", "f16", "bf16")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf.quants can produce these
+SUPPORTED = (
+    "Q8_0 (int2..int8 symmetric), Q4_0 (int2..int4 symmetric), Q5_0 (int5 symmetric), "
+    "Q4_1/Q5_1 (4/5-bit affine), MXFP4 (mxfp4), each with one scale per 32 input values "
+    "(per-tensor, per-channel, or groups of a multiple of 32) that is a float16 number "
+    "(scale_format: fp16); e.g. the presets gguf-q8_0 and gguf-q4_0"
+)
+
+
+@dataclass(frozen=True)
+class _Arch:
+    name: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool
+
+
+# transformers model_type -> llama.cpp architecture (convert_hf_to_gguf.py's choices)
+ARCHS = {
+    "llama": _Arch("LLAMA", True),
+    "mistral": _Arch("LLAMA", True),
+    "qwen2": _Arch("QWEN2", False),
+    "qwen3": _Arch("QWEN3", False),
+}
+
+# sha256 of str(tokenizer.encode(CHKTXT)) -> llama.cpp pre-tokenizer (convert_hf_to_gguf.py)
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
+    "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not "
+    "sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
+    "a8594e3edff7c29c003940395316294b2c623e09894deebbc65f33f1515df79e": "dbrx",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+}
+
+
+def qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp wants for a q/k projection with ``n_head`` heads.
+
+    ``w_gguf = w[qk_rows(...)]`` is ``convert_hf_to_gguf.py``'s ``permute``: within each
+    head, the two rotary halves are interleaved.
+    """
+    idx = torch.arange(n_rows)
+    return idx.reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(n_rows)
+
+
+# --- export ------------------------------------------------------------------------------
+def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f32",
+           embedding_type: str | None = None, allow_requantize: bool = False,
+           requantize_type: str = "q8_0", tokenizer_pre: str | None = None,
+           name: str | None = None, **_ignored) -> None:
+    """Write ``model`` (a transformers Llama/Mistral/Qwen2/Qwen3 causal LM) as
+    ``out_dir/model.gguf``. See the module documentation for the options."""
+    import gguf
+
+    if float_type not in FLOAT_TYPES:
+        raise ConfigError(f"float_type {float_type!r}; expected one of: {', '.join(FLOAT_TYPES)}")
+    emb_type = embedding_type or float_type
+    if emb_type not in FLOAT_TYPES + QUANT_TYPES:
+        raise ConfigError(f"embedding_type {embedding_type!r}; expected one of: "
+                          f"{', '.join(FLOAT_TYPES + QUANT_TYPES)}")
+    if requantize_type not in QUANT_TYPES + FLOAT_TYPES:
+        raise ConfigError(f"requantize_type {requantize_type!r}; expected one of: "
+                          f"{', '.join(QUANT_TYPES + FLOAT_TYPES)}")
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "model_type"):
+        raise ConfigError("GGUF export needs a transformers causal LM (a model with .config)")
+    arch = ARCHS.get(cfg.model_type)
+    if arch is None:
+        raise ConfigError(f"GGUF export supports model types {', '.join(ARCHS)}; got "
+                          f"{cfg.model_type!r}")
+    _warn_activation_quantizers(model)
+    tensors = _tensors(model, cfg, arch, float_type, emb_type, allow_requantize,
+                       requantize_type)
+    tensors += _rope_tensors(cfg)
+    writer = gguf.GGUFWriter(Path(out_dir) / FILENAME,
+                             gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
+    _write_hparams(writer, model, cfg, name, _file_type(tensors, float_type))
+    _write_vocab(writer, tokenizer, cfg, tokenizer_pre)
+    for tname, arr, qtype in tensors:
+        writer.add_tensor(tname, arr, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _warn_activation_quantizers(model: nn.Module) -> None:
+    names = [n for n, q in quantizers(model) if q.role != "weight" and q.is_enabled]
+    if names:
+        warnings.warn(f"GGUF stores weights only: {len(names)} activation/KV-cache "
+                      f"quantizers (e.g. {names[0]}) are not exported; llama.cpp quantizes "
+                      "activations its own way", stacklevel=3)
+
+
+def _is_tied(model: nn.Module, cfg) -> bool:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None:
+        return bool(getattr(cfg, "tie_word_embeddings", False))
+    return head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantize_type):
+    """[(gguf name, numpy array, ggml type or None)] for every tensor of ``model``."""
+    import gguf
+
+    n_layers = cfg.num_hidden_layers
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.name), n_layers)
+    modules = dict(model.named_modules())
+    tied = _is_tied(model, cfg)
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    out, inexact, requantized, widened = [], [], [], []
+    seen = set()
+    for key, t in model.state_dict(keep_vars=False).items():
+        if "_quantizer." in key or key.endswith("inv_freq"):
+            continue
+        mod_name, pname = key.rsplit(".", 1)
+        gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ConfigError(f"GGUF export: no llama.cpp tensor name for {key!r} "
+                              f"(architecture {arch.name.lower()})")
+        m = modules.get(mod_name)
+        quantized = isinstance(m, QuantMixin) and pname == "weight" and \
+            m.weight_quantizer.is_enabled
+        if gname == "output.weight" and tied and not quantized:
+            continue  # llama.cpp falls back to token_embd
+        if gname in seen:
+            raise ConfigError(f"GGUF export: two tensors map to {gname!r} (second: {key})")
+        seen.add(gname)
+        rows = None
+        if arch.permute_qk and gname.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = n_head if gname.split(".")[-2] == "attn_q" else n_kv
+            rows = qk_rows(t.shape[0], heads)
+        if quantized:
+            qt = weight_qtensor(m)
+            try:
+                arr, kind = to_blocks(qt, rows)
+                if kind != ggml_type_for(qt):
+                    widened.append((mod_name, ggml_type_for(qt), kind))
+                out.append((gname, arr, getattr(gguf.GGMLQuantizationType, kind)))
+                continue
+            except NotExact as e:
+                if not allow_requantize:
+                    inexact.append(f"{mod_name} ({qt.spec.short()}): {e}")
+                    continue
+                with torch.no_grad():
+                    w = m.weight_2d(m.quantized_weight()).detach().float().cpu()
+                w = w[rows] if rows is not None else w
+                arr, qtype = _encode(w, requantize_type, gname)
+                back = _decode(arr, qtype)
+                requantized.append((mod_name, float((back - w).abs().max())))
+                out.append((gname, arr, qtype))
+                continue
+        data = t.detach().float().cpu()
+        if rows is not None:
+            data = data[rows]
+        if data.ndim < 2:
+            out.append((gname, data.numpy().astype(np.float32), None))
+        else:
+            kind = emb_type if gname == "token_embd.weight" else float_type
+            arr, qtype = _encode(data, kind, gname)
+            out.append((gname, arr, qtype))
+    if inexact:
+        raise ConfigError(
+            f"GGUF export: layer {inexact[0]}"
+            + (f" (and {len(inexact) - 1} more layers)" if len(inexact) > 1 else "")
+            + f". Exact GGUF types: {SUPPORTED}. Pass allow_requantize=True to requantize "
+            "the fake-quantized weights instead (not exact)")
+    if widened:
+        warnings.warn(
+            f"GGUF export stored {len(widened)} layers (e.g. {widened[0][0]}) as "
+            f"{widened[0][2]} instead of {widened[0][1]}: exact, but larger (the {widened[0][1]} "
+            "offset d*(qmin - zero_point) is not a float16 number)", stacklevel=3)
+    if requantized:
+        worst = max(requantized, key=lambda r: r[1])
+        warnings.warn(
+            f"GGUF export requantized {len(requantized)} layers to {requantize_type.upper()} "
+            f"from their fake-quantized weights (no exact GGUF type; e.g. "
+            f"{requantized[0][0]}); largest weight change {worst[1]:.3g} in {worst[0]}",
+            stacklevel=3)
+    return out
+
+
+def _encode(w: torch.Tensor, kind: str, gname: str):
+    """A float matrix as ``kind`` (f32/f16/bf16 or a gguf.quants type)."""
+    import gguf
+
+    a = np.ascontiguousarray(w.float().numpy())
+    if kind == "f32":
+        return a, None
+    if kind == "f16":
+        return a.astype(np.float16), None
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    if kind != "bf16" and a.shape[-1] % 32:
+        raise ConfigError(f"GGUF export: {gname} has {a.shape[-1]} columns, not a multiple of "
+                          f"32, so it cannot be {kind.upper()}; choose f16 or f32")
+    return gguf.quants.quantize(a, qtype), qtype
+
+
+def _decode(arr: np.ndarray, qtype) -> torch.Tensor:
+    import gguf
+
+    if qtype is None:  # f32 / f16 arrays
+        return torch.from_numpy(arr.astype(np.float32))
+    return torch.from_numpy(np.asarray(gguf.quants.dequantize(arr, qtype), dtype=np.float32))
+
+
+def _rope_parameters(cfg) -> dict:
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict) and rp:
+        return dict(rp)
+    rp = dict(getattr(cfg, "rope_scaling", None) or {})
+    rp.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return rp
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _rope_tensors(cfg) -> list:
+    """llama3-style rope scaling becomes a ``rope_freqs`` tensor (as convert_hf_to_gguf)."""
+    import math
+
+    rp = _rope_parameters(cfg)
+    if str(rp.get("rope_type", rp.get("type", "default"))).lower() != "llama3":
+        return []
+    base, dim = rp.get("rope_theta", 10000.0), _head_dim(cfg)
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rp.get("factor", 8.0)
+    lo, hi = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old = rp.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return [("rope_freqs.weight", np.asarray(out, dtype=np.float32), None)]
+
+
+def _file_type(tensors, float_type: str) -> int:
+    import gguf
+
+    LFT = gguf.LlamaFileType
+    kinds = Counter(q.name if q is not None else ("F16" if a.dtype == np.float16 else "F32")
+                    for n, a, q in tensors
+                    if n not in ("token_embd.weight", "output.weight") and
+                    (q is not None or a.ndim == 2))
+    top = kinds.most_common(1)[0][0] if kinds else float_type.upper()
+    return {"F32": LFT.ALL_F32, "F16": LFT.MOSTLY_F16, "BF16": LFT.MOSTLY_BF16,
+            "Q8_0": LFT.MOSTLY_Q8_0, "Q4_0": LFT.MOSTLY_Q4_0, "Q4_1": LFT.MOSTLY_Q4_1,
+            "Q5_0": LFT.MOSTLY_Q5_0, "Q5_1": LFT.MOSTLY_Q5_1,
+            "MXFP4": LFT.MOSTLY_MXFP4_MOE}.get(top, LFT.ALL_F32)
+
+
+def _write_hparams(w, model, cfg, name, file_type) -> None:
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name or Path(str(getattr(cfg, "_name_or_path", "") or "")).name or
+               type(model).__name__)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    hd = _head_dim(cfg)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    rp = _rope_parameters(cfg)
+    w.add_rope_freq_base(float(rp.get("rope_theta", 10000.0)))
+    rtype = str(rp.get("rope_type", rp.get("type", "default"))).lower()
+    if rtype == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+    elif rtype == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rp["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    elif rtype not in ("default", "llama3"):
+        raise ConfigError(f"GGUF export: rope type {rtype!r} is not supported (default, "
+                          "linear, yarn, llama3 are)")
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# --- tokenizer ---------------------------------------------------------------------------
+def _load_tokenizer(tok):
+    if isinstance(tok, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tok, local_files_only=True)
+    return tok
+
+
+def _byte_level(node) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "ByteLevel":
+        return True
+    return any(_byte_level(p) for p in node.get("pretokenizers", []) or [])
+
+
+def _add_prefix_space(node):
+    if not isinstance(node, dict):
+        return None
+    if node.get("type") == "ByteLevel":
+        return node.get("add_prefix_space")
+    for p in node.get("pretokenizers", []) or []:
+        v = _add_prefix_space(p)
+        if v is not None:
+            return v
+    return None
+
+
+def _looks_special(text: str) -> bool:
+    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
+
+
+def _write_vocab(w, tokenizer, cfg, tokenizer_pre: str | None) -> None:
+    import gguf
+
+    if tokenizer is None:
+        w.add_tokenizer_model("none")
+        return
+    tok = _load_tokenizer(tokenizer)
+    backend = getattr(tok, "backend_tokenizer", None)
+    tj = json.loads(backend.to_str()) if backend is not None else None
+    if tj is None or tj.get("model", {}).get("type") != "BPE" or \
+            not _byte_level(tj.get("pre_tokenizer")):
+        raise ConfigError("GGUF export writes GPT-2-style byte-level BPE tokenizers (Llama 3, "
+                          "SmolLM, Qwen2); this tokenizer is not one. Pass tokenizer=None to "
+                          "write the weights with no vocabulary")
+    vocab = tok.get_vocab()
+    n_vocab = cfg.vocab_size
+    if max(vocab.values()) >= n_vocab:
+        raise ConfigError(f"GGUF export: the tokenizer has token id {max(vocab.values())}, "
+                          f"beyond the model's vocab_size {n_vocab}")
+    rev = {i: t for t, i in vocab.items()}
+    added = dict(getattr(tok, "added_tokens_decoder", {}) or {})
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in rev:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        text = rev[i]
+        if i in added:
+            if getattr(added[i], "special", False) or _looks_special(text):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                text = text.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(text)
+    if tokenizer_pre is None:
+        chk = sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
+        tokenizer_pre = PRE_TOKENIZERS.get(chk)
+        if tokenizer_pre is None:
+            warnings.warn(f"GGUF export: unknown BPE pre-tokenizer (hash {chk[:12]}...); "
+                          "writing 'default' (pass tokenizer_pre=... to choose llama.cpp's)",
+                          stacklevel=4)
+            tokenizer_pre = "default"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tokenizer_pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    aps = _add_prefix_space(tj.get("pre_tokenizer"))
+    if aps is not None:
+        w.add_add_space_prefix(bool(aps))
+    for what, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
+                      ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
+        tid = getattr(tok, f"{what}_token_id", None)
+        if isinstance(tid, int) and 0 <= tid < n_vocab:
+            add(tid)
+    for what, add in (("bos", w.add_add_bos_token), ("eos", w.add_add_eos_token)):
+        flag = getattr(tok, f"add_{what}_token", None)
+        if not isinstance(flag, bool):
+            tid = getattr(tok, f"{what}_token_id", None)
+            ids = tok("a")["input_ids"]
+            flag = tid is not None and bool(ids) and \
+                (ids[0] == tid if what == "bos" else ids[-1] == tid)
+        add(flag)
+    tmpl = getattr(tok, "chat_template", None)
+    if isinstance(tmpl, str) and tmpl:
+        w.add_chat_template(tmpl)
