@@ -1,111 +1,228 @@
 """RTN vs GPTQ vs AWQ (int4 g64) and W8A8 with/without SmoothQuant on the real model.
 
-SmolLM2-135M; calibration: --samples random 512-token windows from the first 80% of
-austen_pp.txt; perplexity on the last 20% (--windows windows of 512), and off-domain on the
-last 20% of pydocs_tut_ref.txt (--offdomain-windows). Prints a table and writes
-bench/results/algorithms.json (recipe, ppl, delta vs FP32, quantization wall time, peak RSS).
+SmolLM2-135M (``lowbit.data.load_model()``); calibration: ``--samples`` seeded windows of
+``--seq-len`` tokens from the first 80% of austen_pp.txt; perplexity on the last 20%
+(``--eval-windows`` non-overlapping windows of ``--seq-len``), and, with
+``--offdomain-windows N``, on the last 20% of pydocs_tut_ref.txt. Each recipe runs in its own
+process, so the peak RSS (``resource.getrusage``) is that recipe's. Prints a table and writes
+``bench/results/algorithms.json`` (recipe, ppl, delta vs FP32, quantization wall time, peak
+RSS) after every row; ``--resume`` keeps the rows of an earlier run with the same settings.
 
-    python bench/algorithms.py [--samples 32] [--windows 32] [--recipes int4-gptq ...]
+    python bench/algorithms.py [--samples 128] [--seq-len 512] [--eval-windows 32]
+        [--offdomain-windows 0] [--recipes fp32 int4-weight-only int4-gptq ...]
+
+A recipe may carry step arguments: ``int4-awq@duo_scaling=true,max_tokens=4096``
+(``blockwise=true``, ``feed=fp``, ``symmetric=false`` are understood too).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-import lowbit
-from lowbit.data import calibration_batches, forward_loop_from_batches, load_model, tokenize
-from lowbit.data.text import read_text, split_tokens
-from lowbit.eval import perplexity
-
-DATA = Path(os.environ.get("LOWBIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-DEFAULT = ["int4-weight-only", "int4-gptq", "int4-gptq-actorder", "int4-awq", "int8",
+DATA = Path(os.environ.get("LOWBIT_DATA", "/work/shared/data"))
+DEFAULT = ["fp32", "int4-weight-only", "int4-gptq", "int4-gptq-actorder", "int4-awq", "int8",
            "int8-smoothquant"]
-PEERS = {  # ../shared/PEERS.md: held-out austen, 24 windows, FP32 31.10, group 64
+LABEL = {"fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
+         "int4-gptq-actorder": "GPTQ act-order int4 g64", "int4-awq": "AWQ int4 g64",
+         "int8": "W8A8 int8", "int8-smoothquant": "W8A8 int8 + SmoothQuant"}
+PEERS = {  # /work/shared/PEERS.md: held-out austen, 24 windows, 32 calibration samples
+    "fp32": "31.10",
     "int4-weight-only": "llm-compressor RTN 40.22 (+29.3%)",
-    "int4-gptq": "llm-compressor GPTQ 36.22 (+16.5%), GPTQModel 34.62 (+11.3%)",
+    "int4-gptq": "llm-compressor GPTQ 36.22 (+16.5%); GPTQModel 34.62 (+11.3%)",
     "int4-gptq-actorder": "GPTQModel 34.62 (+11.3%)",
-    "int4-awq": "llm-compressor AWQ asym 35.11 (+12.9%), ModelOpt INT4_AWQ 37.19 (+19.6%)",
-    "int8-smoothquant": "llm-compressor SQ+W8A8 31.75 (+2.1%), ModelOpt 32.52 (+4.6%)",
+    "int4-awq": "llm-compressor AWQ asym 35.11 (+12.9%); ModelOpt INT4_AWQ 37.19 (+19.6%)",
+    "int8": "",
+    "int8-smoothquant": "ModelOpt INT8_SMOOTHQUANT 32.52 (+4.6%); llm-c SQ+W8A8 dyn 31.75",
 }
+RUNNER_KEYS = ("blockwise", "feed", "chunk_size")
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def parse_recipe(text: str):
+    """``name@k=v,...`` -> (name, step args, runner options, spec overrides)."""
+    import yaml
+
+    name, _, rest = text.partition("@")
+    step, runner, spec = {}, {}, {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        v = yaml.safe_load(v)
+        if k in RUNNER_KEYS:
+            runner[k] = v
+        elif k in ("symmetric",):
+            spec[k] = v
+        else:
+            step[k] = v
+    return name, step, runner, spec
+
+
+def build_recipe(text: str, group_size: int):
+    from lowbit import recipes
+
+    name, step, runner, spec = parse_recipe(text)
+    over = {"group_size": group_size} if ("int4" in name or "w4a8" in name) else {}
+    r = recipes.load(name, **over)
+    if step or spec:
+        d = r.to_dict()
+        if step:
+            d["algorithms"][0]["args"] = {**d["algorithms"][0].get("args", {}), **step}
+        for t in d["targets"]:
+            if t.get("weight"):
+                t["weight"].update(spec)
+        r = recipes.load(d)
+    return r, runner, over
+
+
+def child(args) -> dict:
+    """One recipe: load, quantize, evaluate; returns its row."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import lowbit
+    from lowbit.data import calibration_batches, forward_loop_from_batches, load_model, tokenize
+    from lowbit.data.text import read_text, split_tokens
+    from lowbit.eval import perplexity
+
+    model, tok = load_model()
+    _, ev = split_tokens(tokenize(tok, read_text(DATA / "austen_pp.txt"), cache=True))
+    row = {"recipe": args.child}
+    tq = 0.0
+    if args.child != "fp32":
+        recipe, runner, over = build_recipe(args.child, args.group_size)
+        calib = calibration_batches(tok, DATA / "austen_pp.txt", n_samples=args.samples,
+                                    seq_len=args.seq_len, seed=0, cache=True)
+        loop = forward_loop_from_batches(calib)
+        t = time.perf_counter()
+        lowbit.quantize(model, recipe, forward_loop=loop,
+                        progress=(lambda i, n, b: print(f"  block {i}/{n}", file=sys.stderr,
+                                                        flush=True)) if args.verbose else None,
+                        **runner)
+        tq = time.perf_counter() - t
+        row.update(over)
+        row["algorithms"] = [a.model_dump() for a in recipe.algorithms]
+        if runner:
+            row["runner"] = runner
+    row["quant_s"] = round(tq, 1)
+    row["quant_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    t = time.perf_counter()
+    row["ppl"] = perplexity(model, ev, seq_len=args.seq_len, n_windows=args.eval_windows)["ppl"]
+    if args.offdomain_windows:
+        _, off = split_tokens(tokenize(tok, read_text(DATA / "pydocs_tut_ref.txt"), cache=True))
+        row["offdomain_ppl"] = perplexity(model, off, seq_len=args.seq_len,
+                                          n_windows=args.offdomain_windows)["ppl"]
+    row["eval_s"] = round(time.perf_counter() - t, 1)
+    # peak of the whole process (load, quantization, evaluation); quant_rss_mb: up to the
+    # end of quantization
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    base = next((r for r in rows if r["recipe"] == "fp32"), None)
+    off = any(r.get("offdomain_ppl") for r in rows)
+    lines = [f"SmolLM2-135M, {meta['threads']} thread(s); calibration {meta['samples']} x "
+             f"{meta['seq_len']} tokens (austen, first 80%, seed 0); ppl: austen last 20%, "
+             f"{meta['eval_windows']} windows x {meta['seq_len']}"
+             + (f"; off-domain: pydocs last 20%, {meta['offdomain_windows']} windows" if off
+                else "") + f"; int4 group {meta['group_size']}"]
+    head = f"{'recipe':44s} {'ppl':>7s} {'vs FP32':>8s}"
+    if off:
+        head += f" {'off-dom':>8s} {'vs FP32':>8s}"
+    head += f" {'quant s':>8s} {'RSS MB':>7s}  peers (PEERS.md, 24 windows, FP32 31.10)"
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        name = r["recipe"]
+        label = LABEL.get(name, name)
+        d = f"{100 * (r['ppl'] / base['ppl'] - 1):+7.2f}%" if base else ""
+        s = f"{label:44s} {r['ppl']:7.2f} {d:>8s}"
+        if off:
+            if r.get("offdomain_ppl") and base and base.get("offdomain_ppl"):
+                s += (f" {r['offdomain_ppl']:8.2f} "
+                      f"{100 * (r['offdomain_ppl'] / base['offdomain_ppl'] - 1):+7.2f}%")
+            else:
+                s += " " * 18
+        s += f" {r['quant_s']:8.1f} {r['peak_rss_mb']:7d}  {PEERS.get(name, '')}"
+        lines.append(s)
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--offdomain-windows", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--offdomain-windows", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--recipes", nargs="*", default=DEFAULT)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
-                    "algorithms.json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipes", nargs="+", default=DEFAULT)
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).parent / "results" / "algorithms.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep rows of an earlier run with the same settings")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.child:
+        args.child_out.write_text(json.dumps(child(args)))
+        return
 
-    model, tok = load_model()
-    _, ev = split_tokens(tokenize(tok, read_text(DATA / "austen_pp.txt")))
-    _, off = split_tokens(tokenize(tok, read_text(DATA / "pydocs_tut_ref.txt")))
-    calib = calibration_batches(tok, DATA / "austen_pp.txt", n_samples=args.samples,
-                                seq_len=args.seq_len, seed=0)
-    loop = forward_loop_from_batches(calib)
+    meta = {k: getattr(args, k) for k in ("samples", "seq_len", "eval_windows",
+                                          "offdomain_windows", "group_size", "threads")}
+    import torch
 
-    def evaluate(m):
-        r = perplexity(m, ev, seq_len=args.seq_len, n_windows=args.windows)["ppl"]
-        o = perplexity(m, off, seq_len=args.seq_len, n_windows=args.offdomain_windows)["ppl"] \
-            if args.offdomain_windows else None
-        return r, o
-
-    base, base_off = evaluate(model)
-    rows = [{"recipe": "fp32", "ppl": base, "delta_pct": 0.0, "offdomain_ppl": base_off,
-             "offdomain_delta_pct": 0.0, "quant_s": 0.0, "peak_rss_mb": rss_mb()}]
-    print(f"fp32: {base:.3f} (off-domain {base_off:.3f})", flush=True)
+    meta["torch"] = torch.__version__
+    old = {}
+    if args.resume and args.out.is_file():
+        prev = json.loads(args.out.read_text())
+        if {k: prev["meta"].get(k) for k in meta} == meta:
+            old = {r["recipe"]: r for r in prev["rows"]}
+    rows = []
     for name in args.recipes:
-        m = copy.deepcopy(model)
-        over = {"group_size": args.group_size} if "int4" in name or "w4a8" in name else {}
-        t = time.perf_counter()
-        lowbit.quantize(m, name, forward_loop=loop, **over)
-        tq = time.perf_counter() - t
-        p, o = evaluate(m)
-        row = {"recipe": name, "ppl": p, "delta_pct": 100 * (p / base - 1), "offdomain_ppl": o,
-               "offdomain_delta_pct": 100 * (o / base_off - 1) if o else None, "quant_s": tq,
-               "peak_rss_mb": rss_mb(), "peer": PEERS.get(name, ""), **over}
+        if name in old:
+            rows.append(old[name])
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "row.json"
+            cmd = [sys.executable, __file__, "--child", name, "--child-out", str(out)]
+            for k in ("samples", "seq_len", "eval_windows", "offdomain_windows", "group_size",
+                      "threads"):
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+            if args.verbose:
+                cmd.append("--verbose")
+            t = time.perf_counter()
+            p = subprocess.run(cmd)
+            if p.returncode != 0 or not out.is_file():
+                print(f"{name}: failed (exit {p.returncode})", file=sys.stderr, flush=True)
+                continue
+            row = json.loads(out.read_text())
+        row["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(row)
-        print(f"{name}: {p:.3f} ({row['delta_pct']:+.2f}%), off-domain {o:.3f} "
-              f"({row['offdomain_delta_pct']:+.2f}%), {tq:.0f} s", flush=True)
-        del m
-
+        print(f"{name}: ppl {row['ppl']:.3f}"
+              + (f", off-domain {row['offdomain_ppl']:.3f}" if row.get("offdomain_ppl") else "")
+              + f", quantization {row['quant_s']:.0f} s, peak RSS {row['peak_rss_mb']} MB",
+              flush=True)
+        base = next((r for r in rows if r["recipe"] == "fp32"), None)
+        for r in rows:
+            if base:
+                r["delta_pct"] = round(100 * (r["ppl"] / base["ppl"] - 1), 3)
+                if r.get("offdomain_ppl") and base.get("offdomain_ppl"):
+                    r["offdomain_delta_pct"] = round(
+                        100 * (r["offdomain_ppl"] / base["offdomain_ppl"] - 1), 3)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": {**meta, "argv": sys.argv[1:]}, "rows": rows},
+                                  indent=2))
+        tmp.replace(args.out)
     print()
-    print(f"SmolLM2-135M; calibration {args.samples} x {args.seq_len} tokens (austen, first 80%);"
-          f" ppl: austen last 20%, {args.windows} windows x {args.seq_len}; off-domain: "
-          f"pydocs last 20%, {args.offdomain_windows} windows; group {args.group_size}")
-    print(f"{'recipe':20s} {'ppl':>7s} {'delta':>8s} {'off-dom':>8s} {'delta':>8s} "
-          f"{'quant s':>8s} {'RSS MB':>7s}  peers (PEERS.md, 24 windows, FP32 31.10)")
-    for r in rows:
-        od = f"{r['offdomain_ppl']:8.2f} {r['offdomain_delta_pct']:+7.2f}%" \
-            if r["offdomain_ppl"] else " " * 17
-        print(f"{r['recipe']:20s} {r['ppl']:7.2f} {r['delta_pct']:+7.2f}% {od} "
-              f"{r['quant_s']:8.1f} {r['peak_rss_mb']:7.0f}  {r.get('peer', '')}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"samples": args.samples, "seq_len": args.seq_len, "windows": args.windows,
-            "offdomain_windows": args.offdomain_windows, "group_size": args.group_size,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "argv": sys.argv[1:]}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tmp.replace(args.out)
+    print(table(rows, meta))
     print(f"wrote {args.out}")
 
 

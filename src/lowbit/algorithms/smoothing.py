@@ -1,17 +1,26 @@
-"""Per-input-channel scaling folded into the preceding module (SmoothQuant and AWQ).
+"""Per-input-channel scaling shared by SmoothQuant and AWQ: folding, and scoring candidates.
 
 ``Y = X W^T = (X diag(s)^-1) (W diag(s))^T``: the linears' weight columns are multiplied by
-``s`` and the module that produced ``X`` divides its output by ``s`` — a norm's weight (and
-bias), or the output rows of a preceding linear — so that, before quantization, the block
-computes the same function.
+``s`` and the module that produced ``X`` divides its output by ``s`` -- a norm's weight (and
+bias), or the output rows of a preceding linear -- so that, before quantization, the block
+computes the same function (:func:`fold_scales`).
+
+:class:`GroupProbe` scores a candidate ``s`` without touching the model for good: the group's
+linears get ``Q(W diag(s))`` and read ``X diag(s)^-1`` (optionally fake-quantized too), and
+the output of a target module (the smallest module holding the group: ``self_attn`` for
+q/k/v, ``mlp`` for gate/up, or the linears themselves) is compared with its full-precision
+output on sampled inputs.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lowbit.adapters import InputGroup, norm_offset
+from lowbit.core import QuantSpec, fake_quant
 from lowbit.nn.modules import QuantMixin
 
 
@@ -26,14 +35,22 @@ def weight_2d(m: nn.Module) -> torch.Tensor:
 
 def _touch(m: nn.Module) -> None:
     if isinstance(m, QuantMixin):
+        q = m.weight_quantizer
+        if q.scale is not None:  # fixed scales belong to the old weight
+            q.scale = q.zero_point = q.global_scale = None
         m.invalidate_weight_cache()
 
 
 @torch.no_grad()
 def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor) -> None:
-    """Scale the group's input channels by ``1/s`` upstream and its weights by ``s``."""
+    """Scale the group's input channels by ``1/s`` upstream and its weights by ``s``.
+
+    Fixed weight scales of the touched linears (from an earlier clip search or GPTQ) are
+    dropped, since they described the old weights. With a ``channel_map`` (grouped-query
+    attention), ``s`` must be equal on tied channels (:meth:`InputGroup.tie`).
+    """
     prev = block.get_submodule(group.prev)
-    s = s.float()
+    s = s.detach().float().to(weight_2d(block.get_submodule(group.linears[0])).device)
     if group.prev_kind == "norm":
         off = norm_offset(prev)
         w = prev.weight
@@ -42,9 +59,13 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor) -> None:
             prev.bias.copy_((prev.bias.float() / s).to(prev.bias.dtype))
     else:
         w2 = weight_2d(prev)
-        w2.copy_((w2.float() / s[:, None]).to(w2.dtype))
+        sp = s
+        if group.channel_map is not None:  # one scale per output of prev (tied channels)
+            sp = torch.ones(w2.shape[0], device=s.device).scatter_(
+                0, group.channel_map.to(s.device), s)
+        w2.copy_((w2.float() / sp[:, None]).to(w2.dtype))
         if getattr(prev, "bias", None) is not None:
-            prev.bias.copy_((prev.bias.float() / s).to(prev.bias.dtype))
+            prev.bias.copy_((prev.bias.float() / sp).to(prev.bias.dtype))
         _touch(prev)
     for name in group.linears:
         m = block.get_submodule(name)
@@ -68,3 +89,111 @@ def capture_inputs(block: nn.Module, names: list[str], run) -> dict[str, list[to
         for h in hs:
             h.remove()
     return got
+
+
+def weight_spec(m: nn.Module) -> QuantSpec | None:
+    """The spec of ``m``'s enabled weight quantizer, else None."""
+    q = getattr(m, "weight_quantizer", None)
+    return q.spec if q is not None and q.is_enabled else None
+
+
+def input_spec(m: nn.Module) -> QuantSpec | None:
+    """The spec of ``m``'s enabled input quantizer, else None."""
+    q = getattr(m, "input_quantizer", None)
+    return q.spec if q is not None and q.spec is not None else None
+
+
+def dynamic_version(spec: QuantSpec) -> QuantSpec:
+    """``spec`` with scales computed from each input: how a static activation quantizer
+    calibrated with ``max`` on the same data behaves, for scoring candidates."""
+    if spec.dynamic:
+        return spec
+    return spec.model_copy(update={"dynamic": True})
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class GroupProbe:
+    """Output error of ``group``'s target modules for candidate scales (see the module doc).
+
+    ``inputs``: ``{target name: [(args, kwargs), ...]}`` captured on sampled block inputs.
+    ``act_quant``: also fake-quantize the linears' scaled inputs (their input specs made
+    dynamic). Every other quantizer inside the targets is off while scoring, so the error is
+    the group's own.
+    """
+
+    def __init__(self, block: nn.Module, group: InputGroup, inputs: dict[str, list],
+                 act_quant: bool = False):
+        self.block = block
+        self.group = group
+        self.inputs = inputs
+        self.mods = [block.get_submodule(n) for n in group.linears]
+        self.act_specs = [dynamic_version(input_spec(m)) if act_quant and input_spec(m)
+                          is not None else None for m in self.mods]
+        self.wspecs = [weight_spec(m) for m in self.mods]
+        with self._all_off():
+            self.ref = self._outputs()
+
+    @contextmanager
+    def _all_off(self):
+        qs = []
+        for name in self.inputs:
+            for m in self.block.get_submodule(name).modules():
+                if isinstance(m, QuantMixin):
+                    for _, q in m.quantizers():
+                        if q.is_enabled:
+                            qs.append(q)
+        for q in qs:
+            q.disable()
+        try:
+            yield
+        finally:
+            for q in qs:
+                q.enable()
+
+    @torch.no_grad()
+    def _outputs(self) -> list[torch.Tensor]:
+        outs = []
+        for name, calls in self.inputs.items():
+            mod = self.block.get_submodule(name)
+            for a, k in calls:
+                outs.append(_first(mod(*a, **k)).float())
+        return outs
+
+    @torch.no_grad()
+    def loss(self, s: torch.Tensor | None, weights: list[torch.Tensor] | None = None) -> float:
+        """Squared output error with the group's weights scaled by ``s`` (None: 1) and
+        fake-quantized (or replaced by ``weights``, ``[out, in]`` each, already scaled)."""
+        saved = [weight_2d(m).detach().clone() for m in self.mods]
+        hooks = []
+        try:
+            for i, m in enumerate(self.mods):
+                if weights is not None:
+                    wq = weights[i]
+                else:
+                    w = saved[i].float() * s[None, :] if s is not None else saved[i].float()
+                    wq = fake_quant(w, self.wspecs[i]) if self.wspecs[i] is not None else w
+                weight_2d(m).copy_(wq.to(saved[i].dtype))
+                if s is not None or self.act_specs[i] is not None:
+                    hooks.append(m.register_forward_pre_hook(
+                        lambda mod, a, spec=self.act_specs[i]: (self._scale_in(a[0], s, spec),
+                                                                *a[1:])))
+            with self._all_off():
+                outs = self._outputs()
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, w in zip(self.mods, saved):
+                weight_2d(m).copy_(w)
+                m.invalidate_weight_cache()
+        return float(sum((o - r).square().sum() for o, r in zip(outs, self.ref)))
+
+    @staticmethod
+    def _scale_in(x: torch.Tensor, s, spec) -> torch.Tensor:
+        if s is not None:
+            x = x / s.to(x.dtype)
+        if spec is not None:
+            x = fake_quant(x, spec)
+        return x

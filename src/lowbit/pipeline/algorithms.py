@@ -1,27 +1,76 @@
-"""Dispatch of a recipe's algorithm steps to the block-by-block runner."""
+"""The registry of algorithm steps a recipe can name, and their dispatch.
+
+A step is registered with :func:`register_algorithm`. Block steps (the default scope) are
+``fn(ctx, args)`` with ``ctx`` a :class:`lowbit.pipeline.blocks.BlockContext`: the block
+runner calls them for each decoder block in turn, in the order of the recipe, then
+calibrates the block. Model steps (``scope="model"``) are ``fn(model, step, forward_loop,
+report)`` and run once, before the block steps. The built-in steps (``smoothquant``,
+``awq``, ``gptq``) are registered by :mod:`lowbit.algorithms.steps`.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from lowbit.errors import ConfigError
 
+_ALGORITHMS: dict[str, tuple[Callable, str, dict | None]] = {}
 
-def step_names() -> list[str]:
+
+def register_algorithm(name: str, fn: Callable, scope: str = "block",
+                       args: dict | None = None) -> Callable:
+    """Register ``fn`` as the algorithm step ``name`` (``scope``: ``"block"`` or
+    ``"model"``, see the module doc); ``args``: the arguments it accepts with their defaults
+    (checked before anything runs; None: not checked). Returns ``fn``."""
+    if scope not in ("block", "model"):
+        raise ConfigError(f"algorithm {name}: scope must be 'block' or 'model', got {scope!r}")
+    _ALGORITHMS[name] = (fn, scope, args)
+    return fn
+
+
+def algorithm_args(name: str) -> dict | None:
+    """The arguments (with defaults) that step ``name`` accepts."""
+    _load_builtins()
+    return _ALGORITHMS[name][2] if name in _ALGORITHMS else None
+
+
+def _load_builtins() -> None:
+    import lowbit.algorithms.steps  # noqa: F401  (registers smoothquant, awq, gptq)
+
+
+def algorithm_names() -> list[str]:
     """Names of the algorithm steps a recipe can use."""
-    from lowbit.pipeline.steps import STEPS
+    _load_builtins()
+    return list(_ALGORITHMS)
 
-    return list(STEPS)
+
+step_names = algorithm_names
 
 
 def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
-                   progress=None) -> None:
-    """Run the recipe's algorithm steps in order, block by block (then block calibration)."""
+                   chunk_size: int = 8, progress=None) -> list[dict]:
+    """Run the recipe's algorithm steps: model steps first, then the block steps with the
+    block-by-block runner (which also calibrates each block). Returns the runner's rows."""
     from lowbit.pipeline.blocks import run_blocks
-    from lowbit.pipeline.steps import STEPS
 
-    steps = []
+    _load_builtins()
+    block_steps = []
     for step in recipe.algorithms:
-        if step.name not in STEPS:
+        if step.name not in _ALGORITHMS:
             raise ConfigError(f"recipe {recipe.name}: unknown algorithm {step.name!r}; "
-                              f"expected one of: {', '.join(STEPS)}")
-        steps.append((STEPS[step.name], dict(step.args)))
-    run_blocks(model, steps, forward_loop, report, feed=feed, progress=progress)
+                              f"expected one of: {', '.join(_ALGORITHMS)}")
+        allowed = _ALGORITHMS[step.name][2]
+        bad = sorted(set(step.args) - set(allowed)) if allowed is not None else []
+        if bad:
+            raise ConfigError(f"recipe {recipe.name}: algorithm {step.name}: unknown argument "
+                              f"{bad[0]!r}; expected one of: {', '.join(sorted(allowed))}")
+    for step in recipe.algorithms:
+        fn, scope, allowed = _ALGORITHMS[step.name]
+        if scope == "model":
+            fn(model, step, forward_loop, report)
+        else:
+            block_steps.append((fn, {**(allowed or {}), **step.args}, step.targets))
+    if not block_steps:
+        return []
+    return run_blocks(model, block_steps, forward_loop, report, feed=feed,
+                      chunk_size=chunk_size, progress=progress)

@@ -1,155 +1,421 @@
 """The block-by-block runner: algorithms and calibration one decoder block at a time.
 
-1. Capture the inputs of the first block: the calibration batches run through the model
-   until block 0, where a pre-hook stores its arguments and stops the forward pass.
-2. For each block: run the recipe's algorithm steps on it with the captured inputs, calibrate
-   its static quantizers on the same inputs, and compute its (quantized, or FP with
-   ``feed="fp"``) outputs, which become the next block's inputs.
+1. **Capture.** The calibration batches run through the model until the first decoder
+   block, where a forward pre-hook stores its arguments (hidden states, attention mask,
+   position embeddings...) and raises a private exception that ends the forward pass: only
+   the embeddings run. The first batch alone goes on through every block, recording each
+   block's keyword arguments, so that blocks that get different ones (sliding-window layers)
+   are detected. Batches of one sample whose other arguments are equal are concatenated
+   into chunks of ``chunk_size`` samples (:mod:`lowbit.pipeline.capture`).
+2. **Per block:** the recipe's algorithm steps run on it (:class:`BlockContext` gives them
+   the captured inputs, per-channel statistics of every linear's input, Hessians, sampled
+   inputs of any submodule), its static activation (and KV-cache) quantizers are calibrated
+   on the same inputs, and its outputs -- quantized, or full precision with ``feed="fp"`` --
+   replace its inputs chunk by chunk to become the next block's inputs.
 
-Only one block's inputs and outputs are alive at a time. No FX tracing: plain hooks.
+Only one block's activations are alive at a time (plus one chunk while it is replaced). No
+FX tracing: plain hooks. A model without decoder blocks runs as a single block.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from lowbit.adapters import find_blocks
+from lowbit.adapters import Adapter, get_adapter, is_linear
 from lowbit.errors import CalibrationError, ConfigError
+from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import quantizers
+from lowbit.pipeline.capture import (Captured, Chunk, _capture_model_inputs, _detach, _Stop,
+                                     capture_block_inputs)
+
+__all__ = ["BlockContext", "Captured", "Chunk", "LinearStats", "calibrate_block",
+           "capture_block_inputs", "run_blocks"]
 
 
-class _Stop(Exception):
-    pass
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_first_block_inputs(model: nn.Module, block: nn.Module,
-                               forward_loop: Callable[[nn.Module], Any]) -> list:
-    """``[(args, kwargs)]`` of ``block`` for each forward pass made by ``forward_loop``."""
-    got = []
+# --- statistics ------------------------------------------------------------------------------
+@dataclass
+class LinearStats:
+    """Per-input-channel statistics of one linear's input over every calibration token:
+    ``absmax [in]``, ``absmean [in]``, the token count and a token ``sample [k, in]``."""
 
-    def hook(mod, args, kwargs):
-        kwargs = dict(kwargs)
-        for k in ("past_key_values", "past_key_value", "layer_past"):
-            if k in kwargs:
-                kwargs[k] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        got.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
-        raise _Stop
+    absmax: torch.Tensor
+    absmean: torch.Tensor
+    n_tokens: int
+    sample: torch.Tensor
 
-    orig = model.forward
+    def rescale(self, s: torch.Tensor) -> None:
+        """The input became ``X diag(s)^-1`` (scales folded upstream)."""
+        s = s.float()
+        self.absmax = self.absmax / s
+        self.absmean = self.absmean / s
+        self.sample = self.sample / s
 
-    def forward(*a, **k):
+
+# --- one block ---------------------------------------------------------------------------------
+class BlockContext:
+    """What an algorithm step sees of one block (``fn(ctx, args)``).
+
+    Attributes: ``model``, ``block``, ``name`` (``model.layers.3``), ``index``, ``adapter``,
+    ``chunks`` (the block's captured inputs, with their per-block overrides applied by
+    :meth:`calls`), ``info`` (a dict the step may fill; it lands in the report).
+    """
+
+    def __init__(self, model, block, name, index, adapter, chunks, overrides,
+                 sample_tokens: int = 512):
+        self.model = model
+        self.block = block
+        self.name = name
+        self.index = index
+        self.adapter = adapter
+        self.chunks = chunks
+        self.overrides = overrides
+        self.info: dict[str, Any] = {}
+        self.targets: list[str] | None = None
+        self.sample_tokens = sample_tokens
+        self._stats: dict[str, LinearStats] | None = None
+
+    # --- running the block ----------------------------------------------------------------
+    def call(self, c: Chunk) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of this block for chunk ``c``."""
+        return c.args, ({**c.kwargs, **self.overrides} if self.overrides else c.kwargs)
+
+    def run(self, chunks: list[Chunk] | None = None, collect: bool = False,
+            until: list[nn.Module] | None = None) -> list[torch.Tensor] | None:
+        """Run the block on ``chunks`` (default: all). ``until``: stop each pass once every
+        listed submodule was called (their pre-hooks ran). ``collect``: return the outputs."""
+        chunks = self.chunks if chunks is None else chunks
+        outs = [] if collect else None
+        hooks = []
+        seen: set[int] = set()
+        if until:
+            want = {id(m) for m in until}
+
+            def stop(mod, args):
+                seen.add(id(mod))
+                if seen >= want:
+                    raise _Stop
+            # registered last: runs after any other pre-hook of the same module
+            hooks = [m.register_forward_pre_hook(stop) for m in until]
         try:
-            return orig(*a, **k)
-        except _Stop:
-            return None
+            with torch.no_grad():
+                for c in chunks:
+                    seen.clear()
+                    a, k = self.call(c)
+                    try:
+                        o = self.block(*a, **k)
+                    except _Stop:
+                        continue
+                    if collect:
+                        outs.append(_first_tensor(o))
+        finally:
+            for h in hooks:
+                h.remove()
+        return outs
 
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    model.forward = forward
-    try:
+    def sample(self, max_tokens: int) -> list[Chunk]:
+        """About ``max_tokens`` tokens of the inputs (whole samples, spread over the chunks)."""
+        total = sum(c.n_tokens for c in self.chunks)
+        if total <= max_tokens:
+            return list(self.chunks)
+        per_sample = max(1, total // max(1, sum(c.n_samples for c in self.chunks)))
+        need = max(1, max_tokens // per_sample)
+        step = max(1, len(self.chunks) // need) if need < len(self.chunks) else 1
+        picked = self.chunks[::step]
+        out, got = [], 0
+        take = max(1, math.ceil(need / len(picked)))
+        for c in picked:
+            if got >= need:
+                break
+            k = min(take, need - got, c.n_samples)
+            out.append(c.head(k))
+            got += k
+        return out
+
+    @contextmanager
+    def weights_fp(self, modules: list[nn.Module] | None = None):
+        """Weight quantizers of ``modules`` (default: every linear of the block) disabled."""
+        mods = modules if modules is not None else [m for m in self.block.modules()
+                                                     if isinstance(m, QuantMixin)]
+        qs = [m.weight_quantizer for m in mods if isinstance(m, QuantMixin) and
+              m.weight_quantizer.is_enabled]
+        for q in qs:
+            q.disable()
+        try:
+            yield
+        finally:
+            for q in qs:
+                q.enable()
+
+    def quantized_linears(self) -> list[str]:
+        """Names (in the block) of the linears whose weights are quantized."""
+        return [n for n, m in self.block.named_modules() if isinstance(m, QuantMixin)
+                and is_linear(m) and m.weight_quantizer.is_enabled]
+
+    def selected(self, name: str) -> bool:
+        """Whether the step's ``targets`` patterns (if any) select the linear ``name``."""
+        if not self.targets:
+            return True
+        from lowbit.config.recipe import match
+
+        full = name if self.name == "(model)" else f"{self.name}.{name}"
+        return any(match(p, full) or match(p, name) for p in self.targets)
+
+    def capture(self, names: list[str], chunks: list[Chunk], fp: bool = True) \
+            -> dict[str, list[tuple[tuple, dict]]]:
+        """``(args, kwargs)`` of each named submodule for each of ``chunks`` (block weights
+        in full precision with ``fp``); the passes stop after the last of them."""
+        got: dict[str, list] = {n: [] for n in names}
+        mods = [self.block.get_submodule(n) for n in names]
+        hs = [m.register_forward_pre_hook(
+            lambda mod, a, k, n=n: got[n].append((_detach(tuple(a)), _detach(dict(k)))),
+            with_kwargs=True) for n, m in zip(names, mods)]
+        try:
+            if fp:
+                with self.weights_fp():
+                    self.run(chunks, until=mods)
+            else:
+                self.run(chunks, until=mods)
+        finally:
+            for h in hs:
+                h.remove()
+        return got
+
+    # --- statistics -------------------------------------------------------------------------
+    def linear_stats(self) -> dict[str, LinearStats]:
+        """Statistics of every quantized linear's input (all chunks, block weights in full
+        precision), computed once per block and kept up to date by :meth:`fold`."""
+        if self._stats is not None:
+            return self._stats
+        names = self.quantized_linears()
+        acc: dict[str, list] = {n: [None, None, 0, []] for n in names}
+        total = sum(c.n_tokens for c in self.chunks)
+        per_chunk = max(1, math.ceil(self.sample_tokens / max(1, len(self.chunks))))
+
+        def hook(mod, a, n):
+            x = a[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            st = acc[n]
+            ax = x.abs()
+            mx, sm = ax.amax(0), ax.sum(0)
+            st[0] = mx if st[0] is None else torch.maximum(st[0], mx)
+            st[1] = sm if st[1] is None else st[1] + sm
+            st[2] += x.shape[0]
+            if x.shape[0] > per_chunk:
+                idx = torch.linspace(0, x.shape[0] - 1, per_chunk).round().long()
+                st[3].append(x[idx].clone())
+            else:
+                st[3].append(x.clone())
+
+        mods = [self.block.get_submodule(n) for n in names]
+        hs = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n))
+              for n, m in zip(names, mods)]
+        try:
+            with self.weights_fp():
+                self.run(until=mods)
+        finally:
+            for h in hs:
+                h.remove()
+        self._stats = {n: LinearStats(st[0], st[1] / max(st[2], 1), st[2], torch.cat(st[3]))
+                       for n, st in acc.items() if st[0] is not None}
+        self.info.setdefault("stat_tokens", total)
+        return self._stats
+
+    def fold(self, group, s: torch.Tensor) -> None:
+        """Fold ``s`` into ``group`` (see :func:`lowbit.algorithms.smoothing.fold_scales`) and
+        update the statistics of its linears' inputs."""
+        from lowbit.algorithms.smoothing import fold_scales
+
+        fold_scales(self.block, group, s)
+        if self._stats is not None:
+            for n in group.linears:
+                if n in self._stats:
+                    self._stats[n].rescale(s)
+
+    def snapshot(self) -> dict:
+        """The block's parameters, weight quantizers' fixed scales and input statistics,
+        for :meth:`restore`."""
+        import copy
+
+        qs = {n: (m.weight_quantizer.scale, m.weight_quantizer.zero_point,
+                  m.weight_quantizer.global_scale)
+              for n, m in self.block.named_modules() if isinstance(m, QuantMixin)}
+        return {"params": {n: p.detach().clone() for n, p in self.block.named_parameters()},
+                "scales": qs, "stats": copy.deepcopy(self._stats)}
+
+    def restore(self, saved: dict) -> None:
+        """Put the block back as :meth:`snapshot` saw it."""
         with torch.no_grad():
-            forward_loop(model)
-    finally:
-        h.remove()
-        del model.forward
-    if not got:
-        raise CalibrationError("the forward loop never reached the first decoder block")
-    return got
+            for n, p in self.block.named_parameters():
+                p.copy_(saved["params"][n])
+        for n, m in self.block.named_modules():
+            if isinstance(m, QuantMixin):
+                q = m.weight_quantizer
+                q.scale, q.zero_point, q.global_scale = saved["scales"][n]
+                m.invalidate_weight_cache()
+        self._stats = saved["stats"]
+
+    def scale_groups(self, pairs: bool = True):
+        """The adapter's groups of linears with a module that can absorb a scale."""
+        c = self.chunks[0]
+        a, k = self.call(c.head(1))
+        return self.adapter.scale_groups(self.block, a, k, pairs=pairs)
+
+    def release(self) -> None:
+        """Drop the statistics."""
+        self._stats = None
 
 
-def _hidden(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args, kwargs, h):
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
-
-
-def run_block(block: nn.Module, inputs: list) -> list[torch.Tensor]:
-    """Outputs (hidden states) of ``block`` for each captured ``(args, kwargs)``."""
-    outs = []
-    with torch.no_grad():
-        for a, k in inputs:
-            o = block(*a, **k)
-            outs.append(o[0] if isinstance(o, (tuple, list)) else o)
-    return outs
-
-
-def calibrate_block(block: nn.Module, inputs: list) -> int:
-    """Calibrate the static quantizers of ``block`` that have no statistics yet."""
-    todo = [q for _, q in quantizers(block) if q.needs_calibration and q.amax is None and
-            q.mode != "disabled"]
+# --- calibration and the loop -----------------------------------------------------------------
+def calibrate_block(ctx: BlockContext) -> int:
+    """Calibrate the block's static quantizers that have no statistics yet on its inputs
+    (weights in full precision while activations are observed, as in whole-model
+    calibration); returns how many."""
+    todo = [q for _, q in quantizers(ctx.block) if q.needs_calibration and q.amax is None
+            and q.is_enabled]
     if not todo:
         return 0
     for q in todo:
         q.start_calibration()
-    weights = [q for _, q in quantizers(block) if q.role == "weight" and q.is_enabled]
-    for q in weights:
-        q.disable()
     try:
-        run_block(block, inputs)
+        with ctx.weights_fp():
+            ctx.run()
         for q in todo:
             q.finish_calibration()
-    finally:
-        for q in weights:
-            q.enable()
+    except BaseException:
+        for q in todo:
+            if q.mode == "calibrating":
+                q.calibrator = None
+                q.disable()
+        raise
     return len(todo)
 
 
-def run_blocks(model: nn.Module, steps: list, forward_loop, report=None, feed: str = "quantized",
-               progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """Run algorithm ``steps`` (``[(fn, args)]``, ``fn(block, inputs, args, ctx)``) and
-    calibration block by block; returns one timing/info row per block."""
+@contextmanager
+def _params_swapped(block: nn.Module, params: dict[str, torch.Tensor] | None):
+    """The block's parameters temporarily replaced by ``params`` (None: unchanged)."""
+    if not params:
+        yield
+        return
+    saved = {}
+    for n, p in block.named_parameters():
+        if n in params:
+            saved[n] = p.data
+            p.data = params[n]
+    try:
+        yield
+    finally:
+        for n, p in block.named_parameters():
+            if n in saved:
+                p.data = saved[n]
+        for m in block.modules():
+            if isinstance(m, QuantMixin):
+                m.invalidate_weight_cache()
+
+
+def _replace_with_outputs(ctx: BlockContext, fp: bool) -> None:
+    """Replace each chunk's hidden states by the block's output, one chunk at a time."""
+    qs = [q for _, q in quantizers(ctx.block) if q.is_enabled] if fp else []
+    for q in qs:
+        q.disable()
+    try:
+        with torch.no_grad():
+            for i, c in enumerate(ctx.chunks):
+                a, k = ctx.call(c)
+                o = _first_tensor(ctx.block(*a, **k))
+                ctx.chunks[i] = c.with_hidden(o)
+                del a, k, o, c
+    finally:
+        for q in qs:
+            q.enable()
+
+
+Step = Callable[[BlockContext, dict], None]
+
+
+def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
+               report=None, feed: str = "quantized", chunk_size: int = 8,
+               progress: Callable[[int, int, str], None] | None = None,
+               adapter: Adapter | None = None) -> list[dict]:
+    """Run algorithm ``steps`` and calibration block by block; returns one row per block
+    (name, seconds, what the steps reported).
+
+    ``steps``: ``[(fn, args)]`` or ``[(fn, args, targets)]``: ``fn(ctx, args)`` is called for
+    each block with ``ctx.targets`` set to ``targets`` (name patterns restricting the
+    linears the step changes; None: all).
+
+    ``feed``: ``"quantized"`` (default: each block sees the outputs of the quantized blocks
+    before it) or ``"fp"`` (full-precision outputs). ``chunk_size``: samples per block call.
+    Without decoder blocks (no adapter) the whole model is the single block.
+    """
     if feed not in ("quantized", "fp"):
         raise ConfigError(f"feed must be 'quantized' or 'fp', got {feed!r}")
-    found = find_blocks(model)
-    if found is None:
-        raise ConfigError("algorithm steps need a model with decoder blocks (an nn.ModuleList "
-                          "of identical blocks); none was found")
-    prefix, blocks = found
     if forward_loop is None:
         raise CalibrationError("algorithm steps need calibration data: pass forward_loop= or "
                                "calib_data=")
-    inputs = capture_first_block_inputs(model, blocks[0], forward_loop)
+    adapter = adapter if adapter is not None else get_adapter(model)
+    found = adapter.find_blocks(model) if adapter is not None else None
+    if found is None:
+        from lowbit.adapters import GENERIC
+
+        adapter = GENERIC
+        prefix, blocks = "", [model]
+        captured = _capture_model_inputs(model, forward_loop)
+    else:
+        prefix, blocks = found
+        captured = capture_block_inputs(model, blocks, forward_loop, chunk_size)
+    chunks = captured.chunks
+    del captured.chunks
     rows = []
-    for i, block in enumerate(blocks):
-        t0 = time.perf_counter()
-        info = {"block": f"{prefix}.{i}"}
-        ctx = {"model": model, "name": f"{prefix}.{i}", "index": i, "info": info}
-        # static activation quantizers are calibrated after the steps: pass-through until then
-        waiting = [q for _, q in quantizers(block) if q.needs_calibration and q.amax is None
-                   and q.mode == "quantizing"]
-        for q in waiting:
-            q.disable()
-        try:
-            for fn, args in steps:
-                fn(block, inputs, args, ctx)
-        finally:
+    was_training = model.training
+    model.eval()
+    try:
+        for i, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            name = f"{prefix}.{i}" if prefix else "(model)"
+            ctx = BlockContext(model, block, name, i, adapter, chunks, captured.overrides[i])
+            # feed="fp": the next block gets the outputs of this block's original weights
+            # (GPTQ rewrites them), so they are kept aside while the steps run
+            original = {n: p.detach().clone() for n, p in block.named_parameters()} \
+                if feed == "fp" and steps and i < len(blocks) - 1 else None
+            ctx.info["block"] = name
+            # static activation quantizers are calibrated after the steps: off until then
+            waiting = [q for _, q in quantizers(block) if q.needs_calibration and
+                       q.amax is None and q.is_enabled]
             for q in waiting:
-                q.enable()
-        calibrate_block(block, inputs)
-        if feed == "fp":
-            qs = [q for _, q in quantizers(block) if q.is_enabled]
-            for q in qs:
                 q.disable()
-            outs = run_block(block, inputs)
-            for q in qs:
-                q.enable()
-        else:
-            outs = run_block(block, inputs)
-        inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]
-        del outs
-        info["seconds"] = time.perf_counter() - t0
-        rows.append(info)
-        if progress is not None:
-            progress(i + 1, len(blocks), info["block"])
+            try:
+                for step in steps:
+                    fn, args = step[0], step[1]
+                    ctx.targets = step[2] if len(step) > 2 else None
+                    fn(ctx, dict(args))
+            finally:
+                for q in waiting:
+                    q.enable()
+            ctx.release()
+            ctx.info["calibrated"] = calibrate_block(ctx)
+            if i < len(blocks) - 1:
+                with _params_swapped(block, original):
+                    _replace_with_outputs(ctx, fp=feed == "fp")
+            del original
+            ctx.info["seconds"] = round(time.perf_counter() - t0, 3)
+            rows.append(ctx.info)
+            del ctx
+            if progress is not None:
+                progress(i + 1, len(blocks), name)
+    finally:
+        model.train(was_training)
+        chunks.clear()
     if report is not None:
         report.blocks = rows
     return rows

@@ -65,6 +65,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int
 def quantize(model: nn.Module, recipe: "str | Recipe | dict",
              forward_loop: Callable[[nn.Module], Any] | None = None,
              calib_data: Any = None, progress: Callable[[int, int, str], None] | None = None,
+             feed: str = "quantized", chunk_size: int = 8, blockwise: bool | None = None,
              **overrides: Any) -> nn.Module:
     """Quantize ``model`` in place per ``recipe`` and return it.
 
@@ -78,6 +79,12 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
             of batches / dicts of model inputs) run in batches of 1.
         progress: ``callable(done, total, block_name)`` called after each decoder block when
             the recipe has algorithm steps (they run block by block).
+        feed: block by block, each block's inputs are the outputs of the quantized blocks
+            before it (``"quantized"``) or of the full-precision ones (``"fp"``).
+        chunk_size: calibration samples per block call in the block-by-block runner.
+        blockwise: run calibration block by block (``lowbit.pipeline.blocks``): None (the
+            default) does so when the recipe has algorithm steps, True always, False never
+            (then algorithm steps are an error).
         **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...).
 
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
@@ -88,10 +95,20 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     if forward_loop is None and calib_data is not None:
         forward_loop = _forward_loop_from(calib_data)
     report = apply_recipe(model, recipe)
+    if blockwise is False and recipe.algorithms:
+        raise ConfigError(f"recipe {recipe.name} has algorithm steps, which run block by "
+                          "block: blockwise=False is not possible")
     if recipe.algorithms:
         from lowbit.pipeline.algorithms import run_algorithms
 
-        run_algorithms(model, recipe, forward_loop, report, progress=progress)
+        run_algorithms(model, recipe, forward_loop, report, feed=feed, chunk_size=chunk_size,
+                       progress=progress)
+    elif blockwise and any(q.needs_calibration and q.amax is None and q.is_enabled
+                           for _, q in quantizers(model)):
+        from lowbit.pipeline.blocks import run_blocks
+
+        run_blocks(model, [], forward_loop, report, feed=feed, chunk_size=chunk_size,
+                   progress=progress)
     needs = any(q.needs_calibration and q.amax is None for _, q in quantizers(model))
     if needs:
         if forward_loop is None:

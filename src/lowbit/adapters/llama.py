@@ -1,0 +1,31 @@
+"""Llama and the families that share its decoder layer (Mistral, Qwen2/3, Gemma 1-3...).
+
+``input_layernorm -> q/k/v``, ``post_attention_layernorm -> gate/up`` (Gemma 2/3 put a
+``pre_feedforward_layernorm`` before the MLP), ``v_proj -> o_proj`` (with grouped-query
+attention, the scales of the query heads sharing a value head are tied), ``up_proj ->
+down_proj``.
+"""
+
+from lowbit.adapters.base import Adapter, gqa_channel_map, register_adapter
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj")
+_PAIRS = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
+
+LLAMA = register_adapter(Adapter(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "granite"),
+    blocks=("model.layers", "layers"),
+    groups=(("input_layernorm", _ATTN), ("post_attention_layernorm", _MLP)),
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+))
+
+GEMMA2 = register_adapter(Adapter(
+    name="gemma2",
+    model_types=("gemma2", "gemma3_text"),
+    blocks=("model.layers", "layers"),
+    groups=(("input_layernorm", _ATTN), ("pre_feedforward_layernorm", _MLP)),
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+))

@@ -1,0 +1,192 @@
+"""The algorithm steps a recipe can name: ``smoothquant``, ``awq``, ``gptq``.
+
+Each is ``fn(ctx, args)`` on one decoder block (``ctx``: a
+:class:`lowbit.pipeline.blocks.BlockContext`, which runs the block on its captured inputs
+and keeps per-channel statistics of its linears' inputs); the block runner calls it for
+every block. Arguments and defaults (the recipe's ``args`` override them):
+
+* ``smoothquant``: ``alpha`` 0.5; ``search`` false (true: ``alpha`` per group from ``alpha``
+  and a grid of ``grid`` values ``1/grid, 2/grid, ..., 1``, scored with weights and
+  activations fake-quantized);
+  ``pairs`` true (also ``v_proj -> o_proj``, ``up_proj -> down_proj`` where they fit);
+  ``max_tokens`` 2048 (tokens of the search sample).
+* ``awq``: ``grid`` 20; ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
+  ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
+  false; ``clip`` true, ``clip_grid`` 20, ``min_ratio`` 0.5, ``clip_tokens`` 512,
+  ``clip_skip`` (q/k projections, as AutoAWQ); ``guard`` true (the block's output error on
+  the search sample, weights quantized, is measured before and after: when AWQ made it
+  worse, the block is put back as it was).
+* ``gptq``: ``block_size`` 128, ``percdamp`` 0.01, ``act_order`` false, ``static_groups``
+  true, ``dtype`` ``float32`` (or ``float64`` Hessians), ``true_sequential`` true (each
+  group of linears reading one input gets its Hessian after the groups before it are
+  quantized).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.adapters import groups_by_inspection
+from lowbit.algorithms.awq import awq_clip, awq_search
+from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize_weight
+from lowbit.algorithms.smoothing import GroupProbe, input_spec, weight_spec
+from lowbit.algorithms.smoothquant import smooth_group
+from lowbit.config.recipe import match
+from lowbit.errors import ConfigError
+from lowbit.pipeline.algorithms import register_algorithm
+
+SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "pairs": True,
+                    "max_tokens": 2048}
+AWQ_ARGS = {"grid": 20, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
+            "loss": "module", "act_quant": False, "clip": True, "clip_grid": 20,
+            "min_ratio": 0.5, "clip_tokens": 512, "guard": True,
+            "clip_skip": ["*q_proj", "*k_proj", "*query*", "*key*", "*qkv*", "*c_attn"]}
+GPTQ_ARGS = {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": True,
+             "dtype": "float32", "true_sequential": True}
+
+
+def _all(ctx, group, pred) -> bool:
+    return all(ctx.selected(n) and pred(ctx.block.get_submodule(n)) for n in group.linears)
+
+
+def _targets(group, loss: str) -> list[str]:
+    if loss == "module":
+        return [group.parent]
+    if loss == "linears":
+        return list(group.linears)
+    raise ConfigError(f"awq: loss must be 'module' or 'linears', got {loss!r}")
+
+
+def smoothquant_step(ctx, args: dict) -> None:
+    """SmoothQuant on every group whose linears quantize their inputs."""
+    groups = [g for g in ctx.scale_groups(pairs=bool(args["pairs"]))
+              if _all(ctx, g, lambda m: weight_spec(m) is not None and
+                      input_spec(m) is not None)]
+    if not groups:
+        return
+    stats = ctx.linear_stats()
+    grid = None
+    if args["search"]:
+        n = int(args["grid"])
+        grid = [round(i / n, 4) for i in range(1, n + 1)] if n > 1 else [float(args["alpha"])]
+        sample = ctx.sample(int(args["max_tokens"]))
+    alphas = []
+    for g in groups:
+        probe = None
+        if grid is not None:
+            probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
+                               act_quant=True)
+        alpha, s, _ = smooth_group(ctx.block, g, stats[g.linears[0]].absmax,
+                                   float(args["alpha"]), probe, grid, fold=False)
+        ctx.fold(g, s)
+        alphas.append(round(alpha, 3))
+    ctx.info["smoothquant_alpha"] = alphas
+
+
+def _block_error(ctx, sample, ref) -> float:
+    outs = ctx.run(sample, collect=True)
+    return float(sum((o.float() - r).square().sum() for o, r in zip(outs, ref)))
+
+
+def awq_step(ctx, args: dict) -> None:
+    """AWQ scale search on every group (and linear pair), then the clipping search."""
+    if ctx._stats is None:
+        ctx.sample_tokens = int(args["clip_tokens"])
+    groups = [g for g in ctx.scale_groups(pairs=bool(args["pairs"]))
+              if _all(ctx, g, lambda m: weight_spec(m) is not None)]
+    stats = ctx.linear_stats()
+    sample = ctx.sample(int(args["max_tokens"]))
+    saved = None
+    if args["guard"]:
+        with ctx.weights_fp():
+            ref = [o.float() for o in ctx.run(sample, collect=True)]
+        before = _block_error(ctx, sample, ref)
+        saved = ctx.snapshot()
+    _awq(ctx, args, groups, stats, sample)
+    if saved is not None:
+        after = _block_error(ctx, sample, ref)
+        ctx.info["awq_guard"] = [round(before, 6), round(after, 6)]
+        if after > before:
+            ctx.restore(saved)
+            ctx.info["awq_reverted"] = True
+
+
+def _awq(ctx, args, groups, stats, sample) -> None:
+    alphas = []
+    for g in groups:
+        probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, args["loss"]), sample),
+                           act_quant=bool(args["act_quant"]))
+        alpha, s, _ = awq_search(ctx.block, g, probe, stats[g.linears[0]].absmean,
+                                 int(args["grid"]), bool(args["duo_scaling"]), fold=False)
+        if s is not None:
+            ctx.fold(g, s)
+        alphas.append(alpha)
+    ctx.info["awq_alpha"] = alphas
+    if args["clip"]:
+        skip = list(args["clip_skip"] or [])
+        ratios = {}
+        for n in ctx.quantized_linears():
+            if not ctx.selected(n) or any(match(p, n) for p in skip) or n not in stats:
+                continue
+            r = awq_clip(ctx.block.get_submodule(n), stats[n].sample, int(args["clip_grid"]),
+                         float(args["min_ratio"]))
+            if r is not None:
+                ratios[n] = round(r, 4)
+        ctx.info["awq_clip"] = ratios
+
+
+def _sequential_groups(ctx, names: list[str], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [names]
+    a, k = ctx.call(ctx.chunks[0].head(1))
+    with ctx.weights_fp():
+        groups = groups_by_inspection(ctx.block, a, k)
+    order = [[n for n in g.linears if n in names] for g in groups]
+    seen = {n for g in order for n in g}
+    order.append([n for n in names if n not in seen])  # never called on this input
+    return [g for g in order if g]
+
+
+def gptq_step(ctx, args: dict) -> None:
+    """GPTQ of every quantized linear of the block, Hessians from the block's inputs."""
+    if args["dtype"] not in ("float32", "float64"):
+        raise ConfigError(f"gptq: dtype must be 'float32' or 'float64', got {args['dtype']!r}")
+    dtype = torch.float64 if args["dtype"] == "float64" else torch.float32
+    names = [n for n in ctx.quantized_linears() if ctx.selected(n)]
+    if not names:
+        return
+    losses = {}
+    groups = _sequential_groups(ctx, names, bool(args["true_sequential"]))
+    for i, grp in enumerate(groups):
+        mods = [ctx.block.get_submodule(n) for n in grp]
+        later = [ctx.block.get_submodule(n) for g in groups[i:] for n in g]
+        accs = {n: HessianAccumulator(m.weight_2d().shape[1], dtype) for n, m in zip(grp, mods)}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: accs[n].add(a[0]))
+                 for n, m in zip(grp, mods)]
+        try:  # this group and the later ones in full precision, the earlier ones quantized
+            with ctx.weights_fp(later):
+                ctx.run(until=mods)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, m in zip(grp, mods):
+            if accs[n].n_tokens == 0:
+                continue
+            r = gptq_quantize_weight(m.weight_2d().detach().float(), accs[n].H,
+                                     m.weight_quantizer.spec, block_size=int(args["block_size"]),
+                                     percdamp=float(args["percdamp"]),
+                                     act_order=bool(args["act_order"]),
+                                     static_groups=bool(args["static_groups"]),
+                                     name=f"{ctx.name}.{n}")
+            with torch.no_grad():
+                m.weight.copy_(m.weight_from_2d(r.weight).to(m.weight.dtype))
+            m.weight_quantizer.set_fixed_scale(r.scale, r.zero_point, r.global_scale)
+            m.invalidate_weight_cache()
+            losses[n] = round(r.loss, 6)
+            del accs[n]
+    ctx.info["gptq_loss"] = losses
+
+
+register_algorithm("smoothquant", smoothquant_step, args=SMOOTHQUANT_ARGS)
+register_algorithm("awq", awq_step, args=AWQ_ARGS)
+register_algorithm("gptq", gptq_step, args=GPTQ_ARGS)

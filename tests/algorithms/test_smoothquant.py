@@ -1,0 +1,210 @@
+"""Adapters and SmoothQuant: folding keeps the FP function; smoothing helps W8A8."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.adapters import GENERIC, find_blocks, get_adapter, groups_by_inspection
+from lowbit.algorithms import fold_scales, smoothquant_scales
+from lowbit.nn import disable_quantizers
+from tests.tiny_models import build, calib_ids, loop_over
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared CPU: threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
+def block_inputs(model, ids):
+    _, blocks = find_blocks(model)
+    seen = {}
+    h = blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update(a=a, k=k),
+                                            with_kwargs=True)
+    model(ids, use_cache=False)
+    h.remove()
+    return blocks, seen["a"], seen["k"]
+
+
+def fp_error(model, ids, ref):
+    """Relative error of the model with every quantizer disabled against ``ref``."""
+    disable_quantizers(model)
+    for m in model.modules():
+        if hasattr(m, "invalidate_weight_cache"):
+            m.invalidate_weight_cache()
+    with torch.no_grad():
+        out = model(ids).logits
+    return float((out - ref).norm() / ref.norm())
+
+
+def llama_mha():
+    """Tiny Llama without grouped-query attention (so v_proj -> o_proj can fold)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family,name", [("llama", "llama"), ("qwen2", "llama"),
+                                         ("gemma3", "gemma2"), ("gpt2", "gpt2"),
+                                         ("opt", "opt")])
+def test_registered_adapters_match_inspection(family, name):
+    """Each family's declarative groups are what a forward pass with hooks finds."""
+    model = build(family)
+    a = get_adapter(model)
+    assert a.name == name
+    blocks, args, kwargs = block_inputs(model, calib_ids()[:1])
+    assert len(blocks) == 2
+    declared = {(g.prev, tuple(g.linears)) for g in a.input_groups(blocks[0])}
+    found = {(g.prev, tuple(g.linears)) for g in groups_by_inspection(blocks[0], args, kwargs)
+             if g.prev is not None}
+    assert declared == found
+
+
+def test_generic_adapter_for_an_unregistered_model():
+    model = build("llama")
+    model.config.model_type = "something-new"
+    a = get_adapter(model)
+    assert a is GENERIC
+    assert a.find_blocks(model)[0] == "model.layers"
+    blocks, args, kwargs = block_inputs(model, calib_ids()[:1])
+    groups = a.scale_groups(blocks[0], args, kwargs)
+    assert [g.linears for g in groups] == [["self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj"], ["mlp.gate_proj",
+                                                                  "mlp.up_proj"]]
+    assert get_adapter(nn.Sequential(nn.Linear(4, 4))) is None
+
+
+def test_pairs_and_grouped_query_attention():
+    """v_proj -> o_proj folds with grouped-query attention too: the query heads that share a
+    value head share its scales (channel map); up_proj -> down_proj maps one to one."""
+    gqa, mha = build("llama"), llama_mha()
+    expect = [("self_attn.v_proj", ["self_attn.o_proj"]), ("mlp.up_proj", ["mlp.down_proj"])]
+    for model in (gqa, mha):
+        blocks = find_blocks(model)[1]
+        pairs = get_adapter(model).linear_pairs(blocks[0])
+        assert [(p.prev, p.linears) for p in pairs] == expect
+        assert pairs[1].channel_map is None
+    vo = get_adapter(gqa).linear_pairs(find_blocks(gqa)[1][0])[0]
+    # 4 query heads, 2 key/value heads of 16: heads 0, 1 read value head 0; 2, 3 head 1
+    assert vo.channel_map.tolist() == [*range(16), *range(16), *range(16, 32), *range(16, 32)]
+    v = torch.arange(64.0)
+    assert vo.tie(v).tolist() == [*range(16, 32), *range(16, 32), *range(48, 64), *range(48, 64)]
+    assert vo.tie(v, "mean")[:16].tolist() == [8.0 + i for i in range(16)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mha", "gpt2", "opt", "gemma3", "qwen3"])
+def test_folding_random_scales_keeps_fp_outputs(family):
+    model = llama_mha() if family == "mha" else build(family)
+    ids = calib_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    blocks, args, kwargs = block_inputs(model, ids[:1])
+    g = torch.Generator().manual_seed(1)
+    n = 0
+    for block in blocks:
+        for grp in get_adapter(model).scale_groups(block, args, kwargs):
+            m = block.get_submodule(grp.linears[0])
+            n_in = m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1]
+            fold_scales(block, grp, grp.tie(torch.rand(n_in, generator=g) * 3 + 0.2))
+            n += 1
+    assert n >= 4
+    if family in ("llama", "mha", "qwen3"):
+        assert n == 8  # q/k/v, v -> o, gate/up, up -> down in both blocks
+    with torch.no_grad():
+        out = model(ids).logits
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_smoothquant_scales_formula():
+    xmax = torch.tensor([1.0, 4.0, 9.0])
+    wmax = torch.tensor([4.0, 1.0, 1.0])
+    s = smoothquant_scales(xmax, wmax, 0.5)
+    assert torch.allclose(s, torch.tensor([0.5, 2.0, 3.0]))
+    assert torch.allclose(smoothquant_scales(xmax, wmax, 1.0), xmax)
+
+
+@pytest.mark.parametrize("family", ["llama", "mha", "opt", "gpt2"])
+@pytest.mark.parametrize("args", [{}, {"search": True, "grid": 4}, {"pairs": False}])
+def test_smoothquant_keeps_the_fp_function(family, args):
+    model = llama_mha() if family == "mha" else build(family)
+    ids = calib_ids(6, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    r = lowbit.recipes.load("int8-smoothquant")
+    d = r.to_dict()
+    d["algorithms"][0]["args"].update(args)
+    lowbit.quantize(model, d, forward_loop=loop_over(ids))
+    rows = model.lowbit_report.blocks
+    assert len(rows) == 2 and all(r["smoothquant_alpha"] for r in rows)
+    if args.get("search"):
+        assert all(a in (0.25, 0.5, 0.75, 1.0) for r in rows for a in r["smoothquant_alpha"])
+    assert all(r["calibrated"] > 0 for r in rows)  # calibrated block by block
+    assert fp_error(model, ids, ref) < 1e-5
+
+
+def outlier_llama():
+    """Tiny Llama whose norms create a few large activation channels (as real LLMs have)."""
+    model = llama_mha()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 40]] = 30.0
+    return model
+
+
+def test_smoothquant_beats_plain_w8a8_with_outliers():
+    base = outlier_llama()
+    ids = calib_ids(8, 32)
+    with torch.no_grad():
+        ref = base(ids).logits
+    err = {}
+    for name in ["int8", "int8-smoothquant"]:
+        m = copy.deepcopy(base)
+        lowbit.quantize(m, name, forward_loop=loop_over(ids))
+        with torch.no_grad():
+            err[name] = float((m(ids).logits - ref).norm() / ref.norm())
+    assert err["int8-smoothquant"] < 0.7 * err["int8"], err
+
+
+def test_alpha_search_is_never_worse_than_the_fixed_alpha():
+    """Per group, the searched alpha scores at most the fixed alpha's loss (it is in the grid)."""
+    from lowbit.algorithms import GroupProbe, smooth_group
+    from lowbit.pipeline.blocks import BlockContext, capture_block_inputs
+
+    model = outlier_llama()
+    lowbit.quantize(model, "int8", forward_loop=loop_over(calib_ids(4, 16)))
+    adapter = get_adapter(model)
+    blocks = adapter.find_blocks(model)[1]
+    cap = capture_block_inputs(model, blocks, loop_over(calib_ids(4, 16)))
+    ctx = BlockContext(model, blocks[0], "model.layers.0", 0, adapter, cap.chunks, {})
+    stats = ctx.linear_stats()
+    for g in ctx.scale_groups():
+        probe = GroupProbe(ctx.block, g, ctx.capture([g.parent], ctx.chunks), act_quant=True)
+        alpha, s, losses = smooth_group(ctx.block, g, stats[g.linears[0]].absmax, 0.5, probe,
+                                        [0.1, 0.3, 0.7, 0.9], fold=False)
+        assert losses[alpha] <= losses[0.5] and set(losses) == {0.1, 0.3, 0.5, 0.7, 0.9}
+
+
+def test_unknown_algorithm_and_argument_fail_before_running():
+    calls = []
+
+    def loop(model):
+        calls.append(1)
+        model(calib_ids()[:1])
+
+    with pytest.raises(lowbit.errors.ConfigError, match="unknown algorithm 'gtpq'"):
+        lowbit.quantize(build("llama"), {"targets": [{"pattern": "*", "weight": "int8"}],
+                                         "algorithms": ["gtpq"]}, forward_loop=loop)
+    with pytest.raises(lowbit.errors.ConfigError, match="unknown argument 'damp'"):
+        lowbit.quantize(build("llama"), {"targets": [{"pattern": "*", "weight": "int8"}],
+                                         "algorithms": [{"name": "gptq", "args": {"damp": 1}}]},
+                        forward_loop=loop)
+    assert not calls
