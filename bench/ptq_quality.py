@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=DEFAULT)
     ap.add_argument("--kv-cache", default=None, help="add a KV-cache format to every recipe")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ptq.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of other recipes already in --out (same settings)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -98,6 +100,10 @@ def main() -> None:
             "calib_samples": args.calib_samples, "group_size": args.group_size,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "argv": sys.argv[1:]}
+    if args.append and args.out.exists():
+        old = json.loads(args.out.read_text())
+        mine = {r["recipe"] for r in rows}
+        rows = [r for r in old["rows"] if r["recipe"] not in mine] + rows
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     tmp.replace(args.out)

@@ -118,8 +118,14 @@ def quantize_cmd(
         elif rec.has_static_activations() or rec.algorithms:
             fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
         before = weight_footprint(m)
-        with torch.no_grad():
-            lowbit.quantize(m, rec, forward_loop=loop)
+        with _progress() as prog, torch.no_grad():
+            task = prog.add_task(f"{rec.name}: blocks", total=None)
+
+            def on_block(done, total, name):
+                prog.update(task, completed=done, total=total,
+                            description=f"{rec.name}: {name}")
+
+            lowbit.quantize(m, rec, forward_loop=loop, progress=on_block)
         after = weight_footprint(m)
         with console.status(f"writing {format} checkpoint to {out}"):
             save(m, out, format=format, overwrite=force, tokenizer=tok)
