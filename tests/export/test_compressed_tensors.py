@@ -132,8 +132,9 @@ def test_config_and_tensors_as_compressed_tensors_writes_them(tmp_path):
     out = export(m, tmp_path / "ct")
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization_config"]
-    parsed = ct.quantization.QuantizationConfig.model_validate(q)
-    assert parsed.model_dump()["config_groups"] == q["config_groups"]
+    parsed = ct.quantization.QuantizationConfig.model_validate(q)  # the package accepts it
+    w = parsed.config_groups["group_0"].weights
+    assert (w.num_bits, w.group_size, w.symmetric) == (4, 32, True)
     assert CompressedTensorsConfig.from_dict(q).quantization_config is not None
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
     assert q["quantization_status"] == "compressed" and q["version"] == "0.20.0"
