@@ -165,7 +165,8 @@ def test_awq_loss_on_linears_and_duo_scaling():
     with torch.no_grad():
         ref = base(ids).logits
     e_rtn = None
-    for args in [{"loss": "linears"}, {"duo_scaling": True}, {"clip": False}]:
+    for args in [{"loss": "linears"}, {"duo_scaling": True}, {"clip": False},
+                 {"token_weight": "norm", "guard": False}]:
         m = copy.deepcopy(base)
         lowbit.quantize(m, recipe(WEIGHTS["int4"], args), forward_loop=loop_over(ids))
         if e_rtn is None:

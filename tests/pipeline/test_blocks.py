@@ -140,7 +140,8 @@ def test_gptq_through_the_pipeline_beats_rtn():
                 "gptq": ("int4-gptq", {}),
                 "gptq-actorder": ("int4-gptq-actorder", {}),
                 "gptq-not-sequential": ("int4-gptq", {"true_sequential": False}),
-                "gptq-f64": ("int4-gptq", {"dtype": "float64", "block_size": 16})}
+                "gptq-f64": ("int4-gptq", {"dtype": "float64", "block_size": 16}),
+                "gptq-token-norm": ("int4-gptq", {"token_weight": "norm"})}
     for name, (preset, args) in variants.items():
         m = copy.deepcopy(base)
         r = recipes.load(preset, group_size=32)

@@ -101,9 +101,11 @@ def _fixed_scales(w: torch.Tensor, ratio: torch.Tensor, spec, g: int, nv_amax):
 
 @torch.no_grad()
 def awq_clip(module: nn.Module, x: torch.Tensor, grid: int = 20, min_ratio: float = 0.5,
-             rows_per_batch: int = 256) -> float | None:
+             rows_per_batch: int = 256, token_weight: str = "none") -> float | None:
     """Clipping search of ``module``'s weight on inputs ``x [tokens, in]``; sets the weight
-    quantizer's fixed scales and returns the mean kept ratio (None: not applicable)."""
+    quantizer's fixed scales and returns the mean kept ratio (None: not applicable).
+    ``token_weight="norm"``: each token's input scaled to unit norm (its error counts
+    relative to its size)."""
     shape = clip_groups(module)
     if shape is None or x.numel() == 0:
         return None
@@ -113,7 +115,10 @@ def awq_clip(module: nn.Module, x: torch.Tensor, grid: int = 20, min_ratio: floa
     o, i = w.shape
     bf = spec.block_format
     nv_amax = w.abs().amax() if bf is not None and bf.global_scale else None
-    xg = x.float().reshape(-1, n_groups, g)
+    x = x.float()
+    if token_weight == "norm":
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    xg = x.reshape(-1, n_groups, g)
     best_err = torch.full((o, n_groups), float("inf"))
     best_r = torch.ones(o, n_groups)
     ratios = torch.linspace(1.0, min_ratio, grid).tolist() if grid > 1 else [1.0]

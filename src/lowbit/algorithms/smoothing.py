@@ -111,6 +111,19 @@ def dynamic_version(spec: QuantSpec) -> QuantSpec:
     return spec.model_copy(update={"dynamic": True})
 
 
+def token_weights(x: torch.Tensor, how: str = "none") -> torch.Tensor:
+    """Per-token weights (shape ``x.shape[:-1]``) of a squared error: 1 (``"none"``), or
+    ``1 / ||x_t||^2`` (``"norm"``) scaled to mean 1."""
+    if how == "none":
+        return torch.ones(x.shape[:-1], device=x.device)
+    if how != "norm":
+        from lowbit.errors import ConfigError
+
+        raise ConfigError(f"token_weight must be 'none' or 'norm', got {how!r}")
+    w = 1.0 / x.float().square().sum(-1).clamp_min(1e-12)
+    return w / w.mean()
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -121,11 +134,13 @@ class GroupProbe:
     ``inputs``: ``{target name: [(args, kwargs), ...]}`` captured on sampled block inputs.
     ``act_quant``: also fake-quantize the linears' scaled inputs (their input specs made
     dynamic). Every other quantizer inside the targets is off while scoring, so the error is
-    the group's own.
+    the group's own. ``token_weight``: ``"none"`` (plain squared error) or ``"norm"`` (each
+    token's error relative to its full-precision output, ``sum_t ||dy_t||^2 / ||y_t||^2``, so
+    that a few tokens with massive activations do not decide alone).
     """
 
     def __init__(self, block: nn.Module, group: InputGroup, inputs: dict[str, list],
-                 act_quant: bool = False):
+                 act_quant: bool = False, token_weight: str = "none"):
         self.block = block
         self.group = group
         self.inputs = inputs
@@ -135,6 +150,7 @@ class GroupProbe:
         self.wspecs = [weight_spec(m) for m in self.mods]
         with self._all_off():
             self.ref = self._outputs()
+        self.weights = [token_weights(r, token_weight) for r in self.ref]
 
     @contextmanager
     def _all_off(self):
@@ -188,7 +204,8 @@ class GroupProbe:
             for m, w in zip(self.mods, saved):
                 weight_2d(m).copy_(w)
                 m.invalidate_weight_cache()
-        return float(sum((o - r).square().sum() for o, r in zip(outs, self.ref)))
+        return float(sum(((o - r).square().sum(-1) * w).sum()
+                         for o, r, w in zip(outs, self.ref, self.weights)))
 
     @staticmethod
     def _scale_in(x: torch.Tensor, s, spec) -> torch.Tensor:

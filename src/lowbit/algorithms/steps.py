@@ -13,13 +13,16 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
 * ``awq``: ``grid`` 20; ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
   ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
   false; ``clip`` true, ``clip_grid`` 20, ``min_ratio`` 0.5, ``clip_tokens`` 512,
-  ``clip_skip`` (q/k projections, as AutoAWQ); ``guard`` true (the block's output error on
+  ``clip_skip`` (q/k projections, as AutoAWQ); ``token_weight`` ``none`` (``norm``: errors
+  and input statistics per token relative to its size, as for GPTQ); ``guard`` true (the block's output error on
   the search sample, weights quantized, is measured before and after: when AWQ made it
   worse, the block is put back as it was).
 * ``gptq``: ``block_size`` 128, ``percdamp`` 0.01, ``act_order`` false, ``static_groups``
   true, ``dtype`` ``float32`` (or ``float64`` Hessians), ``true_sequential`` true (each
   group of linears reading one input gets its Hessian after the groups before it are
-  quantized).
+  quantized), ``token_weight`` ``none`` (``norm``: every calibration token scaled to unit
+  norm in the Hessian, ``H = sum x x^T / ||x||^2``, so that a few tokens with massive
+  activations do not dominate it).
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "pairs": True,
                     "max_tokens": 2048}
 AWQ_ARGS = {"grid": 20, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
             "loss": "module", "act_quant": False, "clip": True, "clip_grid": 20,
-            "min_ratio": 0.5, "clip_tokens": 512, "guard": True,
+            "min_ratio": 0.5, "clip_tokens": 512, "guard": True, "token_weight": "none",
             "clip_skip": ["*q_proj", "*k_proj", "*query*", "*key*", "*qkv*", "*c_attn"]}
 GPTQ_ARGS = {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": True,
-             "dtype": "float32", "true_sequential": True}
+             "dtype": "float32", "true_sequential": True, "token_weight": "none"}
 
 
 def _all(ctx, group, pred) -> bool:
@@ -115,8 +118,10 @@ def _awq(ctx, args, groups, stats, sample) -> None:
     alphas = []
     for g in groups:
         probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, args["loss"]), sample),
-                           act_quant=bool(args["act_quant"]))
-        alpha, s, _ = awq_search(ctx.block, g, probe, stats[g.linears[0]].absmean,
+                           act_quant=bool(args["act_quant"]), token_weight=args["token_weight"])
+        st = stats[g.linears[0]]
+        xmean = st.absmean if args["token_weight"] == "none" else st.nabsmean
+        alpha, s, _ = awq_search(ctx.block, g, probe, xmean,
                                  int(args["grid"]), bool(args["duo_scaling"]), fold=False)
         if s is not None:
             ctx.fold(g, s)
@@ -129,7 +134,7 @@ def _awq(ctx, args, groups, stats, sample) -> None:
             if not ctx.selected(n) or any(match(p, n) for p in skip) or n not in stats:
                 continue
             r = awq_clip(ctx.block.get_submodule(n), stats[n].sample, int(args["clip_grid"]),
-                         float(args["min_ratio"]))
+                         float(args["min_ratio"]), token_weight=args["token_weight"])
             if r is not None:
                 ratios[n] = round(r, 4)
         ctx.info["awq_clip"] = ratios
@@ -152,6 +157,17 @@ def gptq_step(ctx, args: dict) -> None:
     if args["dtype"] not in ("float32", "float64"):
         raise ConfigError(f"gptq: dtype must be 'float32' or 'float64', got {args['dtype']!r}")
     dtype = torch.float64 if args["dtype"] == "float64" else torch.float32
+    if args["token_weight"] not in ("none", "norm"):
+        raise ConfigError(f"gptq: token_weight must be 'none' or 'norm', got "
+                          f"{args['token_weight']!r}")
+    norm = args["token_weight"] == "norm"
+
+    def add(acc, x):
+        if norm:  # every token counts relative to its size: H = sum x x^T / ||x||^2
+            x = x.float()
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        acc.add(x)
+
     names = [n for n in ctx.quantized_linears() if ctx.selected(n)]
     if not names:
         return
@@ -161,7 +177,7 @@ def gptq_step(ctx, args: dict) -> None:
         mods = [ctx.block.get_submodule(n) for n in grp]
         later = [ctx.block.get_submodule(n) for g in groups[i:] for n in g]
         accs = {n: HessianAccumulator(m.weight_2d().shape[1], dtype) for n, m in zip(grp, mods)}
-        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: accs[n].add(a[0]))
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: add(accs[n], a[0]))
                  for n, m in zip(grp, mods)]
         try:  # this group and the later ones in full precision, the earlier ones quantized
             with ctx.weights_fp(later):

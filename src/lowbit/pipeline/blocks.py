@@ -47,10 +47,12 @@ def _first_tensor(out):
 @dataclass
 class LinearStats:
     """Per-input-channel statistics of one linear's input over every calibration token:
-    ``absmax [in]``, ``absmean [in]``, the token count and a token ``sample [k, in]``."""
+    ``absmax [in]``, ``absmean [in]``, ``nabsmean [in]`` (mean of ``|x_t| / ||x_t||``: every
+    token counts alike), the token count and a token ``sample [k, in]``."""
 
     absmax: torch.Tensor
     absmean: torch.Tensor
+    nabsmean: torch.Tensor
     n_tokens: int
     sample: torch.Tensor
 
@@ -59,6 +61,7 @@ class LinearStats:
         s = s.float()
         self.absmax = self.absmax / s
         self.absmean = self.absmean / s
+        self.nabsmean = self.nabsmean / s  # up to a per-token factor: kept as an estimate
         self.sample = self.sample / s
 
 
@@ -198,7 +201,7 @@ class BlockContext:
         if self._stats is not None:
             return self._stats
         names = self.quantized_linears()
-        acc: dict[str, list] = {n: [None, None, 0, []] for n in names}
+        acc: dict[str, list] = {n: [None, None, 0, [], None] for n in names}
         total = sum(c.n_tokens for c in self.chunks)
         per_chunk = max(1, math.ceil(self.sample_tokens / max(1, len(self.chunks))))
 
@@ -211,6 +214,8 @@ class BlockContext:
             st[0] = mx if st[0] is None else torch.maximum(st[0], mx)
             st[1] = sm if st[1] is None else st[1] + sm
             st[2] += x.shape[0]
+            nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
+            st[4] = nm if st[4] is None else st[4] + nm
             if x.shape[0] > per_chunk:
                 idx = torch.linspace(0, x.shape[0] - 1, per_chunk).round().long()
                 st[3].append(x[idx].clone())
@@ -226,7 +231,8 @@ class BlockContext:
         finally:
             for h in hs:
                 h.remove()
-        self._stats = {n: LinearStats(st[0], st[1] / max(st[2], 1), st[2], torch.cat(st[3]))
+        self._stats = {n: LinearStats(st[0], st[1] / max(st[2], 1), st[4] / max(st[2], 1),
+                                      st[2], torch.cat(st[3]))
                        for n, st in acc.items() if st[0] is not None}
         self.info.setdefault("stat_tokens", total)
         return self._stats
