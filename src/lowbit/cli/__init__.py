@@ -30,7 +30,8 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-from lowbit.cli import advice_cmds, formats_cmd, ptq_cmds, quantize_cmds  # noqa: E402,F401  (registers commands)
+from lowbit.cli import (  # noqa: E402,F401  (registers commands)
+    advice_cmds, export_cmd, formats_cmd, ptq_cmds, quantize_cmds)
 
 
 def main() -> None:

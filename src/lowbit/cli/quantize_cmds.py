@@ -128,7 +128,10 @@ def quantize_cmd(
             lowbit.quantize(m, rec, forward_loop=loop, progress=on_block)
         after = weight_footprint(m)
         with console.status(f"writing {format} checkpoint to {out}"):
-            save(m, out, format=format, overwrite=force, tokenizer=tok)
+            from lowbit.cli.export_cmd import export_options
+
+            save(m, out, format=format, overwrite=force,
+                 **export_options(m, tok, format, seq_len))
     except LowbitError as e:
         fail(str(e))
     except typer.Exit:

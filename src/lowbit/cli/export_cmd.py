@@ -1,0 +1,92 @@
+"""``lowbit export``: write a quantized checkpoint in another format (no recalibration)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.cli import app, console, fail
+from lowbit.errors import LowbitError
+
+
+def export_options(model, tok, format: str, seq_len: int = 16) -> dict:
+    """Exporter options the command line can give for ``format``.
+
+    ONNX traces the model: it gets an example ``input_ids [2, min(seq_len, 16)]`` (token ids
+    of a short text when a tokenizer is there, else zeros; batch 2, since torch.export fixes
+    an axis it sees at size 1), ``use_cache=False``, and the batch and sequence axes marked
+    dynamic, so the file runs at any batch (<= 64) and length (<= 4096).
+    """
+    import torch
+
+    if format == "onnx":
+        n = max(2, min(seq_len, 16))
+        ids = None
+        if tok is not None:
+            try:
+                ids = tok("The quick brown fox jumps over the lazy dog. " * 4,
+                          return_tensors="pt")["input_ids"][:, :n]
+            except Exception:  # a tokenizer that cannot encode plain text: zeros do as well
+                ids = None
+        if ids is None or ids.shape[1] < 2:
+            ids = torch.zeros(1, n, dtype=torch.long)
+        ids = ids.repeat(2, 1)
+        from torch.export import Dim
+
+        axes = {0: Dim("batch", max=64), 1: Dim("seq", max=4096)}
+        return {"example_inputs": (ids,), "example_kwargs": {"use_cache": False},
+                "input_names": ["input_ids"], "output_names": ["logits"],
+                "dynamic_shapes": {"input_ids": axes, "use_cache": None}}
+    if format in ("lowbit", "compressed-tensors", "gguf"):
+        return {"tokenizer": tok}
+    return {}
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: str = typer.Argument(..., help="a lowbit checkpoint folder (from lowbit "
+                                     "quantize) or any model lowbit quantize reads"),
+    format: str = typer.Option(..., "--format", "-f",
+                               help="lowbit | compressed-tensors | gguf | onnx"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    force: bool = typer.Option(False, help="replace --out if it exists"),
+    allow_requantize: bool = typer.Option(
+        False, help="gguf: requantize weights whose scales ggml cannot hold exactly (to "
+        "Q8_0) instead of stopping with an error"),
+    no_vocab: bool = typer.Option(False, help="gguf: write no vocabulary (for a tokenizer "
+                                  "that is not byte-level BPE; llama.cpp then runs on ids)"),
+) -> None:
+    """Re-export a quantized checkpoint in another format: the stored codes and scales are
+    written as they are, nothing is recalibrated (exit 0 ok, 2 bad input, 1 failure)."""
+    from lowbit.cli.quantize_cmds import _check_model_path, _load
+    from lowbit.export import exporter_names, save
+
+    _check_model_path(checkpoint)
+    if format not in exporter_names():
+        fail(f"unknown --format {format!r}; expected one of: {', '.join(exporter_names())}")
+    if out.exists() and not force:
+        fail(f"output folder {out} exists; pass --force to replace it")
+    if out.resolve() == Path(checkpoint).resolve():
+        fail(f"--out {out} is the checkpoint itself; write to another folder")
+    t0 = time.perf_counter()
+    try:
+        m, tok = _load(checkpoint)
+        with console.status(f"writing {format} checkpoint to {out}"):
+            opts = export_options(m, tok, format)
+            if allow_requantize and format == "gguf":
+                opts["allow_requantize"] = True
+            if no_vocab and format == "gguf":
+                opts["tokenizer"] = None
+            save(m, out, format=format, overwrite=force, **opts)
+    except LowbitError as e:
+        fail(str(e))
+    except typer.Exit:
+        raise
+    except Exception as e:
+        fail(f"export failed: {type(e).__name__}: {e}", code=1)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    console.print(f"wrote {out} ({format}, {size / 1e6:.1f} MB) in "
+                  f"{time.perf_counter() - t0:.1f} s")
