@@ -1,24 +1,46 @@
 """Real low-bit inference on the real model: memory, prefill and decode speed per variant.
 
-SmolLM2-135M, threads = cores. Per variant: resident weight memory (MB, parameters and
-buffers, tied ones once), prefill time of a 512-token prompt (median of --repeats), decode
-speed (tokens/s, batch 1, --new-tokens greedy tokens after a 32-token prompt). Variants:
-FP32, BF16, int8 weight-only (torch int8 weight-pack kernel), int4 weight-only g64 (torch
-int4 pack kernel), W8A8 int8 (dynamic per-token activations, torch._int_mm), and the
-reference dequantize-then-matmul path for int4. Prints a table and writes
-bench/results/runtime.json.
+SmolLM2-135M (``lowbit.data.load_model``), threads = cores (``--threads``). Per variant:
+resident weight memory (MB, parameters and buffers, tied ones once) and its ratio to the
+packed size (:func:`lowbit.runtime.memory_report`: codes + scales as quantized; goal within
+5%), prefill time of a 512-token prompt (median of ``--repeats``; logits of the last token
+only, as ``generate`` and llama.cpp compute them), decode speed (tokens/s, batch 1, greedy,
+``--new-tokens`` tokens after a 32-token prompt, prompt included in the time, as
+``generate`` runs it).
 
-    python bench/runtime.py [--new-tokens 128] [--repeats 3]
+Variants (``--variants`` picks some):
+
+* ``fp32``, ``bf16``: the float model;
+* ``int8 wo``, ``int4 wo g64``: weight-only kernels (torch's int8 / int4 packed-weight CPU
+  kernels, bfloat16 activations); quantized from the FP32 model, converted, then the rest of
+  the model (embedding = tied LM head, norms) cast to bfloat16, as the llama.cpp rows;
+* ``int4 wo g64 fp32``: the same int4 layers in an FP32 model (activations cast per layer);
+* ``w8a8 int8``: dynamic per-token int8 activations, ``torch._int_mm`` (FP32 model);
+* ``int4 g64 reference``: the reference dequantize-then-matmul path (FP32 model);
+* ``llama.cpp Q8_0``, ``llama.cpp Q4_0``: the model quantized with the presets
+  ``gguf-q8_0`` / ``gguf-q4_0``, exported by ``lowbit.save(..., format="gguf")`` with float
+  tensors in ``--gguf-float-type`` (bf16), run by ``llama_cpp`` (n_threads = n_threads_batch =
+  threads, n_batch 512); weights MB is the GGUF file size;
+* ``torchao int8 wo``: only when ``torchao`` is importable (else a note).
+
+Then the goal ratios of int4 weight-only decode (vs FP32 >= 2x, vs BF16 >= 1.3x, vs llama.cpp
+Q4_0 >= 0.5x), and, with CUDA only, a GPU section: FP8 ``_scaled_mm`` linear vs BF16 at
+4096x4096x4096 and int4 weight-only GEMV (M=1) vs BF16. Prints tables and writes
+``bench/results/runtime.json``.
+
+    python bench/runtime.py [--new-tokens 128] [--prefill 512] [--repeats 3] [--variants ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +50,14 @@ import lowbit
 import lowbit.runtime as rt
 from lowbit.data import load_model
 
+VARIANTS = ["fp32", "bf16", "int8 wo", "int4 wo g64", "int4 wo g64 fp32", "w8a8 int8",
+            "int4 g64 reference", "llama.cpp Q8_0", "llama.cpp Q4_0", "torchao int8 wo"]
+GOALS = [("fp32", 2.0), ("bf16", 1.3), ("llama.cpp Q4_0", 0.5)]
+HEADLINE = "int4 wo g64"
+
 
 def timed(fn, repeats):
+    """Median wall time of ``repeats`` calls after one warm-up call (seconds)."""
     fn()
     ts = []
     for _ in range(repeats):
@@ -39,77 +67,247 @@ def timed(fn, repeats):
     return statistics.median(ts)
 
 
+# --- lowbit / torch variants -------------------------------------------------------------
+def torch_variant(name, base, args):
+    """(model, kernel counts) of a torch variant, or (None, note) when it cannot run."""
+    m = copy.deepcopy(base)
+    kern = {}
+    g = args.group_size
+    if name == "bf16":
+        m = m.to(torch.bfloat16)
+    elif name in ("int8 wo", "int4 wo g64", "int4 wo g64 fp32"):
+        if name == "int8 wo":
+            lowbit.quantize(m, "int8-weight-only")
+        else:
+            lowbit.quantize(m, "int4-weight-only", group_size=g)
+        kern = rt.convert(m)
+        if not name.endswith("fp32"):
+            m = m.to(torch.bfloat16)  # packed buffers keep their dtypes
+    elif name == "w8a8 int8":
+        lowbit.quantize(m, "int8-dynamic")
+        kern = rt.convert(m)
+    elif name == "int4 g64 reference":
+        lowbit.quantize(m, "int4-weight-only", group_size=g)
+        kern = rt.convert(m, fast=False)
+    elif name == "torchao int8 wo":
+        if importlib.util.find_spec("torchao") is None:
+            return None, "torchao is not installed: skipped"
+        m = m.to(torch.bfloat16)
+        try:
+            from torchao.quantization import quantize_
+            try:
+                from torchao.quantization import Int8WeightOnlyConfig
+                quantize_(m, Int8WeightOnlyConfig())
+            except ImportError:
+                from torchao.quantization import int8_weight_only
+                quantize_(m, int8_weight_only())
+        except Exception as e:  # noqa: BLE001 - torchao versions differ
+            return None, f"torchao failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return m.eval(), dict(kern)
+
+
+def run_torch(m, prompt, short, args):
+    n = args.new_tokens
+    with torch.no_grad():
+        t_pre = timed(lambda: m(prompt, use_cache=False, logits_to_keep=1), args.repeats)
+
+        def decode():
+            m.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+
+        t_dec = timed(decode, max(1, args.repeats - 1))
+    return t_pre, n / t_dec
+
+
+# --- llama.cpp ---------------------------------------------------------------------------
+def gguf_file(base, tok, preset, args, tmp: Path) -> Path:
+    m = copy.deepcopy(base)
+    lowbit.quantize(m, preset)
+    out = tmp / preset
+    lowbit.save(m, out, format="gguf", tokenizer=tok, float_type=args.gguf_float_type)
+    return out / "model.gguf"
+
+
+def run_llama_cpp(path: Path, prompt, short, args):
+    from llama_cpp import Llama
+
+    n = args.new_tokens
+    llm = Llama(model_path=str(path), n_ctx=max(args.prefill, 32 + n) + 64, n_batch=512,
+                n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
+                verbose=False)
+    ids = prompt[0].tolist()
+    sids = short[0].tolist()
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+
+    def decode():
+        llm.reset()  # no prompt-prefix reuse: the prompt is processed each time, as in HF
+        k = 0
+        for _ in llm.generate(sids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            k += 1
+            if k == n:
+                break
+
+    t_pre = timed(prefill, args.repeats)
+    t_dec = timed(decode, max(1, args.repeats - 1))
+    llm.close()
+    return t_pre, n / t_dec
+
+
+# --- GPU -----------------------------------------------------------------------------------
+def cuda_time(fn, iters=50):
+    """Median milliseconds per call of ``fn`` on CUDA (events, after warm-up)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def gpu_section() -> dict:
+    """FP8 linear vs BF16 (4096^3) and int4 GEMV vs BF16 (M=1), or a note without CUDA."""
+    if not torch.cuda.is_available():
+        return {"note": "no CUDA device: GPU section skipped"}
+    from lowbit.core import QuantSpec, quantize
+    from lowbit.nn.quantizer import TensorQuantizer
+    from lowbit.runtime import PackedLinear
+
+    dev = torch.device("cuda")
+    n = 4096
+    w = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    out = {"device": torch.cuda.get_device_name(), "rows": []}
+    ms = cuda_time(lambda: torch.nn.functional.linear(x, w))
+    flops = 2 * n ** 3
+    out["rows"].append({"op": "bf16 linear 4096^3", "ms": ms, "tflops": flops / ms / 1e9})
+    cases = [("fp8 tensor-wise", QuantSpec(format="fp8_e4m3"), QuantSpec(format="fp8_e4m3")),
+             ("fp8 row-wise", QuantSpec(format="fp8_e4m3", granularity="channel"),
+              QuantSpec(format="fp8_e4m3", granularity="token", dynamic=True))]
+    for label, ws, xs in cases:
+        iq = TensorQuantizer(xs, "input", "bench.input_quantizer")
+        if not xs.dynamic:
+            iq.set_amax(x.float().abs().amax().cpu())
+        layer = PackedLinear.from_qtensor(quantize(w, ws), None, torch.bfloat16,
+                                          input_quantizer=iq.to(dev), device=dev)
+        with torch.no_grad():
+            ms = cuda_time(lambda: layer(x))
+        out["rows"].append({"op": f"{label} linear 4096^3 ({layer.kernel}, activation "
+                                  "quantization included)", "ms": ms,
+                            "tflops": flops / ms / 1e9})
+    x1 = x[:1]
+    ms_bf = cuda_time(lambda: torch.nn.functional.linear(x1, w), 200)
+    out["rows"].append({"op": "bf16 GEMV 1x4096x4096", "ms": ms_bf,
+                        "gb_s": w.numel() * 2 / ms_bf / 1e6})
+    spec = QuantSpec(format="int4", granularity="group", group_size=128)
+    layer = PackedLinear.from_qtensor(quantize(w.float(), spec), None, torch.bfloat16,
+                                      device=dev)
+    with torch.no_grad():
+        ms = cuda_time(lambda: layer(x1), 200)
+    out["rows"].append({"op": f"int4 g128 GEMV 1x4096x4096 ({layer.kernel})", "ms": ms,
+                        "gb_s": layer.resident_nbytes() / ms / 1e6, "vs_bf16": ms_bf / ms})
+    return out
+
+
+# --- main --------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--gguf-float-type", default="bf16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                    metavar="VARIANT", help=f"some of: {', '.join(VARIANTS)}")
+    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
                     "runtime.json")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     base, tok = load_model()
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 49152, (1, args.prefill), generator=g)
+    prompt = torch.randint(0, base.config.vocab_size, (1, args.prefill), generator=g)
     short = prompt[:, :32]
 
-    def variant(name):
-        m = copy.deepcopy(base)
-        kern = {}
-        if name == "bf16":
-            m = m.to(torch.bfloat16)
-        elif name == "int8 weight-only":
-            lowbit.quantize(m, "int8-weight-only")
-            kern = rt.convert(m)
-        elif name == "int4 weight-only g64":
-            lowbit.quantize(m, "int4-weight-only", group_size=args.group_size)
-            kern = rt.convert(m)
-        elif name == "int4 g64 reference path":
-            lowbit.quantize(m, "int4-weight-only", group_size=args.group_size)
-            kern = rt.convert(m, fast=False)
-        elif name == "w8a8 int8 dynamic":
-            lowbit.quantize(m, "int8-dynamic")
-            kern = rt.convert(m)
-        return m.eval(), dict(kern)
-
-    rows = []
-    names = ["fp32", "bf16", "int8 weight-only", "int4 weight-only g64", "w8a8 int8 dynamic",
-             "int4 g64 reference path"]
-    for name in names:
-        m, kern = variant(name)
-        mem = rt.weight_bytes(m) / 1e6
-        with torch.no_grad():
-            t_pre = timed(lambda: m(prompt, use_cache=False), args.repeats)
-            n = args.new_tokens
-
-            def decode():
-                m.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-
-            t_dec = timed(decode, max(1, args.repeats - 1))
-        row = {"variant": name, "weight_mb": mem, "prefill_s": t_pre,
-               "decode_tok_s": n / t_dec, "kernels": kern}
-        rows.append(row)
-        print(f"{name}: {mem:.1f} MB, prefill {t_pre:.3f} s, decode {n / t_dec:.2f} tok/s "
-              f"{kern}", flush=True)
-        del m
-    fp32, bf16 = rows[0]["decode_tok_s"], rows[1]["decode_tok_s"]
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+        for name in args.variants:
+            if name.startswith("llama.cpp"):
+                if importlib.util.find_spec("llama_cpp") is None:
+                    notes.append(f"{name}: llama_cpp is not installed: skipped")
+                    continue
+                path = gguf_file(base, tok, "gguf-" + name.split()[-1].lower(), args,
+                                 Path(tmp))
+                t_pre, tok_s = run_llama_cpp(path, prompt, short, args)
+                row = {"variant": name, "weight_mb": path.stat().st_size / 1e6,
+                       "packed_mb": None, "ratio": None, "prefill_s": t_pre,
+                       "decode_tok_s": tok_s, "kernels": {"gguf": args.gguf_float_type}}
+            else:
+                m, kern = torch_variant(name, base, args)
+                if m is None:
+                    notes.append(f"{name}: {kern}")
+                    continue
+                rep = rt.memory_report(m)
+                t_pre, tok_s = run_torch(m, prompt, short, args)
+                row = {"variant": name, "weight_mb": rep["resident"] / 1e6,
+                       "packed_mb": rep["packed"] / 1e6, "ratio": rep["ratio"],
+                       "prefill_s": t_pre, "decode_tok_s": tok_s, "kernels": kern}
+                del m
+            rows.append(row)
+            print(f"{name}: {row['weight_mb']:.1f} MB, prefill {row['prefill_s']:.3f} s, "
+                  f"decode {row['decode_tok_s']:.2f} tok/s {row['kernels']}", flush=True)
+    by = {r["variant"]: r for r in rows}
+    ref = by.get("fp32") or (rows[0] if rows else None)
     print()
-    print(f"SmolLM2-135M on {torch.get_num_threads()} threads; prefill {args.prefill} tokens; "
-          f"decode {args.new_tokens} tokens, batch 1, greedy")
-    print(f"{'variant':26s} {'weights MB':>10s} {'prefill s':>9s} {'tok/s':>7s} "
-          f"{'vs FP32':>7s} {'vs BF16':>7s}")
+    print(f"SmolLM2-135M on {args.threads} threads; prefill {args.prefill} tokens; decode "
+          f"{args.new_tokens} tokens after 32, batch 1, greedy")
+    print(f"{'variant':20s} {'weights MB':>10s} {'/packed':>8s} {'prefill s':>9s} "
+          f"{'tok/s':>7s} {'vs FP32':>7s}")
     for r in rows:
-        print(f"{r['variant']:26s} {r['weight_mb']:10.1f} {r['prefill_s']:9.3f} "
-              f"{r['decode_tok_s']:7.2f} {r['decode_tok_s'] / fp32:6.2f}x "
-              f"{r['decode_tok_s'] / bf16:6.2f}x")
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        vs = r["decode_tok_s"] / ref["decode_tok_s"] if ref else float("nan")
+        print(f"{r['variant']:20s} {r['weight_mb']:10.1f} {ratio:>8s} {r['prefill_s']:9.3f} "
+              f"{r['decode_tok_s']:7.2f} {vs:6.2f}x")
+    goals = []
+    if HEADLINE in by:
+        print(f"\ngoals ({HEADLINE} decode tok/s over ...):")
+        h = by[HEADLINE]
+        for other, target in GOALS:
+            if other not in by:
+                continue
+            r = h["decode_tok_s"] / by[other]["decode_tok_s"]
+            goals.append({"vs": other, "ratio": r, "goal": target, "met": r >= target})
+            print(f"  {other:16s} {r:5.2f}x (goal >= {target}x) "
+                  f"{'met' if r >= target else 'NOT met'}")
+        if h["ratio"] is not None:
+            ok = abs(h["ratio"] - 1) <= 0.05
+            goals.append({"vs": "packed size", "ratio": h["ratio"], "goal": 1.05, "met": ok})
+            print(f"  resident / packed {h['ratio']:.3f} (goal within 5%) "
+                  f"{'met' if ok else 'NOT met'}")
+    for note in notes:
+        print(f"note: {note}")
+    gpu = {"note": "skipped (--no-gpu)"} if args.no_gpu else gpu_section()
+    print("\nGPU:", gpu.get("note", ""))
+    for r in gpu.get("rows", []):
+        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{v}"
+                               for k, v in r.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-            "prefill": args.prefill, "new_tokens": args.new_tokens, "argv": sys.argv[1:]}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    tmp.replace(args.out)
+    meta = {"threads": args.threads, "torch": torch.__version__, "prefill": args.prefill,
+            "new_tokens": args.new_tokens, "gguf_float_type": args.gguf_float_type,
+            "argv": sys.argv[1:]}
+    tmp_out = args.out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps({"meta": meta, "rows": rows, "goals": goals, "notes": notes,
+                                   "gpu": gpu}, indent=2))
+    tmp_out.replace(args.out)
     print(f"wrote {args.out}")
 
 

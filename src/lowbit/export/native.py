@@ -189,7 +189,8 @@ def _insert(model, meta, where, attach_kv_quantizers, quantize_module) -> None:
         attach_kv_quantizers(model, _spec(kv["spec"], f"{where}: kv_cache"))
 
 
-def load(path: "str | Path", device: str = "cpu") -> nn.Module:
+def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False
+         ) -> nn.Module:
     """Rebuild a quantized transformers model from a native lowbit checkpoint folder.
 
     The FP checkpoint is not needed: the model is built from ``config.json`` without weight
@@ -197,6 +198,11 @@ def load(path: "str | Path", device: str = "cpu") -> nn.Module:
     weights are installed as ``dequantize(codes, scales)`` with those scales fixed, calibrated
     statistics and every other tensor are loaded as stored. Raises
     :class:`~lowbit.errors.CheckpointError` for a missing, truncated or inconsistent file.
+
+    ``packed=True`` (or a dict of :func:`lowbit.runtime.convert` options: ``fast``,
+    ``act_dtype``) gives the model :func:`lowbit.runtime.convert` would make of it, built
+    from the stored codes directly: quantized linear layers never get float weights (see
+    :mod:`lowbit.runtime.loading`); ``device`` also picks their kernels.
     """
     from lowbit.config import Recipe
     from lowbit.export.safe_read import check_against_model, read_checkpoint
@@ -219,10 +225,28 @@ def load(path: "str | Path", device: str = "cpu") -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _insert_quantizers(model, meta, meta_file)
-    mods = dict(model.named_modules())
     qkeys = {f"{n}.weight{s}" for n in meta["quantized"] for s in WEIGHT_SUFFIXES}
     with torch.no_grad():
+        # statistics first: packed kernels fuse static activation scales at build time
+        for name, q in quantizers(model):
+            a = tensors.get(f"{name}.amax")
+            if a is not None:
+                q.set_amax(a, tensors.get(f"{name}.amin"))
+            if name in meta.get("disabled", ()):
+                q.disable()
+            elif q.needs_calibration and q.amax is None:
+                raise CheckpointError(f"{path}: tensor {name + '.amax'!r} is missing (the "
+                                      f"calibrated range of a static quantizer)")
+        packed_names: set[str] = set()
+        if packed:
+            from lowbit.runtime.loading import allowed_missing, install_packed
+
+            packed_names = install_packed(model, meta["quantized"], tensors, device,
+                                          packed if isinstance(packed, dict) else None)
+        mods = dict(model.named_modules())
         for name, qm in meta["quantized"].items():
+            if name in packed_names:
+                continue
             key = f"{name}.weight"
             qt = qtensor_from(qm, tensors, key)
             m = mods[name]
@@ -235,7 +259,8 @@ def load(path: "str | Path", device: str = "cpu") -> nn.Module:
         check_against_model(rest, where, model.state_dict())
         missing, unexpected = model.load_state_dict(rest, strict=False)
         allowed = set(meta["tied"]) | {f"{n}.weight" for n in meta["quantized"]}
-        bad = [k for k in missing if k not in allowed and "_quantizer." not in k]
+        bad = [k for k in missing if k not in allowed and "_quantizer." not in k and
+               not (packed_names and allowed_missing(k, packed_names))]
         if bad:
             raise CheckpointError(f"{path}: tensor {bad[0]!r} is missing from the checkpoint "
                                   f"({len(bad)} missing in all)")
@@ -248,14 +273,11 @@ def load(path: "str | Path", device: str = "cpu") -> nn.Module:
             if owner is not None and mod_name not in meta["quantized"]:
                 s_mod, _, s_attr = src.rpartition(".")
                 setattr(owner, attr, getattr(mods[s_mod], s_attr))
-        for name, q in quantizers(model):
-            a = tensors.get(f"{name}.amax")
-            if a is not None:
-                q.set_amax(a, tensors.get(f"{name}.amin"))
-            if name in meta.get("disabled", ()):
-                q.disable()
-            elif q.needs_calibration and q.amax is None:
-                raise CheckpointError(f"{path}: tensor {name + '.amax'!r} is missing (the "
-                                      f"calibrated range of a static quantizer)")
     model.lowbit_recipe = recipe
-    return model.to(device)
+    model = model.to(device)
+    if packed:
+        from lowbit.runtime import release_memory
+
+        del tensors
+        release_memory()
+    return model

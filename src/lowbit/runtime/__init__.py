@@ -2,78 +2,146 @@
 
 >>> lowbit.quantize(model, "int4-weight-only", group_size=64)   # doctest: +SKIP
 >>> lowbit.runtime.convert(model)                              # doctest: +SKIP
+Counter({'int4_weight_only': 210})
+>>> model = lowbit.load("ckpt/", packed=True)                  # doctest: +SKIP
+>>> lowbit.runtime.memory_report(model)["ratio"]               # doctest: +SKIP
+1.0
 
-See :mod:`lowbit.runtime.packed` for the kernels and their tolerance.
+Every quantized ``nn.Linear`` becomes a :class:`PackedLinear` that keeps its weight as codes
+and scales (int8, packed int4, float8, packed e2m1 + e4m3/e8m0 block scales ...) and runs the
+best kernel for its recipe and device (:mod:`lowbit.runtime.kernels`,
+:mod:`lowbit.runtime.cuda`), or the reference path (dequantize at each call). See
+``docs/runtime.md`` for the table of kernels and tolerances.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections import Counter
 
 import torch
 from torch import nn
 
+from lowbit.core import QTensor
 from lowbit.export.base import weight_qtensor
 from lowbit.nn.modules import QuantLinear
+from lowbit.runtime.kernels import (Kernel, LayerInfo, check_act_dtype, get_kernel,
+                                    kernel_names, register_kernel, select_kernel)
 from lowbit.runtime.packed import PackedLinear
 
 
-def _kernel_for(m: QuantLinear, allow_fast: bool) -> str:
-    w = m.weight_quantizer.spec if m.weight_quantizer.is_enabled else None
-    i = m.input_quantizer.spec if m.input_quantizer.is_enabled else None
-    if w is None or m.output_quantizer.is_enabled:
-        return "keep"
-    if not allow_fast or m.weight.device.type != "cpu":
-        return "reference"
-    f = w.element_format
-    if f.kind == "int" and f.bits == 8 and w.symmetric and w.granularity == "channel" and \
-            not f.narrow and w.block_format is None:
-        if i is None:
-            return "int8_weight_only"
-        if i.element_format.kind == "int" and i.element_format.bits == 8 and i.symmetric and \
-                i.granularity == "token" and i.dynamic:
-            return "w8a8_int8"
-    if f.kind == "int" and f.bits == 4 and f.is_signed and w.granularity == "group" and \
-            i is None and w.group_size in (32, 64, 128, 256) and \
-            m.in_features % w.group_size == 0 and m.out_features % 32 == 0:
-        return "int4_weight_only"
-    return "reference"
+def layer_info(m: QuantLinear, device=None, act_dtype: torch.dtype | None = None
+               ) -> LayerInfo | None:
+    """What kernel selection needs to know of ``m`` (None: the layer stays as it is, because
+    its weight is not quantized or its output is)."""
+    wq, iq = m.weight_quantizer, m.input_quantizer
+    if not wq.is_enabled or m.output_quantizer.is_enabled:
+        return None
+    iq = iq if iq.is_enabled else None
+    dev = torch.device(device) if device is not None else m.weight.device
+    return LayerInfo(wq.spec, None if iq is None else iq.spec, iq, m.in_features,
+                     m.out_features, dev, m.weight.dtype, act_dtype)
 
 
-def convert(model: nn.Module, fast: bool = True) -> Counter:
-    """Replace every quantized ``nn.Linear`` by a :class:`PackedLinear` (in place).
+def _kernel_for(m: QuantLinear, allow_fast: bool, device=None) -> str:
+    """The kernel :func:`convert` gives ``m``, or ``"keep"``."""
+    info = layer_info(m, device)
+    return "keep" if info is None else select_kernel(info, allow_fast)
 
-    ``fast=False`` uses the reference (dequantize-then-matmul) path for all layers. Returns
-    how many layers got each kernel. The float weights of converted layers are released.
+
+def packed_module(m: QuantLinear, qt: QTensor | None = None, fast: bool = True,
+                  act_dtype: torch.dtype | None = None, device=None) -> PackedLinear | None:
+    """The :class:`PackedLinear` replacing quantized linear ``m`` (None when ``m`` stays).
+
+    ``qt``: its weight's QTensor when already known (a checkpoint's codes); otherwise
+    computed from ``m`` (:func:`lowbit.export.weight_qtensor`). ``device``: where the packed
+    layer lives and which kernels are eligible (default: ``m``'s weight's device).
     """
+    info = layer_info(m, device, act_dtype)
+    if info is None:
+        return None
+    kernel = select_kernel(info, fast)
+    if qt is None:
+        qt = weight_qtensor(m) if m.weight.device.type == "cpu" or _portable(info.weight) \
+            else _cpu_weight_qtensor(m)
+    return PackedLinear.from_qtensor(qt, m.bias, m.weight.dtype, kernel, info.input_quantizer,
+                                     info.device, act_dtype)
+
+
+def _portable(spec) -> bool:
+    """Whether lowbit.core can quantize to ``spec`` off the CPU (integer and torch-native
+    float8 codes; the other minifloats and e8m0 scales encode through CPU tables)."""
+    fmt = spec.element_format
+    return (fmt.kind == "int" or getattr(fmt, "torch_dtype", None) is not None) and \
+        spec.scale_format != "e8m0"
+
+
+def _cpu_weight_qtensor(m: QuantLinear) -> QTensor:
+    """:func:`lowbit.export.weight_qtensor` of ``m`` computed on a CPU copy of its weight."""
+    from lowbit.core import quantize
+
+    q = m.weight_quantizer
+
+    def cpu(t):
+        return None if t is None else t.detach().cpu()
+
+    w = cpu(m.weight_2d())
+    if q.scale is not None:
+        return quantize(w, q.spec, scale=cpu(q.scale), zero_point=cpu(q.zero_point),
+                        global_scale=cpu(q.global_scale))
+    return quantize(w, q.spec)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set submodule ``name`` (dotted) of ``model`` to ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert(model: nn.Module, fast: bool = True, act_dtype: torch.dtype | None = None
+            ) -> Counter:
+    """Replace every quantized ``nn.Linear`` of ``model`` by a :class:`PackedLinear` (in
+    place) and return how many layers got each kernel.
+
+    ``fast=False`` uses the reference (dequantize-then-matmul) path for all layers.
+    ``act_dtype``: dtype of activations and scales in the CPU weight-only kernels (default
+    bfloat16, the only dtype torch vectorizes them for; ``torch.float32`` reproduces the
+    fake-quantized model to ~1e-6 but runs 20-100x slower). The float weights of converted
+    layers are released; layers with an output quantizer stay fake-quantized.
+    """
+    check_act_dtype(act_dtype)
     counts: Counter = Counter()
     for name, m in list(model.named_modules()):
         if not isinstance(m, QuantLinear):
             continue
-        kernel = _kernel_for(m, fast)
-        if kernel == "keep":
+        new = packed_module(m, None, fast, act_dtype)
+        if new is None:
             continue
-        qt = weight_qtensor(m)
-        dtype = m.weight.dtype
-        bias = m.bias
-        if kernel == "int8_weight_only":
-            new = PackedLinear.int8_weight_only(qt, bias, dtype)
-        elif kernel == "int4_weight_only":
-            new = PackedLinear.int4_weight_only(qt, bias, dtype)
-        elif kernel == "w8a8_int8":
-            new = PackedLinear.w8a8_int8(qt, m.input_quantizer.spec, bias, dtype)
-        else:
-            iq = m.input_quantizer if m.input_quantizer.is_enabled else None
-            new = PackedLinear.reference(qt, bias, dtype, iq)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        counts[kernel] += 1
+        replace_module(model, name, new)
+        counts[new.kernel] += 1
+    if counts:
+        release_memory()
     return counts
 
 
+def release_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Packing frees many mid-sized temporaries and the float weights, which glibc
+    otherwise keeps mapped: without this the process stays several hundred MB above the
+    packed model after :func:`convert` or a packed load of a 135M-parameter model."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl ...)
+        pass
+
+
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (tied tensors once): the resident weights."""
+    """Bytes of all parameters and buffers of ``model`` (tied tensors once): the resident
+    weights."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -84,5 +152,47 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["PackedLinear", "convert", "weight_bytes"]
-del torch
+def memory_report(model: nn.Module) -> dict:
+    """Resident weight memory against the packed size, in bytes.
+
+    ``resident``: :func:`weight_bytes`; ``packed``: the same model with every packed layer's
+    weight counted at its packed size (codes + scales as quantized, see
+    :func:`lowbit.runtime.storage.packed_nbytes`) instead of what its kernel keeps;
+    ``ratio``: resident / packed (1.0 for the reference kernel; the int4 kernels keep
+    (scale, zero) pairs in the activation dtype). ``kernels``: per kernel, ``layers``,
+    ``resident`` and ``packed`` bytes of the packed weights alone.
+    """
+    resident = weight_bytes(model)
+    kernels: dict[str, dict] = {}
+    own = packed = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            r = m.resident_nbytes()
+            k = kernels.setdefault(m.kernel, {"layers": 0, "resident": 0, "packed": 0})
+            k["layers"] += 1
+            k["resident"] += r
+            k["packed"] += m.packed_nbytes
+            own += r
+            packed += m.packed_nbytes
+    total_packed = resident - own + packed
+    return {"resident": resident, "packed": total_packed,
+            "ratio": resident / total_packed if total_packed else 1.0, "kernels": kernels}
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """The packed size of ``model`` in bytes (see :func:`memory_report`)."""
+    return memory_report(model)["packed"]
+
+
+def load_packed(path, device: str = "cpu", fast: bool = True,
+                act_dtype: torch.dtype | None = None) -> nn.Module:
+    """A native lowbit checkpoint loaded straight into packed layers (no float weights of
+    quantized layers are built): ``lowbit.load(path, device, packed=...)``."""
+    from lowbit.export.native import load
+
+    return load(path, device, packed={"fast": fast, "act_dtype": act_dtype})
+
+
+__all__ = ["Kernel", "LayerInfo", "PackedLinear", "convert", "get_kernel", "kernel_names",
+           "layer_info", "load_packed", "memory_report", "packed_bytes", "packed_module",
+           "register_kernel", "release_memory", "replace_module", "select_kernel", "weight_bytes"]

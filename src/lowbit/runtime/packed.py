@@ -1,129 +1,168 @@
-"""Packed linear layers that keep weights as codes and compute with real low-bit kernels.
+"""``PackedLinear``: a linear layer whose weight stays as low-bit codes, computed by a kernel.
 
-Kernels (chosen per layer by :func:`lowbit.runtime.convert`):
+The kernels and how each is chosen are in :mod:`lowbit.runtime.kernels` (CPU, reference)
+and :mod:`lowbit.runtime.cuda` (GPU); the reference storage in
+:mod:`lowbit.runtime.storage`. Tolerances against the fake-quantized model (relative to the
+largest output, float32 model):
 
-* ``int8_weight_only``: int8 per-channel weights, ``torch._weight_int8pack_mm`` (CPU);
-* ``int4_weight_only``: int4 grouped weights (symmetric or affine), packed by
-  ``torch._convert_weight_to_int4pack_for_cpu`` and multiplied by
-  ``torch._weight_int4pack_mm_for_cpu`` (``x = (q_u - 8) * scale + zero``, with
-  ``q_u = code + 8`` and ``zero = -zero_point * scale``);
-* ``w8a8_int8``: int8 per-channel weights and dynamic per-token int8 activations (quantized by
-  :func:`lowbit.core.quantize`), ``torch._int_mm`` (int32 accumulation), rescaled by both
-  scales;
-* ``reference``: any format: codes and scales kept packed, dequantized (``lowbit.core``) at
-  each call and multiplied in float; input quantizers kept as they are.
+* ``reference``: identical (``dequantize`` equals ``fake_quant`` bit for bit and the same
+  ``F.linear`` runs);
+* ``w8a8_int8``: ~1e-6 from the order of operations (scales after the integer dot product),
+  but a 1-ulp difference upstream can move an activation by one int8 step, so whole models
+  agree to ~1e-2;
+* ``int8_weight_only``, ``int4_weight_only`` on the CPU: activations and scales in bfloat16
+  (``act_dtype``; default): ~1e-2; with ``act_dtype=torch.float32``: ~1e-6 (but 20-100x
+  slower);
+* GPU kernels: bfloat16 activations or outputs: ~1e-2.
 
-Outputs match the fake-quantized model up to the order of floating-point operations (the
-kernels scale after the dot product instead of before): relative differences of order 1e-6
-in float32.
+The packed buffers keep their dtypes through ``module.to(dtype)``/``.half()`` (only device
+moves apply to them), so a converted model can be cast without corrupting its codes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lowbit import formats
-from lowbit.core import QTensor, QuantSpec, dequantize, quantize
+from lowbit.core import QTensor
+from lowbit.errors import ConfigError
+from lowbit.runtime import cuda as _cuda  # noqa: F401  (registers the GPU kernels)
+from lowbit.runtime.kernels import LayerInfo, check_act_dtype, get_kernel, select_kernel
+from lowbit.runtime.storage import packed_nbytes
 
 
 class PackedLinear(nn.Module):
-    """A linear layer whose weight is stored as low-bit codes; see the module doc."""
+    """``y = x W^T + b`` with ``W [out, in]`` stored packed for kernel ``kernel``.
+
+    Build it with :meth:`from_qtensor` (or :func:`lowbit.runtime.convert`). ``packed_nbytes``
+    is the size of the weight's codes and scales as quantized (see
+    :func:`lowbit.runtime.storage.packed_nbytes`); ``compute_dtype`` the model's dtype.
+    """
 
     def __init__(self, kernel: str, in_features: int, out_features: int,
                  bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         self.kernel = kernel
+        self._impl = get_kernel(kernel)
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
         self.input_quantizer = None
-        self.qt_meta = None
+        self.packed_nbytes = 0
+        self.spec = None
 
     # --- builders -----------------------------------------------------------------------------
     @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32, kernel: str | None = None,
+                     input_quantizer: nn.Module | None = None, device=None,
+                     act_dtype: torch.dtype | None = None) -> "PackedLinear":
+        """A packed layer for the 2-D ``[out, in]`` quantized weight ``qt``.
+
+        ``kernel``: a registered kernel name, or None to pick the best one for ``device``
+        (default: the device of ``qt.codes``); a kernel that does not support the layer is a
+        ConfigError. ``input_quantizer``: the layer's enabled input quantizer, applied as in
+        the fake-quantized model (reference) or fused into the kernel (W8A8). ``dtype``: the
+        model's dtype; ``act_dtype``: the dtype of the CPU weight-only kernels (bfloat16).
+        """
+        if len(qt.shape) != 2:
+            raise ConfigError(f"PackedLinear needs a 2-D [out, in] weight; got shape "
+                              f"{list(qt.shape)}")
+        check_act_dtype(act_dtype)
+        device = torch.device(device) if device is not None else qt.codes.device
+        iq = input_quantizer if input_quantizer is not None and \
+            getattr(input_quantizer, "is_enabled", True) else None
+        info = LayerInfo(qt.spec, None if iq is None else iq.spec, iq, qt.shape[1],
+                         qt.shape[0], device, dtype, act_dtype)
+        name = kernel or select_kernel(info)
+        impl = get_kernel(name)
+        if kernel is not None and not impl.supports(info):
+            raise ConfigError(f"kernel {kernel!r} does not support a {qt.spec.short()} weight "
+                              f"of shape {list(qt.shape)} on {device}"
+                              + (f" with {iq.spec.short()} inputs" if iq is not None else ""))
+        m = cls(name, qt.shape[1], qt.shape[0], bias, dtype)
+        with torch.no_grad():
+            if impl.devices:  # a device kernel packs on its device
+                impl.build(m, _to_device(qt, device), info)
+            else:  # packing is portable: on the CPU (lowbit.formats' tables live there)
+                impl.build(m, _to_device(qt, torch.device("cpu")), info)
+        if impl.keeps_input_quantizer:
+            m.input_quantizer = iq
+        m.to(device)
+        m.spec = qt.spec
+        m.packed_nbytes = packed_nbytes(qt.spec, qt.shape)
+        return m
+
+    # legacy builders (one kernel each)
+    @classmethod
     def int8_weight_only(cls, qt: QTensor, bias, dtype) -> "PackedLinear":
         """From a per-channel symmetric int8 QTensor of a ``[out, in]`` weight."""
-        m = cls("int8_weight_only", qt.shape[1], qt.shape[0], bias, dtype)
-        fmt = qt.element_format
-        m.register_buffer("w_int8", fmt.code_to_int(qt.codes).to(torch.int8).contiguous())
-        m.register_buffer("w_scale", qt.scale.reshape(-1).to(dtype).contiguous())
-        return m
+        return cls.from_qtensor(qt, bias, dtype, "int8_weight_only")
 
     @classmethod
     def int4_weight_only(cls, qt: QTensor, bias, dtype) -> "PackedLinear":
         """From a grouped int4 QTensor (symmetric or affine) of a ``[out, in]`` weight."""
-        out_f, in_f = qt.shape
-        m = cls("int4_weight_only", in_f, out_f, bias, dtype)
-        fmt = qt.element_format
-        q_u = (fmt.code_to_int(qt.codes) + 8).to(torch.int32).contiguous()
-        m.register_buffer("w_packed", torch._convert_weight_to_int4pack_for_cpu(q_u, 1))
-        scale = qt.scale.float()  # [out, G]
-        zero = torch.zeros_like(scale) if qt.zero_point is None else \
-            -qt.zero_point.float() * scale
-        m.register_buffer("scale_zeros", torch.stack([scale.t(), zero.t()], -1)
-                          .to(dtype).contiguous())  # [G, out, 2]
-        m.group_size = qt.spec.group_size
-        return m
-
-    @classmethod
-    def w8a8_int8(cls, qt: QTensor, act_spec: QuantSpec, bias, dtype) -> "PackedLinear":
-        """From a per-channel int8 weight and a dynamic per-token int8 activation spec."""
-        m = cls("w8a8_int8", qt.shape[1], qt.shape[0], bias, dtype)
-        fmt = qt.element_format
-        m.register_buffer("w_int8_t", fmt.code_to_int(qt.codes).to(torch.int8).t().contiguous())
-        m.register_buffer("w_scale", qt.scale.reshape(1, -1).float().contiguous())
-        m.act_spec = act_spec
-        return m
+        return cls.from_qtensor(qt, bias, dtype, "int4_weight_only")
 
     @classmethod
     def reference(cls, qt: QTensor, bias, dtype, input_quantizer=None) -> "PackedLinear":
         """Any format: packed codes + scales, dequantized at each call."""
-        m = cls("reference", qt.shape[1], qt.shape[0], bias, dtype)
-        m.register_buffer("codes", qt.packed_codes())
-        m.register_buffer("scale", qt.scale)
-        m.register_buffer("zero_point", qt.zero_point)
-        m.register_buffer("global_scale", qt.global_scale)
-        m.spec = qt.spec
-        m.input_quantizer = input_quantizer
-        return m
+        return cls.from_qtensor(qt, bias, dtype, "reference", input_quantizer)
 
     # --- forward ------------------------------------------------------------------------------
-    def _dequantized(self) -> torch.Tensor:
-        fmt = self.spec.element_format
-        codes = formats.unpack(self.codes, fmt.bits, self.in_features)
-        qt = QTensor(codes, self.scale, self.zero_point, self.spec,
-                     (self.out_features, self.in_features), self.compute_dtype, self.global_scale)
-        return dequantize(qt)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x W^T + b`` with the packed weight; ``x [..., in]`` -> ``[..., out]``."""
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "int8_weight_only":
-            y = torch._weight_int8pack_mm(x2.to(self.compute_dtype), self.w_int8, self.w_scale)
-        elif self.kernel == "int4_weight_only":
-            y = torch._weight_int4pack_mm_for_cpu(x2.to(self.compute_dtype), self.w_packed,
-                                                  self.group_size, self.scale_zeros)
-        elif self.kernel == "w8a8_int8":
-            qx = quantize(x2, self.act_spec)
-            xi = self.act_spec.element_format.code_to_int(qx.codes).to(torch.int8)
-            if xi.shape[0] <= 16:  # _int_mm wants more than 16 rows: pad (decode is 1 row)
-                pad = 17 - xi.shape[0]
-                acc = torch._int_mm(F.pad(xi, (0, 0, 0, pad)), self.w_int8_t)[: xi.shape[0]]
-            else:
-                acc = torch._int_mm(xi, self.w_int8_t)
-            y = (acc.float() * qx.scale.float() * self.w_scale).to(x.dtype)
-        else:
-            if self.input_quantizer is not None:
-                x2 = self.input_quantizer(x2)
-            y = F.linear(x2, self._dequantized().to(x2.dtype))
+        """``y = x W^T + b``: ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype."""
+        y = self._impl.forward(self, x.reshape(-1, self.in_features))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape, self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float ``[out, in]`` weight (reference kernel only; for checks and debugging)."""
+        if self.kernel != "reference":
+            raise ConfigError(f"dequantized_weight needs the reference kernel; this layer "
+                              f"runs {self.kernel!r} (convert with fast=False)")
+        from lowbit.runtime.storage import dequantize_packed
+
+        return dequantize_packed({"codes": self.codes, "scale": self.scale,
+                                  "zero_point": self.zero_point,
+                                  "global_scale": self.global_scale}, self.spec,
+                                 (self.out_features, self.in_features), self.compute_dtype)
+
+    def resident_nbytes(self) -> int:
+        """Bytes of this layer's own buffers (the packed weight as the kernel keeps it)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values()
+                   if b is not None)
+
+    def _apply(self, fn, recurse=True):
+        # casts (model.half(), .to(bfloat16)) must not touch codes and scales: a buffer
+        # whose dtype fn would change only follows fn's device
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for k, b in before.items():
+            nb = self._buffers.get(k)
+            if b is not None and nb is not None and nb.dtype != b.dtype:
+                self._buffers[k] = b.to(nb.device)
+        return self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._impl = get_kernel(self.kernel)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, kernel={self.kernel}"
+
+
+def _to_device(qt: QTensor, device: torch.device) -> QTensor:
+    if qt.codes.device == device:
+        return qt
+
+    def mv(t):
+        return None if t is None else t.to(device)
+
+    return QTensor(mv(qt.codes), mv(qt.scale), mv(qt.zero_point), qt.spec, qt.shape, qt.dtype,
+                   mv(qt.global_scale))
