@@ -89,13 +89,16 @@ class HessianAccumulator:
         return self
 
     def all_reduce(self, group=None) -> None:
-        """Sum the state over the processes of ``torch.distributed`` (every rank gets the H)."""
+        """Sum the state over the processes of ``torch.distributed`` (every rank gets the H),
+        in place: ``H * n`` summed, divided by the total ``N`` (no extra ``[in, in]`` copy)."""
         import torch.distributed as dist
 
-        s = self.state_dict()
-        dist.all_reduce(s["sum"], group=group)
-        dist.all_reduce(s["n"], group=group)
-        self.load_state_dict(s)
+        n = torch.tensor([self.n_tokens], dtype=torch.int64, device=self.H.device)
+        self.H.mul_(self.n_tokens)
+        dist.all_reduce(self.H, group=group)
+        dist.all_reduce(n, group=group)
+        self.n_tokens = int(n[0])
+        self.H.div_(max(self.n_tokens, 1))
 
 
 @dataclass
@@ -140,19 +143,37 @@ def _scales(x: torch.Tensor, spec: QuantSpec, nv_amax):
             None if zp is None else lay.to_natural(zp), None if extra is None else extra[1])
 
 
+def _all_finite(t: torch.Tensor, elements: int = 1 << 20) -> bool:
+    """Whether every element of ``t`` is finite, checked ~``elements`` at a time
+    (``torch.isfinite`` of a whole ``[n, n]`` matrix allocates about twice its size)."""
+    if t.ndim == 2 and not t.is_contiguous() and t.mT.is_contiguous():
+        t = t.mT
+    if t.ndim < 2 or not t.is_contiguous():
+        return bool(torch.isfinite(t).all())
+    rows = max(1, elements // max(1, t.shape[-1]))
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
+
+
 def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: str):
-    """Upper Cholesky factor of ``(H + damp I)^-1`` (retrying with 10x damping), and damp."""
-    diag = torch.diag(H)
+    """Upper Cholesky factor of ``(H + damp I)^-1`` (retrying with 10x damping), and damp.
+
+    ``H``'s diagonal is damped in place (the caller's private copy); the factor, its
+    inverse and the upper factor share one buffer, so the peak is two ``[in, in]`` matrices.
+    """
+    diag = torch.diag(H).clone()
     base = float(diag.abs().mean())  # mean(diag H) for any valid (PSD) Hessian
     base = base if base > 0 else 1.0
     damp = percdamp * base
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        H.diagonal().copy_(diag + damp)  # == H + damp * I, bit for bit
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, damp
+            torch.cholesky_inverse(L, out=L)  # in place: the same values as a new tensor
+            torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
+            if int(info) == 0 and _all_finite(L):
+                return L, damp
+        del L
         new = damp * 10 if damp > 0 else 0.01 * base
         if attempt == max_retries:
             break
@@ -168,7 +189,7 @@ def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: s
 def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
                          block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
                          static_groups: bool = True, max_retries: int = 5,
-                         name: str = "weight") -> GPTQResult:
+                         name: str = "weight", overwrite_hessian: bool = False) -> GPTQResult:
     """GPTQ of ``weight [out, in]`` with the Hessian ``H [in, in]`` of its inputs, for ``spec``.
 
     See the module doc for the scales and act-order. ``name`` (e.g. the layer's) goes into
@@ -176,6 +197,13 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     with NaN/Inf, or not positive definite after ``max_retries`` tenfold dampings (each retry
     warns), :class:`FormatError` for a weight with NaN/Inf, :class:`ConfigError` for bad
     options (a group size that does not divide ``in``, a dynamic spec...).
+
+    Memory: the inverse Hessian is computed before the float32 copies of the weight are
+    made: the peak is two ``[in, in]`` matrices (damped ``H`` and the factor, refined in
+    place into the inverse's upper factor), then that factor and three or four float32
+    ``[out, in]`` matrices (weights, scales, result) -- plus the caller's ``H`` unless
+    ``overwrite_hessian=True``: then ``H`` (float32 or float64, on the weight's device) is
+    consumed, overwritten and its memory released (the caller's tensor becomes empty).
     """
     if weight.ndim != 2:
         raise ConfigError(f"GPTQ {name}: expected a 2-D weight [out, in], got shape "
@@ -191,25 +219,46 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
         raise ConfigError(f"GPTQ {name}: spec {spec.short()} is dynamic; GPTQ needs a weight spec "
                           "with static scales")
     dev = weight.device
-    W = weight.detach().to(torch.float32).clone()
-    if not bool(torch.isfinite(W).all()):
+    if not _all_finite(weight.detach()):
         raise FormatError(f"GPTQ {name}: the weight contains NaN/Inf values; expected finite "
                           "numbers")
-    H = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32).clone()
-    if not bool(torch.isfinite(H).all()):
+    given = H
+    H = H.detach().to(dev, torch.float64 if H.dtype == torch.float64 else torch.float32,
+                      copy=not overwrite_hessian)
+    if not _all_finite(H):
         raise CalibrationError(f"GPTQ {name}: the Hessian contains NaN/Inf values (non-finite "
                                "calibration activations?)")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
 
-    lay = Layout(spec, W.shape)  # checks that the group size divides in_features
+    lay = Layout(spec, (out_f, in_f))  # checks that the group size divides in_features
     bf = spec.block_format
-    nv_amax = W.abs().amax() if bf is not None and bf.global_scale else None
     grouped = spec.granularity == "group" and lay.axis == 1
     g = spec.group_size if grouped else in_f
     sweep = grouped and not (act_order and static_groups)
     col_spec = _column_spec(spec)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        H = H[perm][:, perm]
+    cols = perm.tolist() if perm is not None else list(range(in_f))
+    pos_of = torch.argsort(perm) if perm is not None else torch.arange(in_f, device=dev)
+
+    # the inverse first: the weight's float32 copies do not coexist with its temporaries
+    U, damp = _inverse_hessian(H, percdamp, max_retries, name)
+    Hinv = U.to(torch.float32)
+    if overwrite_hessian:  # consumed: its memory goes now, whoever still refers to it
+        for t in (H, given):
+            try:
+                t.untyped_storage().resize_(0)
+            except RuntimeError:  # storage not owned by torch (e.g. from numpy)
+                pass
+    del H, U, given
+
+    W = weight.detach().to(torch.float32, copy=True)
+    W[:, dead] = 0
+    nv_amax = W.abs().amax() if bf is not None and bf.global_scale else None
 
     # per-element scales S (and zero points Z), transposed [in, out] so a column is a row
     if sweep:
@@ -222,21 +271,13 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
         S, Z, scale, zp, gscale = _scales(W, spec, nv_amax)
         ST = S.t().contiguous()
         ZT = None if Z is None else Z.t().contiguous()
+        del S, Z
     known = [not sweep] * (in_f // g)
-
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
-    cols = perm.tolist() if perm is not None else list(range(in_f))
-    pos_of = torch.argsort(perm) if perm is not None else torch.arange(in_f, device=dev)
-
-    U, damp = _inverse_hessian(H, percdamp, max_retries, name)
-    Hinv = U.to(torch.float32)
-    del H, U
 
     WT = W.t().contiguous()  # [in, out], in sweep order
+    del W
     QT = torch.empty_like(WT)
     loss = torch.zeros((), dtype=torch.float64, device=dev)
     for i1 in range(0, in_f, block_size):

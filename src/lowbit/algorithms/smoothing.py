@@ -15,6 +15,7 @@ output on sampled inputs.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -137,11 +138,17 @@ class GroupProbe:
     the group's own. ``token_weight``: ``"none"`` (plain squared error) or ``"norm"`` (each
     token's error relative to its full-precision output, ``sum_t ||dy_t||^2 / ||y_t||^2``, so
     that a few tokens with massive activations do not decide alone).
+
+    ``reduce``: combines the loss of this process's inputs with the other ranks' (e.g.
+    ``ctx.comm.sum_float`` in data-parallel calibration); the per-call errors are summed in
+    float64, so the total does not depend on how the calls are split.
     """
 
     def __init__(self, block: nn.Module, group: InputGroup, inputs: dict[str, list],
-                 act_quant: bool = False, token_weight: str = "none"):
+                 act_quant: bool = False, token_weight: str = "none",
+                 reduce: Callable[[float], float] | None = None):
         self.block = block
+        self.reduce = reduce
         self.group = group
         self.inputs = inputs
         self.mods = [block.get_submodule(n) for n in group.linears]
@@ -204,8 +211,9 @@ class GroupProbe:
             for m, w in zip(self.mods, saved):
                 weight_2d(m).copy_(w)
                 m.invalidate_weight_cache()
-        return float(sum(((o - r).square().sum(-1) * w).sum()
-                         for o, r, w in zip(outs, self.ref, self.weights)))
+        local = sum(float(((o - r).square().sum(-1) * w).sum())
+                    for o, r, w in zip(outs, self.ref, self.weights))
+        return float(local) if self.reduce is None else float(self.reduce(float(local)))
 
     @staticmethod
     def _scale_in(x: torch.Tensor, s, spec) -> torch.Tensor:

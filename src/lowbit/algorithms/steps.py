@@ -78,7 +78,7 @@ def smoothquant_step(ctx, args: dict) -> None:
         probe = None
         if grid is not None:
             probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
-                               act_quant=True)
+                               act_quant=True, reduce=ctx.comm.sum_float)
         alpha, s, _ = smooth_group(ctx.block, g, stats[g.linears[0]].absmax,
                                    float(args["alpha"]), probe, grid, fold=False)
         ctx.fold(g, s)
@@ -87,8 +87,10 @@ def smoothquant_step(ctx, args: dict) -> None:
 
 
 def _block_error(ctx, sample, ref) -> float:
+    """Squared error of the block's outputs on ``sample`` (float64 sum over calls and ranks)."""
     outs = ctx.run(sample, collect=True)
-    return float(sum((o.float() - r).square().sum() for o, r in zip(outs, ref)))
+    return ctx.comm.sum_float(sum(float((o.float() - r).square().sum())
+                                  for o, r in zip(outs, ref)))
 
 
 def awq_step(ctx, args: dict) -> None:
@@ -118,7 +120,8 @@ def _awq(ctx, args, groups, stats, sample) -> None:
     alphas = []
     for g in groups:
         probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, args["loss"]), sample),
-                           act_quant=bool(args["act_quant"]), token_weight=args["token_weight"])
+                           act_quant=bool(args["act_quant"]), token_weight=args["token_weight"],
+                           reduce=ctx.comm.sum_float)
         st = stats[g.linears[0]]
         xmean = st.absmean if args["token_weight"] == "none" else st.nabsmean
         alpha, s, _ = awq_search(ctx.block, g, probe, xmean,
@@ -185,21 +188,26 @@ def gptq_step(ctx, args: dict) -> None:
         finally:
             for h in hooks:
                 h.remove()
+        if ctx.comm.enabled:  # data-parallel: sum the ranks' Hessians (see pipeline.distributed)
+            for n in grp:
+                accs[n].all_reduce(ctx.comm.group)
         for n, m in zip(grp, mods):
             if accs[n].n_tokens == 0:
                 continue
-            r = gptq_quantize_weight(m.weight_2d().detach().float(), accs[n].H,
+            # the accumulator's H is handed over: GPTQ overwrites it and releases its memory
+            # once inverted (one [in, in] matrix less at the peak)
+            r = gptq_quantize_weight(m.weight_2d().detach(), accs.pop(n).H,
                                      m.weight_quantizer.spec, block_size=int(args["block_size"]),
                                      percdamp=float(args["percdamp"]),
                                      act_order=bool(args["act_order"]),
                                      static_groups=bool(args["static_groups"]),
-                                     name=f"{ctx.name}.{n}")
+                                     name=f"{ctx.name}.{n}", overwrite_hessian=True)
             with torch.no_grad():
                 m.weight.copy_(m.weight_from_2d(r.weight).to(m.weight.dtype))
             m.weight_quantizer.set_fixed_scale(r.scale, r.zero_point, r.global_scale)
             m.invalidate_weight_cache()
             losses[n] = round(r.loss, 6)
-            del accs[n]
+            del r
     ctx.info["gptq_loss"] = losses
 
 

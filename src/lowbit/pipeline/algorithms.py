@@ -47,14 +47,11 @@ def algorithm_names() -> list[str]:
 step_names = algorithm_names
 
 
-def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
-                   chunk_size: int = 8, progress=None) -> list[dict]:
-    """Run the recipe's algorithm steps: model steps first, then the block steps with the
-    block-by-block runner (which also calibrates each block). Returns the runner's rows."""
-    from lowbit.pipeline.blocks import run_blocks
-
+def recipe_steps(recipe) -> tuple[list[tuple], list[tuple]]:
+    """``(model_steps, block_steps)`` of ``recipe``, checked: ``model_steps`` as ``[(fn,
+    step)]``, ``block_steps`` as ``[(fn, args with defaults, targets)]`` for the block
+    runner. Unknown steps or arguments: :class:`ConfigError`."""
     _load_builtins()
-    block_steps = []
     for step in recipe.algorithms:
         if step.name not in _ALGORITHMS:
             raise ConfigError(f"recipe {recipe.name}: unknown algorithm {step.name!r}; "
@@ -64,13 +61,27 @@ def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
         if bad:
             raise ConfigError(f"recipe {recipe.name}: algorithm {step.name}: unknown argument "
                               f"{bad[0]!r}; expected one of: {', '.join(sorted(allowed))}")
+    model_steps, block_steps = [], []
     for step in recipe.algorithms:
         fn, scope, allowed = _ALGORITHMS[step.name]
         if scope == "model":
-            fn(model, step, forward_loop, report)
+            model_steps.append((fn, step))
         else:
             block_steps.append((fn, {**(allowed or {}), **step.args}, step.targets))
+    return model_steps, block_steps
+
+
+def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
+                   chunk_size: int = 8, progress=None, comm=None) -> list[dict]:
+    """Run the recipe's algorithm steps: model steps first, then the block steps with the
+    block-by-block runner (which also calibrates each block). Returns the runner's rows.
+    ``comm``: data-parallel calibration (see :func:`lowbit.pipeline.blocks.run_blocks`)."""
+    from lowbit.pipeline.blocks import run_blocks
+
+    model_steps, block_steps = recipe_steps(recipe)
+    for fn, step in model_steps:
+        fn(model, step, forward_loop, report)
     if not block_steps:
         return []
     return run_blocks(model, block_steps, forward_loop, report, feed=feed,
-                      chunk_size=chunk_size, progress=progress)
+                      chunk_size=chunk_size, progress=progress, comm=comm)

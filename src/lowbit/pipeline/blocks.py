@@ -19,7 +19,9 @@ FX tracing: plain hooks. A model without decoder blocks runs as a single block.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,13 +36,25 @@ from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import quantizers
 from lowbit.pipeline.capture import (Captured, Chunk, _capture_model_inputs, _detach, _Stop,
                                      capture_block_inputs)
+from lowbit.pipeline.distributed import LOCAL, Collective, current
 
 __all__ = ["BlockContext", "Captured", "Chunk", "LinearStats", "calibrate_block",
-           "capture_block_inputs", "run_blocks"]
+           "capture_block_inputs", "chunk_layout", "process_block", "run_blocks", "trim_heap"]
 
 
 def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def trim_heap() -> None:
+    """Give the heap's freed pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). Without it the mid-sized temporaries of each block (activations, scales,
+    codes) fragment the heap and the resident memory creeps up from block to block."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -72,10 +86,21 @@ class BlockContext:
     Attributes: ``model``, ``block``, ``name`` (``model.layers.3``), ``index``, ``adapter``,
     ``chunks`` (the block's captured inputs, with their per-block overrides applied by
     :meth:`calls`), ``info`` (a dict the step may fill; it lands in the report).
+
+    Data-parallel calibration: ``comm`` (a :class:`lowbit.pipeline.distributed.Collective`;
+    default: none) combines what the ranks saw. ``chunks`` are then this rank's share,
+    ``layout`` the ``(samples, tokens)`` of every chunk of every rank (rank order) and
+    ``offset`` the global index of this rank's first chunk (see :func:`chunk_layout`).
+    Steps combine their own statistics through ``ctx.comm`` (``sum_``, ``max_``,
+    ``sum_float``...); :meth:`linear_stats` and :meth:`sample` are already global.
+    ``low_memory``: after every :meth:`run`, drop the cached fake-quantized weights and give
+    freed heap pages back to the system (:func:`trim_heap`).
     """
 
     def __init__(self, model, block, name, index, adapter, chunks, overrides,
-                 sample_tokens: int = 512):
+                 sample_tokens: int = 512, comm: Collective | None = None,
+                 layout: list[tuple[int, int]] | None = None, offset: int = 0,
+                 low_memory: bool = False):
         self.model = model
         self.block = block
         self.name = name
@@ -86,7 +111,23 @@ class BlockContext:
         self.info: dict[str, Any] = {}
         self.targets: list[str] | None = None
         self.sample_tokens = sample_tokens
+        self.comm = comm if comm is not None else LOCAL
+        self.layout = layout
+        self.offset = offset
+        self.low_memory = low_memory
         self._stats: dict[str, LinearStats] | None = None
+
+    def global_layout(self) -> list[tuple[int, int]]:
+        """``(samples, tokens)`` of every chunk of every rank, in global order."""
+        if self.layout is not None:
+            return self.layout
+        return [(c.n_samples, c.n_tokens) for c in self.chunks]
+
+    def drop_weight_caches(self) -> None:
+        """Forget the block's cached fake-quantized weights (they are rebuilt when needed)."""
+        for m in self.block.modules():
+            if isinstance(m, QuantMixin):
+                m.invalidate_weight_cache()
 
     # --- running the block ----------------------------------------------------------------
     def call(self, c: Chunk) -> tuple[tuple, dict]:
@@ -124,26 +165,19 @@ class BlockContext:
         finally:
             for h in hooks:
                 h.remove()
+            if self.low_memory:
+                self.drop_weight_caches()
+                trim_heap()
         return outs
 
     def sample(self, max_tokens: int) -> list[Chunk]:
-        """About ``max_tokens`` tokens of the inputs (whole samples, spread over the chunks)."""
-        total = sum(c.n_tokens for c in self.chunks)
-        if total <= max_tokens:
+        """About ``max_tokens`` tokens of the inputs (whole samples, spread over the chunks;
+        over all ranks' chunks, each rank returning its own part)."""
+        plan = sample_plan(self.global_layout(), max_tokens)
+        if plan is None:
             return list(self.chunks)
-        per_sample = max(1, total // max(1, sum(c.n_samples for c in self.chunks)))
-        need = max(1, max_tokens // per_sample)
-        step = max(1, len(self.chunks) // need) if need < len(self.chunks) else 1
-        picked = self.chunks[::step]
-        out, got = [], 0
-        take = max(1, math.ceil(need / len(picked)))
-        for c in picked:
-            if got >= need:
-                break
-            k = min(take, need - got, c.n_samples)
-            out.append(c.head(k))
-            got += k
-        return out
+        lo, hi = self.offset, self.offset + len(self.chunks)
+        return [self.chunks[i - lo].head(k) for i, k in plan if lo <= i < hi]
 
     @contextmanager
     def weights_fp(self, modules: list[nn.Module] | None = None):
@@ -196,25 +230,28 @@ class BlockContext:
 
     # --- statistics -------------------------------------------------------------------------
     def linear_stats(self) -> dict[str, LinearStats]:
-        """Statistics of every quantized linear's input (all chunks, block weights in full
-        precision), computed once per block and kept up to date by :meth:`fold`."""
+        """Statistics of every quantized linear's input (all chunks of every rank, block
+        weights in full precision), computed once per block and kept up to date by
+        :meth:`fold`. Sums are accumulated in float64 (exact for the per-chunk float32
+        terms, so ranks combine them bit for bit)."""
         if self._stats is not None:
             return self._stats
         names = self.quantized_linears()
         acc: dict[str, list] = {n: [None, None, 0, [], None] for n in names}
-        total = sum(c.n_tokens for c in self.chunks)
-        per_chunk = max(1, math.ceil(self.sample_tokens / max(1, len(self.chunks))))
+        layout = self.global_layout()
+        total = sum(t for _, t in layout)
+        per_chunk = max(1, math.ceil(self.sample_tokens / max(1, len(layout))))
 
         def hook(mod, a, n):
             x = a[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()
             st = acc[n]
             ax = x.abs()
-            mx, sm = ax.amax(0), ax.sum(0)
+            mx, sm = ax.amax(0), ax.sum(0).double()
             st[0] = mx if st[0] is None else torch.maximum(st[0], mx)
             st[1] = sm if st[1] is None else st[1] + sm
             st[2] += x.shape[0]
-            nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
+            nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0).double()
             st[4] = nm if st[4] is None else st[4] + nm
             if x.shape[0] > per_chunk:
                 idx = torch.linspace(0, x.shape[0] - 1, per_chunk).round().long()
@@ -231,11 +268,29 @@ class BlockContext:
         finally:
             for h in hs:
                 h.remove()
-        self._stats = {n: LinearStats(st[0], st[1] / max(st[2], 1), st[4] / max(st[2], 1),
-                                      st[2], torch.cat(st[3]))
-                       for n, st in acc.items() if st[0] is not None}
+        if self.comm.enabled:
+            self._reduce_stats(acc, mods)
+        self._stats = {n: LinearStats(st[0], (st[1] / max(st[2], 1)).float(),
+                                      (st[4] / max(st[2], 1)).float(), st[2], torch.cat(st[3]))
+                       for n, st in acc.items() if st[0] is not None and st[2] > 0}
         self.info.setdefault("stat_tokens", total)
         return self._stats
+
+    def _reduce_stats(self, acc: dict[str, list], mods: list[nn.Module]) -> None:
+        """Combine the ranks' statistics (every rank, every linear, in one order)."""
+        comm = self.comm
+        for (n, st), m in zip(acc.items(), mods):
+            width = m.weight_2d().shape[1]
+            dev = m.weight.device
+            if st[0] is None:  # this rank never reached the linear (identity values)
+                st[:] = [torch.zeros(width, device=dev), torch.zeros(width, device=dev,
+                         dtype=torch.float64), 0, [torch.zeros(0, width, device=dev)],
+                         torch.zeros(width, device=dev, dtype=torch.float64)]
+            comm.max_(st[0])
+            comm.sum_(st[1])
+            comm.sum_(st[4])
+            st[2] = comm.sum_int(st[2])
+            st[3] = [comm.gather_cat(torch.cat(st[3]))]
 
     def fold(self, group, s: torch.Tensor) -> None:
         """Fold ``s`` into ``group`` (see :func:`lowbit.algorithms.smoothing.fold_scales`) and
@@ -282,11 +337,51 @@ class BlockContext:
         self._stats = None
 
 
+def sample_plan(layout: list[tuple[int, int]], max_tokens: int) \
+        -> list[tuple[int, int]] | None:
+    """Which samples make about ``max_tokens`` tokens, spread over the chunks: ``[(chunk
+    index, first k samples)]``, or None for all of them. ``layout``: ``(samples, tokens)``
+    per chunk."""
+    total = sum(t for _, t in layout)
+    if total <= max_tokens:
+        return None
+    per_sample = max(1, total // max(1, sum(s for s, _ in layout)))
+    need = max(1, max_tokens // per_sample)
+    step = max(1, len(layout) // need) if need < len(layout) else 1
+    picked = list(range(0, len(layout), step))
+    out, got = [], 0
+    take = max(1, math.ceil(need / len(picked)))
+    for i in picked:
+        if got >= need:
+            break
+        k = min(take, need - got, layout[i][0])
+        out.append((i, k))
+        got += k
+    return out
+
+
+def chunk_layout(chunks: list[Chunk], comm: Collective | None = None) \
+        -> tuple[list[tuple[int, int]], int]:
+    """``(layout, offset)``: ``(samples, tokens)`` of every rank's chunks in rank order, and
+    the global index of this rank's first chunk (one process: its own chunks, 0)."""
+    comm = comm if comm is not None else LOCAL
+    mine = torch.tensor([[c.n_samples, c.n_tokens] for c in chunks], dtype=torch.int64)
+    if not comm.enabled:
+        return [tuple(r) for r in mine.tolist()], 0
+    if not chunks:
+        raise CalibrationError(f"rank {comm.rank} has no calibration chunk: every rank needs "
+                               "at least one (see lowbit.pipeline.distributed.shard_batches)")
+    counts = comm.gather_cat(torch.tensor([len(chunks)], dtype=torch.int64)).tolist()
+    every = comm.gather_cat(mine.reshape(-1, 2))
+    return [tuple(r) for r in every.tolist()], int(sum(counts[:comm.rank]))
+
+
 # --- calibration and the loop -----------------------------------------------------------------
 def calibrate_block(ctx: BlockContext) -> int:
     """Calibrate the block's static quantizers that have no statistics yet on its inputs
     (weights in full precision while activations are observed, as in whole-model
-    calibration); returns how many."""
+    calibration); returns how many. With ``ctx.comm``, the calibrators' states are
+    combined over the ranks before the statistics are computed (bit-exact)."""
     todo = [q for _, q in quantizers(ctx.block) if q.needs_calibration and q.amax is None
             and q.is_enabled]
     if not todo:
@@ -296,6 +391,10 @@ def calibrate_block(ctx: BlockContext) -> int:
     try:
         with ctx.weights_fp():
             ctx.run()
+        if ctx.comm.enabled:
+            for q in todo:
+                if q.calibrator is not None:
+                    q.calibrator.all_reduce(ctx.comm.group)
         for q in todo:
             q.finish_calibration()
     except BaseException:
@@ -349,10 +448,49 @@ def _replace_with_outputs(ctx: BlockContext, fp: bool) -> None:
 Step = Callable[[BlockContext, dict], None]
 
 
+def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized",
+                  last: bool = False) -> dict:
+    """One block of the runner: the algorithm ``steps`` (``[(fn, args)]`` or ``[(fn, args,
+    targets)]``, in order), then calibration of its static quantizers, then -- unless
+    ``last`` -- ``ctx.chunks`` replaced in place by the block's outputs (the next block's
+    inputs: quantized, or full precision with ``feed="fp"``). Returns ``ctx.info`` (the
+    block's row of the report, with ``seconds``)."""
+    t0 = time.perf_counter()
+    block = ctx.block
+    # feed="fp": the next block gets the outputs of this block's original weights
+    # (GPTQ rewrites them), so they are kept aside while the steps run
+    original = {n: p.detach().clone() for n, p in block.named_parameters()} \
+        if feed == "fp" and steps and not last else None
+    ctx.info["block"] = ctx.name
+    # static activation quantizers are calibrated after the steps: off until then
+    waiting = [q for _, q in quantizers(block) if q.needs_calibration and
+               q.amax is None and q.is_enabled]
+    for q in waiting:
+        q.disable()
+    try:
+        for step in steps:
+            fn, args = step[0], step[1]
+            ctx.targets = step[2] if len(step) > 2 else None
+            fn(ctx, dict(args))
+    finally:
+        for q in waiting:
+            q.enable()
+    ctx.release()
+    ctx.info["calibrated"] = calibrate_block(ctx)
+    if not last:
+        with _params_swapped(block, original):
+            _replace_with_outputs(ctx, fp=feed == "fp")
+    del original
+    if ctx.low_memory:
+        ctx.drop_weight_caches()
+    ctx.info["seconds"] = round(time.perf_counter() - t0, 3)
+    return ctx.info
+
+
 def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
                report=None, feed: str = "quantized", chunk_size: int = 8,
                progress: Callable[[int, int, str], None] | None = None,
-               adapter: Adapter | None = None) -> list[dict]:
+               adapter: Adapter | None = None, comm: Collective | None = None) -> list[dict]:
     """Run algorithm ``steps`` and calibration block by block; returns one row per block
     (name, seconds, what the steps reported).
 
@@ -363,12 +501,17 @@ def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
     ``feed``: ``"quantized"`` (default: each block sees the outputs of the quantized blocks
     before it) or ``"fp"`` (full-precision outputs). ``chunk_size``: samples per block call.
     Without decoder blocks (no adapter) the whole model is the single block.
+
+    ``comm``: data-parallel calibration (:mod:`lowbit.pipeline.distributed`; default: the
+    initialized process group if any): ``forward_loop`` runs this rank's share of the
+    calibration set and the statistics are combined, so every rank ends with the same model.
     """
     if feed not in ("quantized", "fp"):
         raise ConfigError(f"feed must be 'quantized' or 'fp', got {feed!r}")
     if forward_loop is None:
         raise CalibrationError("algorithm steps need calibration data: pass forward_loop= or "
                                "calib_data=")
+    comm = comm if comm is not None else current()
     adapter = adapter if adapter is not None else get_adapter(model)
     found = adapter.find_blocks(model) if adapter is not None else None
     if found is None:
@@ -382,40 +525,16 @@ def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
         captured = capture_block_inputs(model, blocks, forward_loop, chunk_size)
     chunks = captured.chunks
     del captured.chunks
+    layout, offset = chunk_layout(chunks, comm)
     rows = []
     was_training = model.training
     model.eval()
     try:
         for i, block in enumerate(blocks):
-            t0 = time.perf_counter()
             name = f"{prefix}.{i}" if prefix else "(model)"
-            ctx = BlockContext(model, block, name, i, adapter, chunks, captured.overrides[i])
-            # feed="fp": the next block gets the outputs of this block's original weights
-            # (GPTQ rewrites them), so they are kept aside while the steps run
-            original = {n: p.detach().clone() for n, p in block.named_parameters()} \
-                if feed == "fp" and steps and i < len(blocks) - 1 else None
-            ctx.info["block"] = name
-            # static activation quantizers are calibrated after the steps: off until then
-            waiting = [q for _, q in quantizers(block) if q.needs_calibration and
-                       q.amax is None and q.is_enabled]
-            for q in waiting:
-                q.disable()
-            try:
-                for step in steps:
-                    fn, args = step[0], step[1]
-                    ctx.targets = step[2] if len(step) > 2 else None
-                    fn(ctx, dict(args))
-            finally:
-                for q in waiting:
-                    q.enable()
-            ctx.release()
-            ctx.info["calibrated"] = calibrate_block(ctx)
-            if i < len(blocks) - 1:
-                with _params_swapped(block, original):
-                    _replace_with_outputs(ctx, fp=feed == "fp")
-            del original
-            ctx.info["seconds"] = round(time.perf_counter() - t0, 3)
-            rows.append(ctx.info)
+            ctx = BlockContext(model, block, name, i, adapter, chunks, captured.overrides[i],
+                               comm=comm, layout=layout, offset=offset)
+            rows.append(process_block(ctx, steps, feed, last=i == len(blocks) - 1))
             del ctx
             if progress is not None:
                 progress(i + 1, len(blocks), name)

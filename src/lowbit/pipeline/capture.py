@@ -206,9 +206,13 @@ def _patched_forward(model: nn.Module, forward):
 
 
 def capture_block_inputs(model: nn.Module, blocks: "list[nn.Module] | nn.ModuleList",
-                         forward_loop: Callable[[nn.Module], Any], chunk_size: int = 8) \
-        -> Captured:
+                         forward_loop: Callable[[nn.Module], Any], chunk_size: int = 8,
+                         run_later_blocks: bool = True) -> Captured:
     """Run ``forward_loop`` until ``blocks[0]`` and capture its inputs (see the module doc).
+
+    ``run_later_blocks=False``: the first batch does not run the blocks after the first
+    (their weights may be absent, on the meta device): each returns block 0's output
+    instead, which is enough to record its arguments (computed before the blocks).
 
     Raises :class:`CalibrationError` when the loop never reaches the block, and
     :class:`ConfigError` when blocks take different arguments (sliding-window layers) and the
@@ -246,6 +250,17 @@ def capture_block_inputs(model: nn.Module, blocks: "list[nn.Module] | nn.ModuleL
     hs = [blocks[0].register_forward_pre_hook(hook0, with_kwargs=True)]
     hs += [b.register_forward_pre_hook(hook_i(i), with_kwargs=True)
            for i, b in enumerate(blocks) if i > 0]
+    stubs = []
+    if not run_later_blocks and len(blocks) > 2:
+        out0: list = []
+        hs.append(blocks[0].register_forward_hook(
+            lambda mod, a, o: out0.append(o) if not out0 else None))
+
+        def stub(*a, **k):
+            return out0[0]
+        for b in list(blocks)[1:-1]:  # the last one stops the pass in its pre-hook
+            stubs.append((b, "forward" in b.__dict__, b.__dict__.get("forward")))
+            b.forward = stub
     # the first batch runs through every block: quantizers off (static ones have no scales)
     qs = [q for _, q in quantizers(model) if q.is_enabled]
     for q in qs:
@@ -258,6 +273,11 @@ def capture_block_inputs(model: nn.Module, blocks: "list[nn.Module] | nn.ModuleL
             h.remove()
         for q in qs:
             q.enable()
+        for b, had, old in stubs:
+            if had:
+                b.forward = old
+            else:
+                del b.forward
     chunker.flush()
     if not chunker.chunks:
         raise CalibrationError("the forward loop never reached the first decoder block "

@@ -29,10 +29,17 @@ def _forward_loop_from(calib_data: Any) -> Callable[[nn.Module], None]:
     return forward_loop_from_batches(calib_data)
 
 
-def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int:
+def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=None) -> int:
     """Run ``forward_loop(model)`` with every static quantizer observing; returns how many
     quantizers were calibrated. Weights stay in full precision while activations are observed.
+
+    ``comm`` (default: the initialized ``torch.distributed`` group, if any): each rank's
+    ``forward_loop`` runs its share of the data and the calibrators are combined (bit-exact,
+    see :mod:`lowbit.pipeline.distributed`).
     """
+    from lowbit.pipeline.distributed import current
+
+    comm = comm if comm is not None else current()
     todo = [q for _, q in quantizers(model) if q.needs_calibration and q.mode != "disabled"
             and q.amax is None]
     if not todo:
@@ -49,6 +56,10 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> int
     try:
         with torch.no_grad():
             forward_loop(model)
+        if comm.enabled:
+            for q in todo:
+                if q.calibrator is not None:
+                    q.calibrator.all_reduce(comm.group)
         for q in todo:
             q.finish_calibration()
     finally:
@@ -66,7 +77,7 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
              forward_loop: Callable[[nn.Module], Any] | None = None,
              calib_data: Any = None, progress: Callable[[int, int, str], None] | None = None,
              feed: str = "quantized", chunk_size: int = 8, blockwise: bool | None = None,
-             **overrides: Any) -> nn.Module:
+             comm=None, **overrides: Any) -> nn.Module:
     """Quantize ``model`` in place per ``recipe`` and return it.
 
     Args:
@@ -85,14 +96,25 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         blockwise: run calibration block by block (``lowbit.pipeline.blocks``): None (the
             default) does so when the recipe has algorithm steps, True always, False never
             (then algorithm steps are an error).
+        comm: data-parallel calibration (a :class:`lowbit.pipeline.distributed.Collective`;
+            default: the initialized ``torch.distributed`` group when it has several ranks,
+            e.g. under ``torchrun`` after :func:`lowbit.pipeline.distributed.init_from_env`).
+            ``calib_data`` is then the whole set on every rank (each takes its share), a
+            ``forward_loop`` runs this rank's share only; every rank ends with the same
+            model. See :mod:`lowbit.pipeline.distributed` for what is exact.
         **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...).
 
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
     modules, group-size fallbacks, KV-cache attachment, times).
     """
+    from lowbit.pipeline.distributed import current, shard_batches
+
     t0 = time.perf_counter()
+    comm = comm if comm is not None else current()
     recipe = _recipes.load(recipe, **overrides)
     if forward_loop is None and calib_data is not None:
+        if comm.enabled:
+            calib_data = shard_batches(calib_data, chunk_size, comm)
         forward_loop = _forward_loop_from(calib_data)
     report = apply_recipe(model, recipe)
     if blockwise is False and recipe.algorithms:
@@ -102,13 +124,13 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         from lowbit.pipeline.algorithms import run_algorithms
 
         run_algorithms(model, recipe, forward_loop, report, feed=feed, chunk_size=chunk_size,
-                       progress=progress)
+                       progress=progress, comm=comm)
     elif blockwise and any(q.needs_calibration and q.amax is None and q.is_enabled
                            for _, q in quantizers(model)):
         from lowbit.pipeline.blocks import run_blocks
 
         run_blocks(model, [], forward_loop, report, feed=feed, chunk_size=chunk_size,
-                   progress=progress)
+                   progress=progress, comm=comm)
     needs = any(q.needs_calibration and q.amax is None for _, q in quantizers(model))
     if needs:
         if forward_loop is None:
@@ -116,7 +138,7 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
                 f"recipe {recipe.name} has static activation quantizers: pass forward_loop= "
                 "or calib_data= (or use a dynamic or weight-only recipe)"
             )
-        calibrate(model, forward_loop)
+        calibrate(model, forward_loop, comm)
     report.seconds = time.perf_counter() - t0
     model.lowbit_report = report
     model.lowbit_recipe = recipe
