@@ -45,6 +45,7 @@ from lowbit.adapters.base import is_linear
 from lowbit.config.recipe import Recipe, match
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.modules import quant_class_for
+from lowbit.pipeline.capture import _patched_forward
 from lowbit.search.candidates import Candidate, Prepared, parse_candidates, prepare
 
 METHODS = ("fisher", "measured")
@@ -150,18 +151,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 # --- the loss probe -----------------------------------------------------------------------
-@contextmanager
-def _patched(model: nn.Module, forward):
-    had = "forward" in model.__dict__
-    old = model.__dict__.get("forward")
-    model.forward = forward
-    try:
-        yield
-    finally:
-        if had:
-            model.forward = old
-        else:
-            del model.forward
+_patched = _patched_forward  # the pipeline's: swap model.forward for a while
 
 
 class _Probe:
