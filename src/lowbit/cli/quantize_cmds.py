@@ -51,6 +51,9 @@ def _text_ids(tok, text: Path):
     return ids
 
 
+AUTO_CANDIDATES = "bf16,int8-weight-only,int4-awq,nvfp4-weight-only"
+
+
 def _max_ctx(model) -> int | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -60,9 +63,22 @@ def _max_ctx(model) -> int | None:
 def quantize_cmd(
     model: str = typer.Argument(..., help="transformers model folder, .gguf file, or "
                                 "smollm2-135m"),
-    recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r",
+                                         help="preset name or YAML file (or use --auto)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     calib: Optional[Path] = typer.Option(None, help="calibration text file"),
+    auto: Optional[float] = typer.Option(
+        None, "--auto", help="automatic mixed precision: a format per layer within this many "
+        "bits per weight (scales included) at the least measured loss; needs --calib"),
+    candidates: str = typer.Option(AUTO_CANDIDATES, help="formats --auto chooses from "
+                                   "(comma-separated presets, bf16 = left unquantized)"),
+    stream: bool = typer.Option(False, help="read and quantize one decoder block at a time "
+                                "from the safetensors checkpoint (for models larger than "
+                                "memory); writes the lowbit format; resumes after an "
+                                "interruption"),
+    resume: bool = typer.Option(True, help="with --stream: continue an interrupted run"),
+    chunk_size: int = typer.Option(8, help="calibration windows per block call (block by "
+                                   "block runs; under torchrun each rank takes whole chunks)"),
     samples: int = typer.Option(128, help="calibration windows"),
     seq_len: int = typer.Option(512, help="tokens per calibration window"),
     group_size: Optional[int] = typer.Option(None, help="override the recipe's group size"),
@@ -71,52 +87,87 @@ def quantize_cmd(
                                help="lowbit | compressed-tensors | gguf | onnx"),
     force: bool = typer.Option(False, help="replace --out if it exists"),
 ) -> None:
-    """Quantize a model with a recipe and write a checkpoint (exit 0 ok, 2 bad input, 1 failure)."""
-    import torch
-
+    """Quantize a model with a recipe (or --auto BITS) and write a checkpoint (exit 0 ok, 2 bad
+    input, 1 failure). Under ``torchrun --nproc-per-node N -m lowbit quantize ...`` each
+    process calibrates on its share of the windows (statistics all-reduced) and rank 0
+    writes."""
     import lowbit
     from lowbit import recipes
-    from lowbit.eval.footprint import weight_footprint
-    from lowbit.export import exporter_names, save
+    from lowbit.export import exporter_names
+    from lowbit.pipeline.distributed import init_from_env
 
     _check_model_path(model)
     if out.exists() and not force:
         fail(f"output folder {out} exists; pass --force to replace it")
     if format not in exporter_names():
         fail(f"unknown --format {format!r}; expected one of: {', '.join(exporter_names())}")
-    if samples < 1 or seq_len < 2:
-        fail("--samples must be >= 1 and --seq-len >= 2")
+    if samples < 1 or seq_len < 2 or chunk_size < 1:
+        fail("--samples and --chunk-size must be >= 1 and --seq-len >= 2")
+    if (recipe is None) == (auto is None):
+        fail("pass either --recipe NAME|FILE or --auto BITS (exactly one)")
+    if auto is not None and calib is None:
+        fail("--auto measures each layer's sensitivity and needs --calib TEXT_FILE")
+    if stream:
+        if auto is not None:
+            fail("--stream runs one block at a time and cannot measure whole-model "
+                 "sensitivities; run --auto without --stream, or --stream with the recipe "
+                 "--auto wrote")
+        if format != "lowbit":
+            fail(f"--stream writes the lowbit format, not {format}; convert it afterwards "
+                 "with `lowbit export`")
+        if not Path(model).is_dir() or not any(Path(model).glob("*.safetensors")):
+            fail(f"--stream needs a transformers model folder with safetensors weights; "
+                 f"{model} has none")
+    if calib is not None and not calib.exists():
+        fail(f"calibration text {calib} does not exist")
     over = {}
     if group_size is not None:
         over["group_size"] = group_size
     if kv_cache is not None:
         over["kv_cache"] = kv_cache
+    rec = None
+    if recipe is not None:
+        try:
+            rec = recipes.load(recipe, **over)
+        except LowbitError as e:
+            fail(str(e))
+        if calib is None and (rec.has_static_activations() or rec.algorithms):
+            fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
     try:
-        rec = recipes.load(recipe, **over)
+        comm = init_from_env()
     except LowbitError as e:
         fail(str(e))
+    if stream:
+        _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, comm,
+                         chunk_size)
+    else:
+        _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format, force,
+                            comm, auto, candidates, over, chunk_size)
+
+
+def _calib_ids(tok, calib: Path, samples: int, seq_len: int):
+    from lowbit.data import calibration_batches
+
+    return calibration_batches(tok, calib, n_samples=samples, seq_len=seq_len)
+
+
+def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format, force, comm,
+                        auto, candidates, over, chunk_size) -> None:
+    import torch
+
+    from lowbit.eval.footprint import weight_footprint
+    from lowbit.export import save
+
     t0 = time.perf_counter()
+    auto_report = None
     try:
         m, tok = _load(model)
         ctx = _max_ctx(m)
         if ctx and seq_len > ctx:
             fail(f"--seq-len {seq_len} is beyond the model's context of {ctx} tokens")
-        loop = None
-        if calib is not None:
-            from lowbit.data import calibration_batches
-
-            if not calib.exists():
-                fail(f"calibration text {calib} does not exist")
-            batches = calibration_batches(tok, calib, n_samples=samples, seq_len=seq_len)
-
-            def loop(mod, batches=batches):
-                with _progress() as prog:
-                    task = prog.add_task("calibrating", total=len(batches))
-                    for b in batches:
-                        mod(b.unsqueeze(0) if b.dim() == 1 else b)
-                        prog.advance(task)
-        elif rec.has_static_activations() or rec.algorithms:
-            fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
+        ids = _calib_ids(tok, calib, samples, seq_len) if calib is not None else None
+        if auto is not None:
+            rec, auto_report = _auto_recipe(m, ids, auto, candidates, over)
         before = weight_footprint(m)
         with _progress() as prog, torch.no_grad():
             task = prog.add_task(f"{rec.name}: blocks", total=None)
@@ -125,19 +176,41 @@ def quantize_cmd(
                 prog.update(task, completed=done, total=total,
                             description=f"{rec.name}: {name}")
 
-            lowbit.quantize(m, rec, forward_loop=loop, progress=on_block)
-        after = weight_footprint(m)
-        with console.status(f"writing {format} checkpoint to {out}"):
-            from lowbit.cli.export_cmd import export_options
+            if ids is None:
+                lowbit.quantize(m, rec, progress=on_block)
+            elif comm.enabled:  # each rank takes its share of the windows
+                lowbit.quantize(m, rec, calib_data=ids, progress=on_block, comm=comm,
+                                chunk_size=chunk_size)
+            else:
+                cal = prog.add_task("calibrating", total=None)
 
-            save(m, out, format=format, overwrite=force,
-                 **export_options(m, tok, format, seq_len))
+                def loop(mod):
+                    prog.update(cal, completed=0, total=len(ids))
+                    for row in ids:
+                        mod(row.unsqueeze(0))
+                        prog.advance(cal)
+                lowbit.quantize(m, rec, forward_loop=loop, progress=on_block,
+                                chunk_size=chunk_size)
+        after = weight_footprint(m)
+        if comm.is_main:
+            with console.status(f"writing {format} checkpoint to {out}"):
+                from lowbit.cli.export_cmd import export_options
+
+                save(m, out, format=format, overwrite=force,
+                     **export_options(m, tok, format, seq_len))
+                if auto_report is not None:
+                    from lowbit import recipes
+
+                    recipes.save(rec, out / "auto_recipe.yaml")
+        comm.barrier()
     except LowbitError as e:
         fail(str(e))
     except typer.Exit:
         raise
     except Exception as e:  # a real failure: say so in one line, exit 1
         fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
+    if not comm.is_main:
+        return
     report = m.lowbit_report
     t = Table(title=f"{model} -> {out} ({format})")
     t.add_column("")
@@ -154,10 +227,99 @@ def quantize_cmd(
     t.add_row("weight memory before", f"{before['bytes'] / 1e6:.1f} MB")
     t.add_row("weight memory after", f"{after['bytes'] / 1e6:.1f} MB "
               f"({after['bits_per_weight']:.2f} bits/weight)")
+    if auto_report is not None:
+        t.add_row("auto: budget / searched layers",
+                  f"{auto_report['target_bits']:g} / {auto_report['effective_bits']:.3f} "
+                  "bits per weight")
+        t.add_row("auto: mix (layers)", ", ".join(f"{k} {v}" for k, v in
+                                                   auto_report["counts"].items()))
+        t.add_row("auto: predicted loss", f"+{auto_report['predicted_loss_increase']:.4f} "
+                  "nats/token")
+        t.add_row("auto: recipe", str(out / "auto_recipe.yaml"))
+    if comm.enabled:
+        t.add_row("processes", str(comm.world_size))
     t.add_row("time", f"{time.perf_counter() - t0:.1f} s")
     console.print(t)
     for note in report.fallbacks[:5]:
         console.print(f"note: {note}")
+
+
+def _auto_recipe(m, ids, target: float, candidates: str, over: dict):
+    """The --auto recipe: sensitivities on the calibration windows, then the knapsack."""
+    from lowbit.data import forward_loop_from_batches
+    from lowbit.search import auto_recipe
+
+    cands = [c.strip() for c in candidates.split(",") if c.strip()]
+    if not cands:
+        fail("--candidates is empty; expected e.g. " + AUTO_CANDIDATES)
+    args = {"group_size": over["group_size"]} if "group_size" in over else {}
+    with console.status("measuring per-layer sensitivity") as st:
+        def say(msg: str) -> None:
+            st.update(f"sensitivity: {msg}")
+        rec, rep = auto_recipe(m, cands, target, forward_loop_from_batches(ids),
+                               progress=say, **args)
+    if "kv_cache" in over:
+        from lowbit import recipes
+
+        rec = recipes.load(rec, kv_cache=over["kv_cache"])
+    console.print(f"auto: {rep['effective_bits']:.3f} bits per weight over "
+                  f"{rep['layers']} layers: " + ", ".join(f"{k} {v}" for k, v in
+                                                          rep["counts"].items()))
+    return rec, rep
+
+
+def _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, comm,
+                         chunk_size) -> None:
+    import json
+
+    from lowbit.pipeline.stream import quantize_checkpoint
+
+    t0 = time.perf_counter()
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+        if ctx and seq_len > ctx:
+            fail(f"--seq-len {seq_len} is beyond the model's context of {ctx} tokens")
+        tok = None
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model)
+        except Exception:  # noqa: BLE001 - a model folder without a tokenizer
+            if calib is not None:
+                fail(f"{model} has no tokenizer to read --calib with")
+        ids = _calib_ids(tok, calib, samples, seq_len) if calib is not None else None
+        with _progress() as prog:
+            task = prog.add_task(f"{rec.name}: blocks (streaming)", total=None)
+
+            def on_block(done, total, name):
+                prog.update(task, completed=done, total=total,
+                            description=f"{rec.name}: {name}")
+
+            res = quantize_checkpoint(model, rec, ids, out, overwrite=force, resume=resume,
+                                      tokenizer=tok, progress=on_block, comm=comm,
+                                      chunk_size=chunk_size)
+    except LowbitError as e:
+        fail(str(e))
+    except typer.Exit:
+        raise
+    except Exception as e:  # a real failure: say so in one line, exit 1
+        fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
+    if not comm.is_main:
+        return
+    t = Table(title=f"{model} -> {out} (lowbit, streamed block by block)")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("blocks", str(len(res.blocks)))
+    if res.resumed_from:
+        t.add_row("resumed from block", str(res.resumed_from))
+    t.add_row("source size", f"{res.source_bytes / 1e6:.1f} MB")
+    size = sum(f.stat().st_size for f in Path(out).rglob("*.safetensors"))
+    t.add_row("output weights", f"{size / 1e6:.1f} MB")
+    if comm.enabled:
+        t.add_row("processes", str(comm.world_size))
+    t.add_row("time", f"{time.perf_counter() - t0:.1f} s")
+    console.print(t)
 
 
 @app.command("eval")
