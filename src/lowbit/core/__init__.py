@@ -11,10 +11,11 @@ True
 
 from lowbit.core.blocks import BlockFormat, block_format_names, get_block_format
 from lowbit.core.layout import Layout
-from lowbit.core.quant import QTensor, compute_scales, dequantize, fake_quant, quantize
+from lowbit.core.quant import (QTensor, compute_scales, dequantize, fake_quant, quantize,
+                               round_scale)
 from lowbit.core.spec import QuantSpec
 
 __all__ = [
     "BlockFormat", "Layout", "QTensor", "QuantSpec", "block_format_names", "compute_scales",
-    "dequantize", "fake_quant", "get_block_format", "quantize",
+    "dequantize", "fake_quant", "get_block_format", "quantize", "round_scale",
 ]

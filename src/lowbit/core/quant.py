@@ -78,8 +78,11 @@ class QTensor:
         return n
 
 
-def _finish_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
-    """Zero units get scale 1; the scale is rounded to its storage format."""
+def round_scale(s: torch.Tensor, scale_format: str) -> torch.Tensor:
+    """A scale tensor (any shape, float32 units of the value per code step) as it is stored:
+    zero (or negative) entries become 1, then the values are rounded to ``scale_format``
+    (``fp32``, ``fp16``, ``bf16``, ``e8m0`` power of two, ``e4m3``) and kept above the
+    smallest positive float32. Same shape, float32."""
     s = torch.where(s > 0, s, torch.ones_like(s))
     if scale_format == "fp16":
         s = s.clamp(6.2e-5, 65504.0).half().float()
@@ -146,14 +149,14 @@ def compute_scales(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
                 _check(a, "input")
             denom = (fmt.qmax - fmt.qmin) / 2 if fmt.kind == "int" and \
                 spec.sym_scale == "half_range" else fmt.max
-            s = _finish_scale(a / denom, spec.scale_format)
+            s = round_scale(a / denom, spec.scale_format)
         else:
             hi = lay.from_natural(amax) if amax is not None else lay.reduce_max(xv)
             lo = lay.from_natural(amin) if amin is not None else lay.reduce_amax(xv, True)
             if check_finite and (amax is None or amin is None):
                 _check(hi - lo, "input")
             hi, lo = hi.clamp_min(0), lo.clamp_max(0)
-            s = _finish_scale((hi - lo) / (fmt.qmax - fmt.qmin), spec.scale_format)
+            s = round_scale((hi - lo) / (fmt.qmax - fmt.qmin), spec.scale_format)
             zp = (fmt.qmin - torch.round(lo / s)).clamp(fmt.qmin, fmt.qmax)
         return lay, xv, s, zp, gs
     bamax = _amax(lay, xv)

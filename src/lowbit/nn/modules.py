@@ -60,7 +60,9 @@ class QuantMixin:
         wq = self.weight_quantizer
         if not wq.is_enabled:
             return self.weight
-        training = torch.is_grad_enabled() and self.weight.requires_grad
+        # a gradient is needed for the weight, or for a learnable scale (LSQ) of a frozen one
+        training = torch.is_grad_enabled() and (
+            self.weight.requires_grad or any(p.requires_grad for p in wq.parameters()))
         if training:
             return self.weight_from_2d(wq(self.weight_2d()))
         key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, id(wq.spec),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.core import QuantSpec, compute_scales, fake_quant
-from lowbit.core.quant import _finish_scale
+from lowbit.core.quant import round_scale
 from lowbit.errors import ConfigError
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -35,7 +35,7 @@ _TINY = torch.finfo(torch.float32).tiny
 def effective_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The scale core will use for a learnable ``scale`` parameter: positive, rounded to
     ``spec.scale_format`` (float32, same shape as ``scale``, no gradient)."""
-    return _finish_scale(scale.detach().float().clamp_min(_TINY), spec.scale_format)
+    return round_scale(scale.detach().float().clamp_min(_TINY), spec.scale_format)
 
 
 def check_learnable(spec: QuantSpec, kind: str, where: str = "quantizer") -> None:
