@@ -154,11 +154,53 @@ def _all_finite(t: torch.Tensor, elements: int = 1 << 20) -> bool:
     return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
 
 
+def cholesky_lower_inplace(A: torch.Tensor, block: int = 1024) -> bool:
+    """Blocked Cholesky of the symmetric ``A [n, n]`` written into its lower triangle, the
+    strict upper triangle left as it was (so a failed factorization can be undone with
+    :func:`restore_lower`). Temporaries are ``[n, block]``, never a second ``[n, n]``.
+    Returns False (``A``'s lower part then undefined) when ``A`` is not positive definite."""
+    n = A.shape[0]
+    for k0 in range(0, n, block):
+        k1 = min(n, k0 + block)
+        D = A[k0:k1, k0:k1]
+        L11, info = torch.linalg.cholesky_ex(torch.tril(D) + torch.tril(D, -1).mT)
+        if int(info) != 0 or not bool(torch.isfinite(L11).all()):
+            return False
+        D.copy_(L11 + torch.triu(D, 1))
+        if k1 == n:
+            break
+        # L21 = A21 L11^-T, then the trailing lower triangle: A22 -= L21 L21^T
+        L21 = torch.linalg.solve_triangular(L11, A[k1:, k0:k1].mT, upper=False).mT
+        A[k1:, k0:k1] = L21
+        for r0 in range(k1, n, block):
+            r1 = min(n, r0 + block)
+            rows = L21[r0 - k1:r1 - k1]
+            if r0 > k1:
+                A[r0:r1, k1:r0].addmm_(rows, L21[:r0 - k1].mT, alpha=-1)
+            A[r0:r1, r0:r1].sub_(torch.tril(rows @ rows.mT))
+        del L21
+    return True
+
+
+def restore_lower(A: torch.Tensor, diag: torch.Tensor, block: int = 1024) -> None:
+    """Undo :func:`cholesky_lower_inplace`: the lower triangle from the kept strict upper
+    one, the diagonal from ``diag [n]``."""
+    n = A.shape[0]
+    for k0 in range(0, n, block):
+        k1 = min(n, k0 + block)
+        A[k1:, k0:k1] = A[k0:k1, k1:].mT
+        D = A[k0:k1, k0:k1]
+        D.copy_(torch.triu(D, 1) + torch.triu(D, 1).mT)
+    A.diagonal().copy_(diag)
+
+
 def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: str):
     """Upper Cholesky factor of ``(H + damp I)^-1`` (retrying with 10x damping), and damp.
 
-    ``H``'s diagonal is damped in place (the caller's private copy); the factor, its
-    inverse and the upper factor share one buffer, so the peak is two ``[in, in]`` matrices.
+    Everything happens in ``H``'s buffer (the caller's private copy), which the returned
+    factor shares: the factorization is blocked (:func:`cholesky_lower_inplace`) and keeps
+    ``H``'s upper triangle for a retry, the inverse and the upper factor are in place, so
+    the peak is one ``[in, in]`` matrix plus ``[in, 1024]`` temporaries.
     """
     diag = torch.diag(H).clone()
     base = float(diag.abs().mean())  # mean(diag H) for any valid (PSD) Hessian
@@ -167,13 +209,23 @@ def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: s
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for attempt in range(max_retries + 1):
         H.diagonal().copy_(diag + damp)  # == H + damp * I, bit for bit
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            torch.cholesky_inverse(L, out=L)  # in place: the same values as a new tensor
-            torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
-            if int(info) == 0 and _all_finite(L):
-                return L, damp
-        del L
+        ok = cholesky_lower_inplace(H)
+        if ok and H.dtype == torch.float32:
+            # (max/min diag L)^2 bounds cond(H) from below: past 1e8 (~1/eps) the float32
+            # inverse is noise; damp more while H can still be restored
+            d = H.diagonal().abs()
+            ok = float(d.max() / d.min().clamp_min(1e-30)) ** 2 < 1e8
+        if ok:
+            H.tril_()
+            torch.cholesky_inverse(H, out=H)
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
+            if int(info) == 0 and _all_finite(H):
+                return H, damp
+            raise CalibrationError(f"GPTQ {name}: the inverse Hessian [{H.shape[0]}x"
+                                   f"{H.shape[0]}] is not positive definite in floating point "
+                                   f"with damping {damp:.3g}; raise percdamp or use "
+                                   "float64 Hessians")
+        restore_lower(H, diag)
         new = damp * 10 if damp > 0 else 0.01 * base
         if attempt == max_retries:
             break
@@ -246,14 +298,16 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     pos_of = torch.argsort(perm) if perm is not None else torch.arange(in_f, device=dev)
 
     # the inverse first: the weight's float32 copies do not coexist with its temporaries
-    U, damp = _inverse_hessian(H, percdamp, max_retries, name)
+    U, damp = _inverse_hessian(H, percdamp, max_retries, name)  # in H's buffer
     Hinv = U.to(torch.float32)
-    if overwrite_hessian:  # consumed: its memory goes now, whoever still refers to it
-        for t in (H, given):
-            try:
-                t.untyped_storage().resize_(0)
-            except RuntimeError:  # storage not owned by torch (e.g. from numpy)
-                pass
+    if overwrite_hessian and Hinv.untyped_storage().data_ptr() != \
+            given.untyped_storage().data_ptr():
+        # consumed: its memory goes now, whoever still refers to it (when it is not the
+        # buffer the inverse lives in: a float64 H, or a permuted copy for act-order)
+        try:
+            given.untyped_storage().resize_(0)
+        except RuntimeError:  # storage not owned by torch (e.g. from numpy)
+            pass
     del H, U, given
 
     W = weight.detach().to(torch.float32, copy=True)

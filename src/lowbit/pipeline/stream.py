@@ -18,10 +18,13 @@ safetensors shards) and writes a native lowbit checkpoint without ever holding t
    output folder is assembled from the parts (one safetensors shard per block).
 
 Peak memory: one block's weights (in the compute ``dtype``), what its algorithm needs
-(GPTQ: two float32 ``[in, in]`` matrices, e.g. 2 x 485 MB for an 11008-wide down_proj,
-or the Hessian plus three weight-sized float32 matrices), the calibration activations of
-one block (``samples x seq x hidden`` in the compute dtype, twice while they are replaced)
-and the interpreter with torch. The embeddings and head are loaded only during capture and
+(GPTQ: the Hessians of the block, then per linear one float32 ``[in, in]`` matrix, e.g.
+485 MB for an 11008-wide down_proj, factorized and inverted in place, plus three
+weight-sized float32 matrices), the calibration activations of one block (``samples x seq
+x hidden`` in the compute dtype, twice while they are replaced) and the interpreter with
+torch. glibc is told to give every freed buffer of 1 MiB or more back to the system at
+once (:func:`lowbit.pipeline.blocks.return_large_frees`), so this bound holds from the
+first block to the last. The embeddings and head are loaded only during capture and
 the final export. Every finished block is saved, so an interrupted run resumes
 (:mod:`lowbit.pipeline.resume`); under ``torchrun`` the calibration is data-parallel
 (:mod:`lowbit.pipeline.distributed`).
@@ -50,7 +53,8 @@ from lowbit.errors import CalibrationError, CheckpointError, ConfigError
 from lowbit.nn.swap import apply_recipe
 from lowbit.nn.utils import quantizers
 from lowbit.pipeline.algorithms import recipe_steps
-from lowbit.pipeline.blocks import BlockContext, chunk_layout, process_block, trim_heap
+from lowbit.pipeline.blocks import (BlockContext, chunk_layout, process_block,
+                                   return_large_frees, trim_heap)
 from lowbit.pipeline.capture import capture_block_inputs
 from lowbit.pipeline.distributed import Collective, current, shard_batches
 from lowbit.pipeline.resume import WorkDir, digest, kill_hook
@@ -176,6 +180,7 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
     complete or not at all).
     """
     t0 = time.perf_counter()
+    return_large_frees()  # a long run must not creep up through heap fragmentation
     comm = comm if comm is not None else current()
     recipe = _recipes.load(recipe, **overrides)
     if feed not in ("quantized", "fp"):
