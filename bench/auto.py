@@ -14,7 +14,7 @@ are printed. AWQ runs with a cheaper search than the preset's (see AWQ_FAST) to 
 run near 20 minutes on 2 CPU cores. Prints a table, writes bench/results/auto.json and
 bench/results/auto.png.
 
-    python bench/auto.py [--windows 16] [--calib-samples 16] [--budgets 4.5 5 6 8]
+    python bench/auto.py [--windows 16] [--calib-samples 16] [--budgets 4.5 5 5.5 6 8]
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ from lowbit.search.candidates import weight_bits
 
 DATA = Path(os.environ.get("LOWBIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RESULTS = Path(__file__).parent / "results"
-UNIFORM = ["int8-weight-only", "fp8", "int4-awq", "int4-weight-only", "nvfp4-weight-only",
-           "mxfp4"]
+UNIFORM = ["int8-weight-only", "fp8", "int6-g64", "mxfp6", "int5-g64", "int4-awq",
+           "int4-weight-only", "nvfp4-weight-only", "mxfp4"]
+# formats between 4 and 8 bits without a preset: weight-only RTN (group 64 where grouped)
+EXTRA = {"int6-g64": {"format": "int6", "granularity": "group", "group_size": 64},
+         "int5-g64": {"format": "int5", "granularity": "group", "group_size": 64},
+         "mxfp6": {"format": "mxfp6_e2m3"}}
 AWQ_FAST = {"grid": 10, "max_tokens": 1024, "clip_grid": 10, "clip_tokens": 256}
 
 
@@ -51,7 +55,10 @@ def candidates(group_size: int, awq: bool) -> dict:
     """name -> Recipe of the candidates (bf16 first: a layer may stay unquantized)."""
     out: dict = {"bf16": "bf16"}
     for name in UNIFORM:
-        if name == "int4-awq":
+        if name in EXTRA:
+            out[name] = recipes.load({"name": name, "description": "weight-only RTN",
+                                      "targets": [{"pattern": "*", "weight": EXTRA[name]}]})
+        elif name == "int4-awq":
             if not awq:
                 continue
             out[name] = recipes.load(name, group_size=group_size,
@@ -125,7 +132,7 @@ def main() -> None:
     ap.add_argument("--check-layers", type=int, default=5)
     ap.add_argument("--check-samples", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--budgets", type=float, nargs="*", default=[4.5, 5.0, 6.0, 8.0])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[4.5, 5.0, 5.5, 6.0, 8.0])
     ap.add_argument("--no-awq", action="store_true", help="leave int4-awq out (faster)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=RESULTS / "auto.json")
