@@ -122,6 +122,30 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     tmp.replace(path)
 
 
+def compare(rows: list[dict]) -> list[str]:
+    """Each automatic mix against the uniform recipes: the smallest one of equal or larger
+    size (the goal's comparison), the best one of equal or larger size, and the best one
+    within the budget."""
+    out = []
+    uni = [r for r in rows if r["kind"] == "uniform"]
+    for r in (r for r in rows if r["kind"] == "auto"):
+        bigger = [u for u in uni if u["bits"] >= r["bits"] - 1e-9]
+        smaller = [u for u in uni if u["bits"] <= r["target_bits"] + 1e-9]
+        groups = []
+        if bigger:
+            nearest = min(u["bits"] for u in bigger)
+            groups.append(("next larger", [u for u in bigger if u["bits"] <= nearest + 1e-9]))
+            groups.append(("best equal or larger", bigger))
+        if smaller:
+            groups.append(("best within the budget", smaller))
+        for label, group in groups:
+            best = min(group, key=lambda u: u["ppl"])
+            out.append(f"{r['recipe']} ({r['bits']:.3f} bits, ppl {r['ppl']:.3f}) vs {label} "
+                       f"uniform {best['recipe']} ({best['bits']:.3f} bits, ppl "
+                       f"{best['ppl']:.3f}): {'better' if r['ppl'] < best['ppl'] else 'worse'}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", type=Path, default=DATA / "austen_pp.txt")
@@ -220,18 +244,7 @@ def main() -> None:
         print(f"{r['recipe']:20s} {r['bits']:7.3f} {r['model_bits']:6.2f} {r['ppl']:8.3f} "
               f"{r['delta_pct']:+7.2f}% {r['predicted']:9.4f} {r['actual']:7.4f} "
               f"{r['quant_s']:7.1f}  {mix}")
-    verdicts = []
-    uni = [r for r in rows if r["kind"] == "uniform"]
-    for r in (r for r in rows if r["kind"] == "auto"):
-        bigger = [u for u in uni if u["bits"] >= r["bits"] - 1e-9]
-        smaller = [u for u in uni if u["bits"] <= r["target_bits"] + 1e-9]
-        for label, group in (("equal or larger", bigger), ("within the budget", smaller)):
-            if group:
-                best = min(group, key=lambda u: u["ppl"])
-                verdicts.append(f"{r['recipe']} ({r['bits']:.3f} bits, ppl {r['ppl']:.3f}) vs "
-                                f"best uniform {label} {best['recipe']} ({best['bits']:.3f} "
-                                f"bits, ppl {best['ppl']:.3f}): "
-                                f"{'better' if r['ppl'] < best['ppl'] else 'worse'}")
+    verdicts = compare(rows)
     for v in verdicts:
         print(v)
     print(f"rank correlation of the Fisher estimate on {len(sens.measured)} layers x "

@@ -1,6 +1,9 @@
 """Real low-bit inference on the real model: memory, prefill and decode speed per variant.
 
-SmolLM2-135M (``lowbit.data.load_model``), threads = cores (``--threads``). Per variant:
+SmolLM2-135M (``lowbit.data.load_model``), threads = cores (``--threads``) for the prompt,
+``--decode-threads`` (default: the same) for generation, as llama.cpp's ``n_threads_batch``
+and ``n_threads`` (on a 2-core machine one decode thread can be the faster choice: a
+token's matrix-vector products are too small to pay for a second thread's sync). Per variant:
 resident weight memory (MB, parameters and buffers, tied ones once) and its ratio to the
 packed size (:func:`lowbit.runtime.memory_report`: codes + scales as quantized; goal within
 5%), prefill time of a 512-token prompt (median of ``--repeats``; logits of the last token
@@ -19,8 +22,8 @@ Variants (``--variants`` picks some):
 * ``int4 g64 reference``: the reference dequantize-then-matmul path (FP32 model);
 * ``llama.cpp Q8_0``, ``llama.cpp Q4_0``: the model quantized with the presets
   ``gguf-q8_0`` / ``gguf-q4_0``, exported by ``lowbit.save(..., format="gguf")`` with float
-  tensors in ``--gguf-float-type`` (bf16), run by ``llama_cpp`` (n_threads = n_threads_batch =
-  threads, n_batch 512); weights MB is the GGUF file size;
+  tensors in ``--gguf-float-type`` (bf16), run by ``llama_cpp`` (n_threads_batch = threads,
+  n_threads = decode threads, n_batch 512); weights MB is the GGUF file size;
 * ``torchao int8 wo``: only when ``torchao`` is importable (else a note).
 
 Then the goal ratios of int4 weight-only decode (vs FP32 >= 2x, vs BF16 >= 1.3x, vs llama.cpp
@@ -115,7 +118,13 @@ def run_torch(m, prompt, short, args):
             m.generate(short, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        pad_token_id=0)
 
-        t_dec = timed(decode, max(1, args.repeats - 1))
+        torch.set_num_threads(args.decode_threads)
+        try:
+            t_dec = timed(decode, max(1, args.repeats - 1))
+        finally:
+            torch.set_num_threads(args.threads)
+    if args.decode_threads is None:
+        args.decode_threads = args.threads
     return t_pre, n / t_dec
 
 
@@ -133,7 +142,7 @@ def run_llama_cpp(path: Path, prompt, short, args):
 
     n = args.new_tokens
     llm = Llama(model_path=str(path), n_ctx=max(args.prefill, 32 + n) + 64, n_batch=512,
-                n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
+                n_ubatch=512, n_threads=args.decode_threads, n_threads_batch=args.threads,
                 verbose=False)
     ids = prompt[0].tolist()
     sids = short[0].tolist()
@@ -225,6 +234,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--decode-threads", type=int, default=None,
+                    help="threads while generating (default: --threads)")
     ap.add_argument("--gguf-float-type", default="bf16", choices=["f32", "f16", "bf16"])
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
                     metavar="VARIANT", help=f"some of: {', '.join(VARIANTS)}")
@@ -268,7 +279,8 @@ def main() -> None:
     by = {r["variant"]: r for r in rows}
     ref = by.get("fp32") or (rows[0] if rows else None)
     print()
-    print(f"SmolLM2-135M on {args.threads} threads; prefill {args.prefill} tokens; decode "
+    print(f"SmolLM2-135M on {args.threads} threads ({args.decode_threads} while decoding); "
+          f"prefill {args.prefill} tokens; decode "
           f"{args.new_tokens} tokens after 32, batch 1, greedy")
     print(f"{'variant':20s} {'weights MB':>10s} {'/packed':>8s} {'prefill s':>9s} "
           f"{'tok/s':>7s} {'vs FP32':>7s}")
@@ -301,7 +313,7 @@ def main() -> None:
         print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{v}"
                                for k, v in r.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": args.threads, "torch": torch.__version__, "prefill": args.prefill,
+    meta = {"threads": args.threads, "decode_threads": args.decode_threads, "torch": torch.__version__, "prefill": args.prefill,
             "new_tokens": args.new_tokens, "gguf_float_type": args.gguf_float_type,
             "argv": sys.argv[1:]}
     tmp_out = args.out.with_suffix(".tmp")
