@@ -123,8 +123,6 @@ def run_torch(m, prompt, short, args):
             t_dec = timed(decode, max(1, args.repeats - 1))
         finally:
             torch.set_num_threads(args.threads)
-    if args.decode_threads is None:
-        args.decode_threads = args.threads
     return t_pre, n / t_dec
 
 
@@ -244,6 +242,8 @@ def main() -> None:
                     "runtime.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.decode_threads is None:
+        args.decode_threads = args.threads
     base, tok = load_model()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, base.config.vocab_size, (1, args.prefill), generator=g)
