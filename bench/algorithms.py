@@ -13,6 +13,12 @@ RSS) after every row; ``--resume`` keeps the rows of an earlier run with the sam
 
 A recipe may carry step arguments: ``int4-awq@duo_scaling=true,max_tokens=4096``
 (``blockwise=true``, ``feed=fp``, ``symmetric=false`` are understood too).
+
+Peers side by side: rows ``peer:llmc-gptq`` and ``peer:llmc-rtn`` quantize the same model on
+the same calibration windows with llm-compressor (``bench/peer_quant.py``, run by
+``--peer-python``, a venv's python that has the peer, since its pins conflict with lowbit's;
+default ``$LOWBIT_PEER_PYTHON``), then lowbit evaluates its weights exactly as its own rows.
+Without a peer venv those rows are skipped with a note.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from pathlib import Path
 DATA = Path(os.environ.get("LOWBIT_DATA", "/work/shared/data"))
 DEFAULT = ["fp32", "int4-weight-only", "int4-gptq", "int4-gptq-actorder", "int4-awq", "int8",
            "int8-smoothquant"]
-LABEL = {"fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
+LABEL = {"peer:llmc-gptq": "llm-compressor GPTQ W4A16 g64 (run here)",
+         "peer:llmc-rtn": "llm-compressor RTN W4A16 g64 (run here)", "fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
          "int4-gptq-actorder": "GPTQ act-order int4 g64", "int4-awq": "AWQ int4 g64",
          "int8": "W8A8 int8", "int8-smoothquant": "W8A8 int8 + SmoothQuant"}
 PEERS = {  # /work/shared/PEERS.md: held-out austen, 24 windows, 32 calibration samples
@@ -80,6 +87,51 @@ def build_recipe(text: str, group_size: int):
     return r, runner, over
 
 
+class PeerMissing(RuntimeError):
+    """The peer's venv is not there or lacks the peer: the row is skipped with a note."""
+
+
+def peer_row(args, model, tok, row: dict) -> float:
+    """Quantize with a peer in its own venv (bench/peer_quant.py), load its dense weights
+    into ``model``; returns the peer's quantization seconds."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.data import calibration_batches
+    from lowbit.data.models import model_dir
+
+    method = args.child.split(":", 1)[1]
+    py = args.peer_python or os.environ.get("LOWBIT_PEER_PYTHON")
+    if not py or not Path(py).exists():
+        raise PeerMissing(f"{args.child}: no peer venv (pass --peer-python or set "
+                          "LOWBIT_PEER_PYTHON to a python that has the peer; PEERS.md)")
+    calib = calibration_batches(tok, DATA / "austen_pp.txt", n_samples=args.samples,
+                                seq_len=args.seq_len, seed=0, cache=True)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        save_file({"input_ids": calib.contiguous()}, str(d / "ids.safetensors"))
+        p = subprocess.run([py, str(Path(__file__).with_name("peer_quant.py")), "--method",
+                            method, "--model", str(model_dir()), "--calib",
+                            str(d / "ids.safetensors"), "--group-size", str(args.group_size),
+                            "--threads", str(args.threads), "--out", str(d / "w.safetensors"),
+                            "--report", str(d / "r.json")], capture_output=True, text=True)
+        if p.returncode == 3:
+            raise PeerMissing(p.stderr.strip().splitlines()[-1])
+        if p.returncode != 0:
+            raise RuntimeError(f"{args.child} failed: {p.stderr[-2000:]}")
+        rep = json.loads((d / "r.json").read_text())
+        weights = load_file(str(d / "w.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [k for k in weights if k not in params]
+    if missing:
+        raise RuntimeError(f"{args.child}: the peer's weights name unknown parameters, e.g. "
+                           f"{missing[0]}")
+    with __import__("torch").no_grad():
+        for k, w in weights.items():
+            params[k].copy_(w)
+    row.update(group_size=args.group_size, peer=rep["peer"], peer_layers=rep["layers"])
+    return rep["quant_s"]
+
+
 def child(args) -> dict:
     """One recipe: load, quantize, evaluate; returns its row."""
     import torch
@@ -94,7 +146,7 @@ def child(args) -> dict:
     _, ev = split_tokens(tokenize(tok, read_text(DATA / "austen_pp.txt"), cache=True))
     row = {"recipe": args.child}
     tq = 0.0
-    if args.child != "fp32":
+    if args.child != "fp32" and not args.child.startswith("peer:"):
         recipe, runner, over = build_recipe(args.child, args.group_size)
         calib = calibration_batches(tok, DATA / "austen_pp.txt", n_samples=args.samples,
                                     seq_len=args.seq_len, seed=0, cache=True)
@@ -109,6 +161,8 @@ def child(args) -> dict:
         row["algorithms"] = [a.model_dump() for a in recipe.algorithms]
         if runner:
             row["runner"] = runner
+    if args.child.startswith("peer:"):
+        tq = peer_row(args, model, tok, row)
     row["quant_s"] = round(tq, 1)
     row["quant_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     t = time.perf_counter()
@@ -167,11 +221,17 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="keep rows of an earlier run with the same settings")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--peer-python", default=None,
+                    help="python of a venv holding a peer, for the peer:* rows "
+                    "(peer:llmc-gptq, peer:llmc-rtn); default $LOWBIT_PEER_PYTHON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        args.child_out.write_text(json.dumps(child(args)))
+        try:
+            args.child_out.write_text(json.dumps(child(args)))
+        except PeerMissing as e:
+            args.child_out.write_text(json.dumps({"skipped": str(e)}))
         return
 
     meta = {k: getattr(args, k) for k in ("samples", "seq_len", "eval_windows",
@@ -197,12 +257,17 @@ def main() -> None:
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
             if args.verbose:
                 cmd.append("--verbose")
+            if args.peer_python:
+                cmd += ["--peer-python", args.peer_python]
             t = time.perf_counter()
             p = subprocess.run(cmd)
             if p.returncode != 0 or not out.is_file():
                 print(f"{name}: failed (exit {p.returncode})", file=sys.stderr, flush=True)
                 continue
             row = json.loads(out.read_text())
+        if "skipped" in row:
+            print(f"{name}: skipped: {row['skipped']}", flush=True)
+            continue
         row["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(row)
         print(f"{name}: ppl {row['ppl']:.3f}"

@@ -1,0 +1,94 @@
+"""Quantize the real model with a peer toolkit, in the peer's own virtual environment.
+
+Run by ``bench/algorithms.py`` for its ``peer:*`` rows with the interpreter of a venv that
+holds the peer (``--peer-python`` or ``LOWBIT_PEER_PYTHON``; see ../shared/PEERS.md for
+installing one: the peers pin other versions of transformers and compressed-tensors than
+lowbit, so they never share its venv). lowbit is not imported here; the model, the
+calibration token ids and the output are plain files, so the peer sees exactly lowbit's
+calibration windows and lowbit evaluates the peer's weights with its own perplexity code.
+
+    python bench/peer_quant.py --method llmc-gptq --model DIR --calib ids.safetensors \
+        --group-size 64 --threads 1 --out weights.safetensors --report report.json
+
+Methods: ``llmc-gptq`` (llm-compressor's GPTQModifier, W4A16 symmetric int4 groups),
+``llmc-rtn`` (its QuantizationModifier, the same scheme without GPTQ). The output holds the
+dense fake-quantized weight of every quantized linear (``<module>.weight``, float32); the
+report the quantization wall time (seconds, the peer's call only). Exit 3 when the peer is
+not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("llmc-gptq", "llmc-rtn")
+
+
+def llmc(model, ids, method: str, group_size: int):
+    """Run llm-compressor's oneshot on ``ids [n, L]``; returns ``{name: dense weight}``."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size))
+    cls = GPTQModifier if method == "llmc-gptq" else QuantizationModifier
+    recipe = cls(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    n, seq = ids.shape
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n})
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq,
+            num_calibration_samples=n)
+    out = {}
+    for name, m in model.named_modules():
+        qs = getattr(m, "quantization_scheme", None)
+        if qs is None or qs.weights is None or not hasattr(m, "weight_scale"):
+            continue
+        zp = getattr(m, "weight_zero_point", None)
+        w = fake_quantize(m.weight.detach(), m.weight_scale, zp, qs.weights)
+        out[f"{name}.weight"] = w.float().contiguous()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=METHODS, required=True)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--calib", type=Path, required=True)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report", type=Path, required=True)
+    args = ap.parse_args()
+    try:
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+
+        import llmcompressor  # noqa: F401
+    except ImportError as e:
+        print(f"peer not installed in {sys.executable}: {e}", file=sys.stderr)
+        sys.exit(3)
+    torch.set_num_threads(args.threads)
+    ids = load_file(str(args.calib))["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    t = time.perf_counter()
+    weights = llmc(model, ids, args.method, args.group_size)
+    seconds = time.perf_counter() - t
+    if not weights:
+        print(f"{args.method}: no quantized linear found after the peer's call", file=sys.stderr)
+        sys.exit(1)
+    save_file(weights, str(args.out))
+    import llmcompressor
+
+    args.report.write_text(json.dumps({"quant_s": seconds, "layers": len(weights),
+                                       "peer": f"llmcompressor {llmcompressor.__version__}"}))
+
+
+if __name__ == "__main__":
+    main()
