@@ -14,7 +14,7 @@ RSS) after every row; ``--resume`` keeps the rows of an earlier run with the sam
 A recipe may carry step arguments: ``int4-awq@duo_scaling=true,max_tokens=4096``
 (``blockwise=true``, ``feed=fp``, ``symmetric=false`` are understood too).
 
-Peers side by side: rows ``peer:llmc-gptq`` and ``peer:llmc-rtn`` quantize the same model on
+Peers side by side: rows ``peer:llmc-gptq``, ``peer:llmc-awq`` and ``peer:llmc-rtn`` quantize the same model on
 the same calibration windows with llm-compressor (``bench/peer_quant.py``, run by
 ``--peer-python``, a venv's python that has the peer, since its pins conflict with lowbit's;
 default ``$LOWBIT_PEER_PYTHON``), then lowbit evaluates its weights exactly as its own rows.
@@ -37,6 +37,7 @@ DATA = Path(os.environ.get("LOWBIT_DATA", "/work/shared/data"))
 DEFAULT = ["fp32", "int4-weight-only", "int4-gptq", "int4-gptq-actorder", "int4-awq", "int8",
            "int8-smoothquant"]
 LABEL = {"peer:llmc-gptq": "llm-compressor GPTQ W4A16 g64 (run here)",
+         "peer:llmc-awq": "llm-compressor AWQ W4A16 asym g64 (run here)",
          "peer:llmc-rtn": "llm-compressor RTN W4A16 g64 (run here)", "fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
          "int4-gptq-actorder": "GPTQ act-order int4 g64", "int4-awq": "AWQ int4 g64",
          "int8": "W8A8 int8", "int8-smoothquant": "W8A8 int8 + SmoothQuant"}
@@ -223,7 +224,7 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--peer-python", default=None,
                     help="python of a venv holding a peer, for the peer:* rows "
-                    "(peer:llmc-gptq, peer:llmc-rtn); default $LOWBIT_PEER_PYTHON")
+                    "(peer:llmc-gptq, peer:llmc-rtn, peer:llmc-awq); default $LOWBIT_PEER_PYTHON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

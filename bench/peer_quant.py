@@ -11,8 +11,10 @@ calibration windows and lowbit evaluates the peer's weights with its own perplex
         --group-size 64 --threads 1 --out weights.safetensors --report report.json
 
 Methods: ``llmc-gptq`` (llm-compressor's GPTQModifier, W4A16 symmetric int4 groups),
-``llmc-rtn`` (its QuantizationModifier, the same scheme without GPTQ). The output holds the
-dense fake-quantized weight of every quantized linear (``<module>.weight``, float32); the
+``llmc-rtn`` (its QuantizationModifier, the same scheme without GPTQ), ``llmc-awq`` (its
+AWQ transform then W4A16 asymmetric groups, as PEERS.md measured it). The output holds every
+parameter of the model (float32; AWQ changes the norms too) with the quantized linears'
+weights replaced by their dense fake-quantized values; the
 report the quantization wall time (seconds, the peer's call only). Exit 3 when the peer is
 not installed.
 """
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("llmc-gptq", "llmc-rtn")
+METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq")
 
 
 def llmc(model, ids, method: str, group_size: int):
@@ -36,15 +38,28 @@ def llmc(model, ids, method: str, group_size: int):
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    asym = method == "llmc-awq"  # as PEERS.md measured it: W4A16_ASYM
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size))
-    cls = GPTQModifier if method == "llmc-gptq" else QuantizationModifier
-    recipe = cls(config_groups={"group_0": scheme}, ignore=["lm_head"])
+        num_bits=4, type="int", symmetric=not asym, strategy="group", group_size=group_size))
+    if method == "llmc-awq":
+        from llmcompressor.modifiers.transform import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        # pinning needs an accelerator; on a CPU-only machine it raises (PEERS.md)
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None
+        recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme},
+                                                      ignore=["lm_head"])]
+    else:
+        cls = GPTQModifier if method == "llmc-gptq" else QuantizationModifier
+        recipe = cls(config_groups={"group_0": scheme}, ignore=["lm_head"])
     n, seq = ids.shape
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n})
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq,
             num_calibration_samples=n)
-    out = {}
+    # every parameter (AWQ folds its scales into the norms too), quantized weights dense
+    out = {k: p.detach().float().contiguous() for k, p in model.named_parameters()
+           if "weight_scale" not in k and "zero_point" not in k}
+    n = 0
     for name, m in model.named_modules():
         qs = getattr(m, "quantization_scheme", None)
         if qs is None or qs.weights is None or not hasattr(m, "weight_scale"):
@@ -52,7 +67,8 @@ def llmc(model, ids, method: str, group_size: int):
         zp = getattr(m, "weight_zero_point", None)
         w = fake_quantize(m.weight.detach(), m.weight_scale, zp, qs.weights)
         out[f"{name}.weight"] = w.float().contiguous()
-    return out
+        n += 1
+    return out, n
 
 
 def main() -> None:
@@ -78,15 +94,15 @@ def main() -> None:
     ids = load_file(str(args.calib))["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     t = time.perf_counter()
-    weights = llmc(model, ids, args.method, args.group_size)
+    weights, n_quantized = llmc(model, ids, args.method, args.group_size)
     seconds = time.perf_counter() - t
-    if not weights:
+    if not n_quantized:
         print(f"{args.method}: no quantized linear found after the peer's call", file=sys.stderr)
         sys.exit(1)
     save_file(weights, str(args.out))
     import llmcompressor
 
-    args.report.write_text(json.dumps({"quant_s": seconds, "layers": len(weights),
+    args.report.write_text(json.dumps({"quant_s": seconds, "layers": n_quantized,
                                        "peer": f"llmcompressor {llmcompressor.__version__}"}))
 
 
