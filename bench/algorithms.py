@@ -38,6 +38,7 @@ DEFAULT = ["fp32", "int4-weight-only", "int4-gptq", "int4-gptq-actorder", "int4-
            "int8-smoothquant"]
 LABEL = {"peer:llmc-gptq": "llm-compressor GPTQ W4A16 g64 (run here)",
          "peer:llmc-awq": "llm-compressor AWQ W4A16 asym g64 (run here)",
+         "peer:modelopt-int4-awq": "Model Optimizer INT4_AWQ g64 (run here)",
          "peer:llmc-rtn": "llm-compressor RTN W4A16 g64 (run here)", "fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
          "int4-gptq-actorder": "GPTQ act-order int4 g64", "int4-awq": "AWQ int4 g64",
          "int8": "W8A8 int8", "int8-smoothquant": "W8A8 int8 + SmoothQuant"}
@@ -129,7 +130,12 @@ def peer_row(args, model, tok, row: dict) -> float:
     with __import__("torch").no_grad():
         for k, w in weights.items():
             params[k].copy_(w)
-    row.update(group_size=args.group_size, peer=rep["peer"], peer_layers=rep["layers"])
+    row.update(group_size=args.group_size, peer=rep["peer"], peer_layers=rep["layers"],
+               peer_dense_rel_error=rep["dense_logits_rel_error"])
+    if rep["dense_logits_rel_error"] > 1e-3:
+        raise RuntimeError(f"{args.child}: the peer's dense weights do not reproduce its "
+                           f"quantized model (logits rel. error "
+                           f"{rep['dense_logits_rel_error']:.2e})")
     return rep["quant_s"]
 
 
@@ -224,7 +230,8 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--peer-python", default=None,
                     help="python of a venv holding a peer, for the peer:* rows "
-                    "(peer:llmc-gptq, peer:llmc-rtn, peer:llmc-awq); default $LOWBIT_PEER_PYTHON")
+                    "(peer:llmc-gptq, peer:llmc-rtn, peer:llmc-awq, peer:modelopt-int4-awq); "
+                    "default $LOWBIT_PEER_PYTHON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -12,7 +12,8 @@ calibration windows and lowbit evaluates the peer's weights with its own perplex
 
 Methods: ``llmc-gptq`` (llm-compressor's GPTQModifier, W4A16 symmetric int4 groups),
 ``llmc-rtn`` (its QuantizationModifier, the same scheme without GPTQ), ``llmc-awq`` (its
-AWQ transform then W4A16 asymmetric groups, as PEERS.md measured it). The output holds every
+AWQ transform then W4A16 asymmetric groups, as PEERS.md measured it), ``modelopt-int4-awq``
+(Model Optimizer's INT4_AWQ_CFG with blocks of ``--group-size``). The output holds every
 parameter of the model (float32; AWQ changes the norms too) with the quantized linears'
 weights replaced by their dense fake-quantized values; the
 report the quantization wall time (seconds, the peer's call only). Exit 3 when the peer is
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq")
+METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq", "modelopt-int4-awq")
 
 
 def llmc(model, ids, method: str, group_size: int):
@@ -71,6 +72,43 @@ def llmc(model, ids, method: str, group_size: int):
     return out, n
 
 
+def modelopt_int4_awq(model, ids, group_size: int):
+    """Model Optimizer's INT4_AWQ_CFG (block ``group_size``); returns (params, n quantized):
+    the dense weight of a linear is ``Q(W') * pre_quant_scale`` (AWQ keeps its scale on the
+    input side, which folds into the weight's columns exactly)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for e in cfg["quant_cfg"]:
+        if e.get("quantizer_name") == "*weight_quantizer":
+            e["cfg"]["block_sizes"] = {-1: group_size, "type": "static"}
+
+    def loop(m):
+        for row in ids:
+            m(row[None])
+
+    with torch.no_grad():
+        mtq.quantize(model, cfg, loop)
+    out = {k: p.detach().float().contiguous() for k, p in model.named_parameters()}
+    n = 0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            wq = getattr(m, "weight_quantizer", None)
+            if wq is None or not getattr(wq, "is_enabled", False):
+                continue
+            w = wq(m.weight).float()
+            iq = getattr(m, "input_quantizer", None)
+            pqs = getattr(iq, "pre_quant_scale", None) if iq is not None else None
+            if pqs is not None:
+                w = w * pqs.float().reshape(1, -1)
+            out[f"{name}.weight"] = w.contiguous()
+            n += 1
+    return out, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=METHODS, required=True)
@@ -86,7 +124,10 @@ def main() -> None:
         from safetensors.torch import load_file, save_file
         from transformers import AutoModelForCausalLM
 
-        import llmcompressor  # noqa: F401
+        if args.method.startswith("modelopt"):
+            import modelopt.torch.quantization  # noqa: F401
+        else:
+            import llmcompressor  # noqa: F401
     except ImportError as e:
         print(f"peer not installed in {sys.executable}: {e}", file=sys.stderr)
         sys.exit(3)
@@ -94,16 +135,33 @@ def main() -> None:
     ids = load_file(str(args.calib))["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     t = time.perf_counter()
-    weights, n_quantized = llmc(model, ids, args.method, args.group_size)
+    if args.method.startswith("modelopt"):
+        weights, n_quantized = modelopt_int4_awq(model, ids, args.group_size)
+    else:
+        weights, n_quantized = llmc(model, ids, args.method, args.group_size)
     seconds = time.perf_counter() - t
+    # the dense weights must compute what the peer's quantized model computes
+    probe = ids[:1, :64]
+    with torch.no_grad():
+        ref = model(probe).logits.float()
+        dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        params = dict(dense.named_parameters())
+        for k, w in weights.items():
+            params[k].copy_(w)
+        got = dense(probe).logits.float()
+    rel = float((got - ref).norm() / ref.norm())
+    print(f"{args.method}: dense weights vs the peer's quantized model, logits rel. error "
+          f"{rel:.2e}", file=sys.stderr)
     if not n_quantized:
         print(f"{args.method}: no quantized linear found after the peer's call", file=sys.stderr)
         sys.exit(1)
     save_file(weights, str(args.out))
-    import llmcompressor
+    from importlib.metadata import version
 
+    dist = "nvidia-modelopt" if args.method.startswith("modelopt") else "llmcompressor"
     args.report.write_text(json.dumps({"quant_s": seconds, "layers": n_quantized,
-                                       "peer": f"llmcompressor {llmcompressor.__version__}"}))
+                                       "dense_logits_rel_error": rel,
+                                       "peer": f"{dist} {version(dist)}"}))
 
 
 if __name__ == "__main__":
