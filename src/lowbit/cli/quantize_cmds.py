@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -145,6 +146,19 @@ def quantize_cmd(
                             comm, auto, candidates, over, chunk_size)
 
 
+@contextmanager
+def _one_line_errors():
+    """Library errors exit 2 (bad input), anything else exits 1, each with one line."""
+    try:
+        yield
+    except LowbitError as e:
+        fail(str(e))
+    except typer.Exit:
+        raise
+    except Exception as e:  # a real failure: say so in one line, exit 1
+        fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
+
+
 def _calib_ids(tok, calib: Path, samples: int, seq_len: int):
     from lowbit.data import calibration_batches
 
@@ -160,7 +174,7 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
 
     t0 = time.perf_counter()
     auto_report = None
-    try:
+    with _one_line_errors():
         m, tok = _load(model)
         ctx = _max_ctx(m)
         if ctx and seq_len > ctx:
@@ -203,12 +217,6 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
 
                     recipes.save(rec, out / "auto_recipe.yaml")
         comm.barrier()
-    except LowbitError as e:
-        fail(str(e))
-    except typer.Exit:
-        raise
-    except Exception as e:  # a real failure: say so in one line, exit 1
-        fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
     if not comm.is_main:
         return
     report = m.lowbit_report
@@ -275,7 +283,7 @@ def _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, co
     from lowbit.pipeline.stream import quantize_checkpoint
 
     t0 = time.perf_counter()
-    try:
+    with _one_line_errors():
         cfg = json.loads((Path(model) / "config.json").read_text())
         ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         if ctx and seq_len > ctx:
@@ -299,12 +307,6 @@ def _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, co
             res = quantize_checkpoint(model, rec, ids, out, overwrite=force, resume=resume,
                                       tokenizer=tok, progress=on_block, comm=comm,
                                       chunk_size=chunk_size)
-    except LowbitError as e:
-        fail(str(e))
-    except typer.Exit:
-        raise
-    except Exception as e:  # a real failure: say so in one line, exit 1
-        fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
     if not comm.is_main:
         return
     t = Table(title=f"{model} -> {out} (lowbit, streamed block by block)")
