@@ -28,6 +28,7 @@ from lowbit.export.base import weight_qtensor
 from lowbit.nn.modules import QuantLinear
 from lowbit.runtime.kernels import (Kernel, LayerInfo, check_act_dtype, get_kernel,
                                     kernel_names, register_kernel, select_kernel)
+from lowbit.runtime.decode import FastDecoder, fuse_linears, generate
 from lowbit.runtime.packed import PackedLinear
 
 
@@ -193,6 +194,7 @@ def load_packed(path, device: str = "cpu", fast: bool = True,
     return load(path, device, packed={"fast": fast, "act_dtype": act_dtype})
 
 
-__all__ = ["Kernel", "LayerInfo", "PackedLinear", "convert", "get_kernel", "kernel_names",
+__all__ = ["FastDecoder", "Kernel", "LayerInfo", "PackedLinear", "convert", "fuse_linears",
+           "generate", "get_kernel", "kernel_names",
            "layer_info", "load_packed", "memory_report", "packed_bytes", "packed_module",
            "register_kernel", "release_memory", "replace_module", "select_kernel", "weight_bytes"]
