@@ -31,7 +31,7 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 from lowbit.cli import (  # noqa: E402,F401  (registers commands)
-    advice_cmds, export_cmd, formats_cmd, ptq_cmds, quantize_cmds)
+    advice_cmds, export_cmd, formats_cmd, generate_cmd, ptq_cmds, quantize_cmds)
 
 
 def main() -> None:

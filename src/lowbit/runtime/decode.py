@@ -106,7 +106,8 @@ def fuse_linears(mods: list[nn.Module], probe: bool = True) -> FusedLinear:
     if fused is not None and probe:
         x = torch.randn(3, mods[0].in_features, generator=torch.Generator().manual_seed(0))
         dt = fused.weight.dtype if fused.mode == "float" else fused.layer.compute_dtype
-        x = x.to(dt)
+        dev = (fused.weight if fused.mode == "float" else next(fused.layer.buffers())).device
+        x = x.to(dev, dt)
         with torch.no_grad():
             ref = torch.cat([m(x) for m in mods], -1)
             if not torch.allclose(fused(x), ref, rtol=1e-3, atol=1e-3 * ref.abs().max()):
