@@ -200,6 +200,37 @@ def run_llama_cpp(path: Path, prompt, short, args):
     return t_pre, n / t_dec
 
 
+def llama_cpp_child(path: Path, prompt, short, args) -> dict:
+    """:func:`run_llama_cpp` in a child process (a crash of the native library, e.g. its
+    AMX path on some VMs, becomes a note instead of killing the bench)."""
+    import subprocess
+
+    spec = path.with_suffix(".json")
+    spec.write_text(json.dumps({"prompt": prompt[0].tolist(), "short": short[0].tolist(),
+                                "threads": args.threads, "decode_threads": args.decode_threads,
+                                "prefill": args.prefill, "new_tokens": args.new_tokens,
+                                "repeats": args.repeats}))
+    p = subprocess.run([sys.executable, __file__, "--llama-cpp-child", str(path), str(spec)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or [""])[-1][:200]
+        return {"error": f"llama.cpp exited with {p.returncode} ({tail or 'no message'}); "
+                         "if it crashed in its AMX path (ggml_backend_amx_mul_mat, seen on "
+                         "this VM), build llama-cpp-python with CMAKE_ARGS='-DGGML_AMX_TILE=OFF "
+                         "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF'"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_child_main(path: str, spec: str) -> None:
+    """The child side of :func:`llama_cpp_child`: prints one JSON line."""
+    d = json.loads(Path(spec).read_text())
+    args = argparse.Namespace(**{k: d[k] for k in ("threads", "decode_threads", "prefill",
+                                                   "new_tokens", "repeats")})
+    t_pre, tok_s = run_llama_cpp(Path(path), torch.tensor([d["prompt"]]),
+                                 torch.tensor([d["short"]]), args)
+    print(json.dumps({"prefill_s": t_pre, "tok_s": tok_s}))
+
+
 # --- GPU -----------------------------------------------------------------------------------
 def cuda_time(fn, iters=50):
     """Median milliseconds per call of ``fn`` on CUDA (events, after warm-up)."""
@@ -263,6 +294,8 @@ def gpu_section() -> dict:
 
 # --- main --------------------------------------------------------------------------------
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--llama-cpp-child":
+        return llama_cpp_child_main(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill", type=int, default=512)
@@ -295,7 +328,11 @@ def main() -> None:
                     continue
                 path = gguf_file(base, tok, "gguf-" + name.split()[-1].lower(), args,
                                  Path(tmp))
-                t_pre, tok_s = run_llama_cpp(path, prompt, short, args)
+                res = llama_cpp_child(path, prompt, short, args)
+                if "error" in res:
+                    notes.append(f"{name}: {res['error']}")
+                    continue
+                t_pre, tok_s = res["prefill_s"], res["tok_s"]
                 row = {"variant": name, "weight_mb": path.stat().st_size / 1e6,
                        "packed_mb": None, "ratio": None, "prefill_s": t_pre,
                        "decode_tok_s": tok_s, "lowbit_decode_tok_s": tok_s,
