@@ -19,6 +19,15 @@ the same calibration windows with llm-compressor (``bench/peer_quant.py``, run b
 ``--peer-python``, a venv's python that has the peer, since its pins conflict with lowbit's;
 default ``$LOWBIT_PEER_PYTHON``), then lowbit evaluates its weights exactly as its own rows.
 Without a peer venv those rows are skipped with a note.
+
+``peer:modelopt-int8-sq`` (Model Optimizer's INT8_SMOOTHQUANT_CFG) and ``peer:modelopt-int8``
+(INT8_DEFAULT_CFG) quantize activations too, so no dense weights can carry them over: the
+peer evaluates them itself in its venv, on the very token-id windows lowbit's rows are scored
+on (handed over as a safetensors file: held-out austen, and the off-domain windows with
+``--offdomain-windows``), with lowbit.eval.perplexity's definition. It scores the unquantized
+FP32 model on them first; that must match lowbit's FP32 perplexity on the same windows within
+0.1% (checked in the row's process against lowbit's own evaluation, and against the run's
+``fp32`` row), or the run fails (exit status 1).
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ DEFAULT = ["fp32", "int4-weight-only", "int4-gptq", "int4-gptq-actorder", "int4-
 LABEL = {"peer:llmc-gptq": "llm-compressor GPTQ W4A16 g64 (run here)",
          "peer:llmc-awq": "llm-compressor AWQ W4A16 asym g64 (run here)",
          "peer:modelopt-int4-awq": "Model Optimizer INT4_AWQ g64 (run here)",
+         "peer:modelopt-int8-sq": "Model Optimizer INT8_SMOOTHQUANT (peer-eval)",
+         "peer:modelopt-int8": "Model Optimizer INT8_DEFAULT (peer-eval)",
          "peer:llmc-rtn": "llm-compressor RTN W4A16 g64 (run here)", "fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
          "int4-gptq-actorder": "GPTQ act-order int4 g64", "int4-awq": "AWQ int4 g64",
          "int8": "W8A8 int8", "int8-smoothquant": "W8A8 int8 + SmoothQuant"}
@@ -52,6 +63,9 @@ PEERS = {  # /work/shared/PEERS.md: held-out austen, 24 windows, 32 calibration 
     "int8-smoothquant": "ModelOpt INT8_SMOOTHQUANT 32.52 (+4.6%); llm-c SQ+W8A8 dyn 31.75",
 }
 RUNNER_KEYS = ("blockwise", "feed", "chunk_size")
+# peers whose activations are quantized: evaluated in the peer's venv (bench/peer_quant.py)
+EVAL_IN_PEER = ("modelopt-int8-sq", "modelopt-int8")
+FP32_MATCH = 1e-3  # the peer's FP32 perplexity must be within 0.1% of lowbit's
 
 
 def parse_recipe(text: str):
@@ -93,10 +107,15 @@ class PeerMissing(RuntimeError):
     """The peer's venv is not there or lacks the peer: the row is skipped with a note."""
 
 
-def peer_row(args, model, tok, row: dict) -> float:
-    """Quantize with a peer in its own venv (bench/peer_quant.py), load its dense weights
-    into ``model``; returns the peer's quantization seconds."""
-    from safetensors.torch import load_file, save_file
+class EvalMismatch(RuntimeError):
+    """The peer's FP32 perplexity differs from lowbit's on the same windows: its evaluation
+    is not lowbit's, so its numbers cannot sit in the same table."""
+
+
+def run_peer(args, tok, d: Path, extra: list[str]) -> dict:
+    """Run bench/peer_quant.py for ``args.child`` in the peer's venv on the calibration
+    windows (written under ``d``); returns its report."""
+    from safetensors.torch import save_file
 
     from lowbit.data import calibration_batches
     from lowbit.data.models import model_dir
@@ -108,19 +127,99 @@ def peer_row(args, model, tok, row: dict) -> float:
                           "LOWBIT_PEER_PYTHON to a python that has the peer; PEERS.md)")
     calib = calibration_batches(tok, DATA / "austen_pp.txt", n_samples=args.samples,
                                 seq_len=args.seq_len, seed=0, cache=True)
+    save_file({"input_ids": calib.contiguous()}, str(d / "ids.safetensors"))
+    p = subprocess.run([py, str(Path(__file__).with_name("peer_quant.py")), "--method",
+                        method, "--model", str(model_dir()), "--calib",
+                        str(d / "ids.safetensors"), "--group-size", str(args.group_size),
+                        "--threads", str(args.threads), "--report", str(d / "r.json"), *extra],
+                       capture_output=True, text=True)
+    if p.returncode == 3:
+        raise PeerMissing(p.stderr.strip().splitlines()[-1])
+    if p.returncode != 0:
+        raise RuntimeError(f"{args.child} failed: {p.stderr[-2000:]}")
+    if args.verbose:
+        print(p.stderr, file=sys.stderr, flush=True)
+    return json.loads((d / "r.json").read_text())
+
+
+def eval_texts(args, tok) -> dict:
+    """``{text: held-out token ids}`` the rows are scored on, with their window counts:
+    ``{"austen": (ids, eval_windows), "offdomain": (ids, offdomain_windows)}``."""
+    from lowbit.data import tokenize
+    from lowbit.data.text import read_text, split_tokens
+
+    _, ev = split_tokens(tokenize(tok, read_text(DATA / "austen_pp.txt"), cache=True))
+    out = {"austen": (ev, args.eval_windows)}
+    if args.offdomain_windows:
+        _, off = split_tokens(tokenize(tok, read_text(DATA / "pydocs_tut_ref.txt"), cache=True))
+        out["offdomain"] = (off, args.offdomain_windows)
+    return out
+
+
+def peer_eval_row(args, model, tok, row: dict) -> dict:
+    """A peer that quantizes activations (EVAL_IN_PEER): it quantizes and evaluates in its own
+    venv on the windows lowbit scores (``perplexity(ids, seq_len, n_windows)``: the first
+    ``n_windows`` non-overlapping windows); its FP32 perplexity on them must match lowbit's
+    (``model`` is still FP32 here) within FP32_MATCH. Fills and returns ``row``."""
+    from safetensors.torch import save_file
+
+    from lowbit.eval import perplexity
+
+    texts = eval_texts(args, tok)
+    L = args.seq_len
+    windows, ours = {}, {}
+    t = time.perf_counter()
+    for name, (ids, want) in texts.items():
+        n = min(want, ids.numel() // L)  # as lowbit.eval.perplexity: full windows only
+        windows[name] = ids[:n * L].reshape(n, L).contiguous()
+        ours[name] = perplexity(model, ids, seq_len=L, n_windows=want)
+        if ours[name]["windows"] != n or ours[name]["tokens"] != n * (L - 1):
+            raise RuntimeError(f"{name}: lowbit scored {ours[name]['windows']} windows / "
+                               f"{ours[name]['tokens']} tokens, handed {n} windows over")
+    lowbit_fp32_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        save_file({"input_ids": calib.contiguous()}, str(d / "ids.safetensors"))
-        p = subprocess.run([py, str(Path(__file__).with_name("peer_quant.py")), "--method",
-                            method, "--model", str(model_dir()), "--calib",
-                            str(d / "ids.safetensors"), "--group-size", str(args.group_size),
-                            "--threads", str(args.threads), "--out", str(d / "w.safetensors"),
-                            "--report", str(d / "r.json")], capture_output=True, text=True)
-        if p.returncode == 3:
-            raise PeerMissing(p.stderr.strip().splitlines()[-1])
-        if p.returncode != 0:
-            raise RuntimeError(f"{args.child} failed: {p.stderr[-2000:]}")
-        rep = json.loads((d / "r.json").read_text())
+        save_file(windows, str(d / "eval.safetensors"))
+        rep = run_peer(args, tok, d, ["--eval", str(d / "eval.safetensors")])
+    worst = 0.0
+    for name in texts:
+        a, b = rep["fp32_ppl"][name], ours[name]["ppl"]
+        rel = abs(a / b - 1)
+        worst = max(worst, rel)
+        print(f"{args.child}: FP32 {name} ppl, peer's evaluation {a:.4f}, lowbit's {b:.4f} "
+              f"(rel. difference {rel:.2e}; {rep['tokens'][name]} vs {ours[name]['tokens']} "
+              "tokens)", file=sys.stderr, flush=True)
+        if rep["tokens"][name] != ours[name]["tokens"] or rel > FP32_MATCH:
+            raise EvalMismatch(
+                f"{args.child}: the peer's FP32 {name} perplexity {a:.4f} ({rep['tokens'][name]}"
+                f" tokens) is not lowbit's {b:.4f} ({ours[name]['tokens']} tokens) within "
+                f"{FP32_MATCH:.1%}: its evaluation differs from lowbit's, so its row would "
+                "not be comparable")
+    row.update(evaluated_by="peer", peer=rep["peer"], peer_config=rep["config"],
+               peer_transformers=rep["transformers"], peer_layers=rep["layers"],
+               peer_input_quantized_layers=rep["input_quantized_layers"],
+               ppl=rep["ppl"]["austen"], peer_fp32_ppl=rep["fp32_ppl"]["austen"],
+               lowbit_fp32_ppl=ours["austen"]["ppl"], fp32_match_rel=worst,
+               quant_s=round(rep["quant_s"], 1), eval_s=round(rep["eval_s"], 1),
+               peer_fp32_eval_s=round(rep["fp32_eval_s"], 1),
+               lowbit_fp32_eval_s=round(lowbit_fp32_s, 1), peer_peak_rss_mb=rep["peak_rss_mb"])
+    if "offdomain" in texts:
+        row.update(offdomain_ppl=rep["ppl"]["offdomain"],
+                   peer_fp32_offdomain_ppl=rep["fp32_ppl"]["offdomain"],
+                   lowbit_fp32_offdomain_ppl=ours["offdomain"]["ppl"])
+    # this process only loads the model and hands windows over: the peer's own peak RSS
+    row["quant_rss_mb"] = row["peak_rss_mb"] = rep["peak_rss_mb"]
+    return row
+
+
+def peer_row(args, model, tok, row: dict) -> float:
+    """Quantize with a peer in its own venv (bench/peer_quant.py), load its dense weights
+    into ``model``; returns the peer's quantization seconds."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        rep = run_peer(args, tok, d, ["--out", str(d / "w.safetensors")])
         weights = load_file(str(d / "w.safetensors"))
     params = dict(model.named_parameters())
     missing = [k for k in weights if k not in params]
@@ -150,8 +249,10 @@ def child(args) -> dict:
     from lowbit.eval import perplexity
 
     model, tok = load_model()
-    _, ev = split_tokens(tokenize(tok, read_text(DATA / "austen_pp.txt"), cache=True))
     row = {"recipe": args.child}
+    if args.child.startswith("peer:") and args.child.split(":", 1)[1] in EVAL_IN_PEER:
+        return peer_eval_row(args, model, tok, row)
+    _, ev = split_tokens(tokenize(tok, read_text(DATA / "austen_pp.txt"), cache=True))
     tq = 0.0
     if args.child != "fp32" and not args.child.startswith("peer:"):
         recipe, runner, over = build_recipe(args.child, args.group_size)
@@ -214,6 +315,28 @@ def table(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def check_peer_eval(rows: list[dict]) -> None:
+    """Rows evaluated by a peer: their FP32 must match the run's ``fp32`` row within
+    FP32_MATCH (the row's own process already checked it against lowbit's evaluation)."""
+    base = next((r for r in rows if r["recipe"] == "fp32"), None)
+    if base is None:
+        return
+    for r in rows:
+        if r.get("evaluated_by") != "peer":
+            continue
+        pairs = [("ppl", "peer_fp32_ppl"), ("offdomain_ppl", "peer_fp32_offdomain_ppl")]
+        for k, pk in pairs:
+            if base.get(k) is None or r.get(pk) is None:
+                continue
+            rel = abs(r[pk] / base[k] - 1)
+            if rel > FP32_MATCH:
+                sys.exit(f"{r['recipe']}: the peer's FP32 {k} {r[pk]:.4f} differs from the "
+                         f"fp32 row's {base[k]:.4f} by {rel:.2e} (> {FP32_MATCH:.1%}): not the "
+                         "same evaluation")
+            print(f"{r['recipe']}: peer's FP32 {k} {r[pk]:.4f} vs fp32 row {base[k]:.4f}: "
+                  f"rel. difference {rel:.2e} (<= {FP32_MATCH:.1%})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128)
@@ -230,7 +353,8 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--peer-python", default=None,
                     help="python of a venv holding a peer, for the peer:* rows "
-                    "(peer:llmc-gptq, peer:llmc-rtn, peer:llmc-awq, peer:modelopt-int4-awq); "
+                    "(peer:llmc-gptq, peer:llmc-rtn, peer:llmc-awq, peer:modelopt-int4-awq, "
+                    "peer:modelopt-int8-sq, peer:modelopt-int8); "
                     "default $LOWBIT_PEER_PYTHON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -253,6 +377,7 @@ def main() -> None:
         if {k: prev["meta"].get(k) for k in meta} == meta:
             old = {r["recipe"]: r for r in prev["rows"]}
     rows = []
+    failed = []
     for name in args.recipes:
         if name in old:
             rows.append(old[name])
@@ -271,6 +396,7 @@ def main() -> None:
             p = subprocess.run(cmd)
             if p.returncode != 0 or not out.is_file():
                 print(f"{name}: failed (exit {p.returncode})", file=sys.stderr, flush=True)
+                failed.append(name)
                 continue
             row = json.loads(out.read_text())
         if "skipped" in row:
@@ -297,6 +423,9 @@ def main() -> None:
     print()
     print(table(rows, meta))
     print(f"wrote {args.out}")
+    check_peer_eval(rows)
+    if failed:
+        sys.exit(f"FAILED rows (see their errors above): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ calibration windows and lowbit evaluates the peer's weights with its own perplex
 
     python bench/peer_quant.py --method llmc-gptq --model DIR --calib ids.safetensors \
         --group-size 64 --threads 1 --out weights.safetensors --report report.json
+    python bench/peer_quant.py --method modelopt-int8-sq --model DIR --calib ids.safetensors \
+        --eval windows.safetensors --threads 1 --report report.json
 
 Methods: ``llmc-gptq`` (llm-compressor's GPTQModifier, W4A16 symmetric int4 groups),
 ``llmc-rtn`` (its QuantizationModifier, the same scheme without GPTQ), ``llmc-awq`` (its
@@ -18,17 +20,34 @@ parameter of the model (float32; AWQ changes the norms too) with the quantized l
 weights replaced by their dense fake-quantized values; the
 report the quantization wall time (seconds, the peer's call only). Exit 3 when the peer is
 not installed.
+
+Methods that quantize activations too cannot be handed over as dense weights:
+``modelopt-int8-sq`` (Model Optimizer's INT8_SMOOTHQUANT_CFG as it ships: per-channel int8
+weights, static per-tensor int8 inputs, SmoothQuant alpha 1.0) and ``modelopt-int8``
+(INT8_DEFAULT_CFG, the same W8A8 without SmoothQuant). For them the peer computes the
+perplexity itself, here, on the token-id windows of ``--eval`` (a safetensors file of
+``[n, seq_len]`` windows, one tensor per text, e.g. ``austen`` and ``offdomain``), with
+lowbit.eval.perplexity's definition: every window scores its ``seq_len - 1`` next-token
+predictions, log-softmax in float32, NLL sums in float64, ppl = exp(total NLL / scored
+tokens). It evaluates the unquantized FP32 model on the same windows first, so the caller can
+check that this evaluation reproduces lowbit's FP32 numbers. No ``--out`` for them; the
+report holds ``ppl``, ``fp32_ppl``, ``nll``, ``fp32_nll`` and ``tokens`` (each ``{text:
+value}``) as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import resource
 import sys
 import time
 from pathlib import Path
 
-METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq", "modelopt-int4-awq")
+# evaluated here (activations are quantized): Model Optimizer config name of each
+EVAL_METHODS = {"modelopt-int8-sq": "INT8_SMOOTHQUANT_CFG", "modelopt-int8": "INT8_DEFAULT_CFG"}
+METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq", "modelopt-int4-awq", *EVAL_METHODS)
 
 
 def llmc(model, ids, method: str, group_size: int):
@@ -109,6 +128,61 @@ def modelopt_int4_awq(model, ids, group_size: int):
     return out, n
 
 
+def perplexity(model, windows) -> tuple[float, float, int]:
+    """``(ppl, mean NLL, scored tokens)`` of ``windows [n, L]``, as lowbit.eval.perplexity
+    computes it for non-overlapping windows (batch 1): each window scores its ``L - 1``
+    next-token predictions; log-softmax of the logits in float32; each window's NLL summed in
+    float64 and added up in Python floats; ppl = exp(total / count)."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for w in windows:
+                x = w.reshape(1, -1).long()
+                out = model(x)
+                logits = getattr(out, "logits", None)
+                if logits is None:
+                    logits = out[0] if isinstance(out, (tuple, list)) else out
+                logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                y = x[:, 1:]
+                nll = -logp.gather(-1, y[..., None]).squeeze(-1)
+                total += float(nll[0].double().sum())
+                count += nll[0].numel()
+                del logp, nll
+    finally:
+        model.train(was_training)
+    nll = total / count
+    return math.exp(nll), nll, count
+
+
+def modelopt_w8a8(model, ids, method: str):
+    """Model Optimizer's W8A8 config for ``method`` (as it ships), calibrated on ``ids [n, L]``
+    in place; returns (number of linears with weights quantized, with inputs quantized)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    cfg = copy.deepcopy(getattr(mtq, EVAL_METHODS[method]))
+
+    def loop(m):
+        for row in ids:
+            m(row[None])
+
+    with torch.no_grad():
+        mtq.quantize(model, cfg, loop)
+    n_w = n_in = 0
+    for _, m in model.named_modules():
+        wq, iq = getattr(m, "weight_quantizer", None), getattr(m, "input_quantizer", None)
+        n_w += bool(wq is not None and getattr(wq, "is_enabled", False))
+        n_in += bool(iq is not None and getattr(iq, "is_enabled", False))
+    return n_w, n_in
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=METHODS, required=True)
@@ -116,9 +190,16 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, required=True)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="dense weights (not for the methods evaluated "
+                    "here)")
+    ap.add_argument("--eval", type=Path, help="token-id windows to evaluate on (only and "
+                    f"required for {', '.join(EVAL_METHODS)})")
     ap.add_argument("--report", type=Path, required=True)
     args = ap.parse_args()
+    if args.method in EVAL_METHODS and not args.eval:
+        ap.error(f"--method {args.method} quantizes activations: pass --eval windows")
+    if args.method not in EVAL_METHODS and not args.out:
+        ap.error(f"--method {args.method} needs --out")
     try:
         import torch
         from safetensors.torch import load_file, save_file
@@ -134,6 +215,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ids = load_file(str(args.calib))["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.method in EVAL_METHODS:
+        evaluate_here(args, model, ids)
+        return
     t = time.perf_counter()
     if args.method.startswith("modelopt"):
         weights, n_quantized = modelopt_int4_awq(model, ids, args.group_size)
@@ -162,6 +246,43 @@ def main() -> None:
     args.report.write_text(json.dumps({"quant_s": seconds, "layers": n_quantized,
                                        "dense_logits_rel_error": rel,
                                        "peer": f"{dist} {version(dist)}"}))
+
+
+def evaluate_here(args, model, ids) -> None:
+    """FP32 perplexity on ``--eval``'s windows, quantize, perplexity again; write the report."""
+    from importlib.metadata import version
+
+    from safetensors.torch import load_file
+
+    windows = load_file(str(args.eval))
+    rep = {"fp32_ppl": {}, "fp32_nll": {}, "ppl": {}, "nll": {}, "tokens": {}}
+    t = time.perf_counter()
+    for name, w in windows.items():
+        ppl, nll, n = perplexity(model, w)
+        rep["fp32_ppl"][name], rep["fp32_nll"][name], rep["tokens"][name] = ppl, nll, n
+        print(f"{args.method}: FP32 {name} ppl {ppl:.4f} ({n} tokens)", file=sys.stderr,
+              flush=True)
+    fp32_eval_s = time.perf_counter() - t
+    t = time.perf_counter()
+    n_w, n_in = modelopt_w8a8(model, ids, args.method)
+    seconds = time.perf_counter() - t
+    if not n_w or not n_in:
+        print(f"{args.method}: {n_w} linears with quantized weights and {n_in} with quantized "
+              "inputs after the peer's call (expected both)", file=sys.stderr)
+        sys.exit(1)
+    t = time.perf_counter()
+    for name, w in windows.items():
+        ppl, nll, n = perplexity(model, w)
+        rep["ppl"][name], rep["nll"][name] = ppl, nll
+        print(f"{args.method}: {name} ppl {ppl:.4f}", file=sys.stderr, flush=True)
+    eval_s = time.perf_counter() - t
+    dist = "nvidia-modelopt"
+    rep.update(quant_s=seconds, layers=n_w, input_quantized_layers=n_in,
+               fp32_eval_s=fp32_eval_s, eval_s=eval_s,
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               config=EVAL_METHODS[args.method], peer=f"{dist} {version(dist)}",
+               transformers=version("transformers"))
+    args.report.write_text(json.dumps(rep))
 
 
 if __name__ == "__main__":
