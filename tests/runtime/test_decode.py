@@ -118,9 +118,13 @@ def test_bfloat16_model_agrees():
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         ref = m(ids).logits[0]
-        got = FastDecoder(m).forward(ids[0], 0, all_logits=True)
+        dec = FastDecoder(m)
+        got = dec.forward(ids[0], 0, all_logits=True)
+        dec.forward(ids[0, :9], 0)
+        step = dec.forward(ids[0, 9:], 9)  # one row: the float head runs as torch.mv
     assert got.dtype == torch.bfloat16
     assert rel(got, ref) < 2e-2  # bf16 rounding (RMSNorm in one fused op)
+    assert rel(step, ref[9]) < 2e-2
 
 
 def test_fuse_falls_back_to_split_for_mixed_layers():
