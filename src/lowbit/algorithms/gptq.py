@@ -194,13 +194,17 @@ def restore_lower(A: torch.Tensor, diag: torch.Tensor, block: int = 1024) -> Non
     A.diagonal().copy_(diag)
 
 
-def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: str):
+def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: str,
+                     refill=None):
     """Upper Cholesky factor of ``(H + damp I)^-1`` (retrying with 10x damping), and damp.
 
     Everything happens in ``H``'s buffer (the caller's private copy), which the returned
     factor shares: the factorization is blocked (:func:`cholesky_lower_inplace`) and keeps
     ``H``'s upper triangle for a retry, the inverse and the upper factor are in place, so
-    the peak is one ``[in, in]`` matrix plus ``[in, 1024]`` temporaries.
+    the peak is one ``[in, in]`` matrix plus ``[in, 1024]`` temporaries. A factorization
+    that passes but whose inverse does not (rounding-level pivots of a nearly singular
+    ``H``: how often depends on the CPU's BLAS) has overwritten ``H``: ``refill(H)`` writes
+    it back for the retry when the caller still has it; without ``refill`` it is an error.
     """
     diag = torch.diag(H).clone()
     base = float(diag.abs().mean())  # mean(diag H) for any valid (PSD) Hessian
@@ -221,15 +225,20 @@ def _inverse_hessian(H: torch.Tensor, percdamp: float, max_retries: int, name: s
             torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
             if int(info) == 0 and _all_finite(H):
                 return H, damp
-            raise CalibrationError(f"GPTQ {name}: the inverse Hessian [{H.shape[0]}x"
-                                   f"{H.shape[0]}] is not positive definite in floating point "
-                                   f"with damping {damp:.3g}; raise percdamp or use "
-                                   "float64 Hessians")
-        restore_lower(H, diag)
+            if refill is None:
+                raise CalibrationError(f"GPTQ {name}: the inverse Hessian [{H.shape[0]}x"
+                                       f"{H.shape[0]}] is not positive definite in floating "
+                                       f"point with damping {damp:.3g}; raise percdamp or use "
+                                       "float64 Hessians")
+            refill(H)
+            what = "of the inverse Hessian"
+        else:
+            restore_lower(H, diag)
+            what = "of the Hessian"
         new = damp * 10 if damp > 0 else 0.01 * base
         if attempt == max_retries:
             break
-        warnings.warn(f"GPTQ {name}: Cholesky factorization of the Hessian failed with damping "
+        warnings.warn(f"GPTQ {name}: Cholesky factorization {what} failed with damping "
                       f"{damp:.3g} ({damp / base:.3g} of its mean diagonal); retrying with "
                       f"{new:.3g}", RuntimeWarning, stacklevel=3)
         damp = new
@@ -297,8 +306,14 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     cols = perm.tolist() if perm is not None else list(range(in_f))
     pos_of = torch.argsort(perm) if perm is not None else torch.arange(in_f, device=dev)
 
+    def refill(buf):  # the prepared H again, from the caller's (kept) matrix
+        src = given.detach().to(dev, buf.dtype)
+        src[dead, dead] = 1
+        buf.copy_(src if perm is None else src[perm][:, perm])
+
     # the inverse first: the weight's float32 copies do not coexist with its temporaries
-    U, damp = _inverse_hessian(H, percdamp, max_retries, name)  # in H's buffer
+    U, damp = _inverse_hessian(H, percdamp, max_retries, name,  # in H's buffer
+                               None if overwrite_hessian else refill)
     Hinv = U.to(torch.float32)
     if overwrite_hessian and Hinv.untyped_storage().data_ptr() != \
             given.untyped_storage().data_ptr():
