@@ -168,3 +168,14 @@ def test_unsupported_models_are_refused():
     dec = FastDecoder(m)
     with pytest.raises(ConfigError, match="sliding window"):
         dec.generate(torch.zeros(1, 6, dtype=torch.long), 4)
+
+
+def test_tensor_subclass_weights_are_not_concatenated():
+    # e.g. torchao's int8 weights: no aten.cat / mv for them; called layer by layer
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a, b = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)
+    a.weight = torch.nn.Parameter(TwoTensor(a.weight.data, a.weight.data.clone()),
+                                  requires_grad=False)
+    f = fuse_linears([a, b])
+    assert f.mode == "split"

@@ -150,3 +150,15 @@ def test_cast_after_convert_keeps_codes():
         b = m(ids).logits
     assert b.dtype == torch.bfloat16
     assert rel_err(a, b.float()) < 5e-2
+
+
+def test_weight_bytes_counts_tensor_subclasses_by_what_they_wrap():
+    # torchao's quantized weights are wrapper subclasses: data_ptr() of the wrapper is not
+    # where the bytes are (it once counted them as nothing)
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    a, b = torch.zeros(4, 8), torch.ones(4, 8)
+    lin.weight = torch.nn.Parameter(TwoTensor(a, b), requires_grad=False)
+    m = torch.nn.Sequential(lin, torch.nn.Linear(4, 2, bias=False))
+    assert rt.weight_bytes(m) == 2 * (4 * 8 * 4) + 2 * 4 * 4

@@ -141,12 +141,22 @@ def release_memory() -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers of ``model`` (tied tensors once): the resident
-    weights."""
+    """Bytes of all parameters and buffers of ``model`` (tied tensors once; tensor
+    subclasses counted by the tensors they wrap): the resident weights."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     seen: set[int] = set()
     total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is None or t.data_ptr() in seen:
+    todo = [t for t in list(model.parameters()) + list(model.buffers()) if t is not None]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, nn.Parameter):
+            t = t.data
+        if is_traceable_wrapper_subclass(t):  # e.g. torchao's quantized weights: the
+            attrs, _ = t.__tensor_flatten__()  # tensors they wrap hold the bytes
+            todo.extend(getattr(t, a) for a in attrs if getattr(t, a) is not None)
+            continue
+        if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()

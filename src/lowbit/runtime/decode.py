@@ -51,9 +51,15 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tens
     return F.linear(x, weight, bias)
 
 
+def _plain_linear(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight is a plain tensor (not a tensor subclass such as
+    torchao's quantized weights, which may not implement ``cat`` or ``mv``)."""
+    return type(mod) is nn.Linear and type(mod.weight.data) is torch.Tensor
+
+
 def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``mod(x)``, with a plain ``nn.Linear`` through :func:`float_linear`."""
-    if type(mod) is nn.Linear:
+    if _plain_linear(mod):
         return float_linear(x, mod.weight, mod.bias)
     return mod(x)
 
@@ -142,7 +148,7 @@ def _try_fuse(mods) -> FusedLinear | None:
     first = mods[0]
     if any(m.in_features != first.in_features for m in mods):
         return None
-    if all(type(m) is nn.Linear for m in mods):
+    if all(_plain_linear(m) for m in mods):
         if len({(m.weight.dtype, m.weight.device) for m in mods}) != 1:
             return None
         w = torch.cat([m.weight.detach() for m in mods])
