@@ -146,7 +146,9 @@ def test_smoothquant_keeps_the_fp_function(family, args):
     assert len(rows) == 2 and all(r["smoothquant_alpha"] for r in rows)
     if args.get("search"):
         assert all(a in (0.25, 0.5, 0.75, 1.0) for r in rows for a in r["smoothquant_alpha"])
-    assert all(r["calibrated"] > 0 for r in rows)  # calibrated block by block
+    # every static input quantizer calibrated block by block: by the block's pass, or from
+    # SmoothQuant's own statistics (amax_from_stats)
+    assert all(r["calibrated"] + r.get("amax_from_stats", 0) > 0 for r in rows)
     assert fp_error(model, ids, ref) < 1e-5
 
 
@@ -172,6 +174,30 @@ def test_smoothquant_beats_plain_w8a8_with_outliers():
         with torch.no_grad():
             err[name] = float((m(ids).logits - ref).norm() / ref.norm())
     assert err["int8-smoothquant"] < 0.7 * err["int8"], err
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_amax_from_stats_equals_a_calibration_pass(search):
+    """The smoothed linears' static input amax taken from the folded statistics equals what
+    the block's calibration pass observes (up to rounding), and that pass is skipped."""
+    base = outlier_llama()
+    ids = calib_ids(6, 16)
+    amax, rows = {}, {}
+    for from_stats in (True, False):
+        m = copy.deepcopy(base)
+        d = lowbit.recipes.load("int8-smoothquant").to_dict()
+        d["algorithms"][0]["args"].update(amax_from_stats=from_stats, search=search, grid=4)
+        lowbit.quantize(m, d, forward_loop=loop_over(ids))
+        amax[from_stats] = {n: q.amax.clone() for n, q in m.named_modules()
+                            if n.endswith("input_quantizer") and q.amax is not None}
+        rows[from_stats] = m.lowbit_report.blocks
+    assert amax[True].keys() == amax[False].keys() and len(amax[True]) == 14
+    for n, a in amax[True].items():
+        assert torch.allclose(a, amax[False][n], rtol=1e-5, atol=0), n
+    # all 7 linears of each block smoothed (q/k/v, gate/up, v->o, up->down): no pass left
+    assert [r["amax_from_stats"] for r in rows[True]] == [7, 7]
+    assert [r["calibrated"] for r in rows[True]] == [0, 0]
+    assert [r["calibrated"] for r in rows[False]] == [7, 7]
 
 
 def test_alpha_search_is_never_worse_than_the_fixed_alpha():

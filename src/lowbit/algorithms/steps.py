@@ -9,7 +9,9 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   and a grid of ``grid`` values ``1/grid, 2/grid, ..., 1``, scored with weights and
   activations fake-quantized);
   ``pairs`` true (also ``v_proj -> o_proj``, ``up_proj -> down_proj`` where they fit);
-  ``max_tokens`` 2048 (tokens of the search sample).
+  ``max_tokens`` 2048 (tokens of the search sample); ``amax_from_stats`` true (static
+  per-tensor ``max`` input quantizers of the smoothed linears take ``max_j |X_j| / s_j``
+  from the statistics SmoothQuant already has, so the block needs no calibration pass).
 * ``awq``: ``grid`` 20; ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
   ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
   false; ``clip`` true, ``clip_grid`` 20, ``min_ratio`` 0.5, ``clip_tokens`` 512,
@@ -39,7 +41,7 @@ from lowbit.errors import ConfigError
 from lowbit.pipeline.algorithms import register_algorithm
 
 SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "pairs": True,
-                    "max_tokens": 2048}
+                    "max_tokens": 2048, "amax_from_stats": True}
 AWQ_ARGS = {"grid": 20, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
             "loss": "module", "act_quant": False, "clip": True, "clip_grid": 20,
             "min_ratio": 0.5, "clip_tokens": 512, "guard": True, "token_weight": "none",
@@ -84,6 +86,30 @@ def smoothquant_step(ctx, args: dict) -> None:
         ctx.fold(g, s)
         alphas.append(round(alpha, 3))
     ctx.info["smoothquant_alpha"] = alphas
+    if args["amax_from_stats"]:
+        ctx.info["amax_from_stats"] = _amax_from_stats(ctx, groups, stats)
+
+
+def _amax_from_stats(ctx, groups, stats) -> int:
+    """Static per-tensor ``max`` input quantizers of the smoothed linears get their amax from
+    the (folded) per-channel statistics, ``max_j absmax_j``: what a calibration pass over the
+    same inputs would observe (FP weights, up to rounding), without running it. Returns how
+    many were set; the others are calibrated by the block runner's pass as usual."""
+    n_set = 0
+    for g in groups:
+        for n in g.linears:
+            iq = getattr(ctx.block.get_submodule(n), "input_quantizer", None)
+            st = stats.get(n)
+            # (the runner keeps static input quantizers off while the steps run)
+            if st is None or iq is None or not iq.needs_calibration or iq.amax is not None:
+                continue
+            sp = iq.spec
+            if sp.calibrator != "max" or sp.granularity != "tensor" or not sp.symmetric or \
+                    sp.calibrator_args:
+                continue
+            iq.set_amax(st.absmax.max())
+            n_set += 1
+    return n_set
 
 
 def _block_error(ctx, sample, ref) -> float:
