@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from tests.cli.test_cli_quantize import model_dir  # noqa: F401  (fixture)
+from tests.cli.test_cli_quantize import model_dir, quantized_checkpoint  # noqa: F401
 
 
 def run(*args):
@@ -17,12 +17,7 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def native(model_dir, tmp_path_factory):  # noqa: F811
-    d, text = model_dir
-    out = tmp_path_factory.mktemp("native") / "q"
-    rc, o, e = run("quantize", str(d), "--recipe", "int4-weight-only", "--group-size", "16",
-                   "--out", str(out))
-    assert rc == 0, e
-    return out
+    return quantized_checkpoint(model_dir, tmp_path_factory, "int4-weight-only", 16)
 
 
 def test_quantize_writes_onnx_that_runs_at_other_lengths(model_dir, tmp_path):  # noqa: F811

@@ -15,6 +15,16 @@ def run(*args):
     return p.returncode, p.stdout, p.stderr
 
 
+def quantized_checkpoint(model_dir, tmp_path_factory, recipe: str, group_size: int):
+    """``lowbit quantize`` the tiny model (no calibration) into a fresh folder; its path."""
+    d, _ = model_dir
+    out = tmp_path_factory.mktemp(recipe) / "q"
+    rc, o, e = run("quantize", str(d), "--recipe", recipe, "--group-size", str(group_size),
+                   "--out", str(out))
+    assert rc == 0, e
+    return out
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad input (a one-line message), 1 failure.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -28,6 +29,20 @@ def fail(msg: str, code: int = 2) -> None:
     """Print one clear line to stderr and exit with ``code`` (2: bad input)."""
     err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def one_line_errors(what: str):
+    """Library errors exit 2 (bad input), anything else exits 1 ("``what`` failed: ..."),
+    each with one line instead of a traceback."""
+    try:
+        yield
+    except LowbitError as e:
+        fail(str(e))
+    except typer.Exit:
+        raise
+    except Exception as e:  # a real failure: say so in one line, exit 1
+        fail(f"{what} failed: {type(e).__name__}: {e}", code=1)
 
 
 from lowbit.cli import (  # noqa: E402,F401  (registers commands)

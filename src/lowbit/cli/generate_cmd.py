@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli import app, console, fail
-from lowbit.errors import LowbitError
+from lowbit.cli import app, console, fail, one_line_errors
 
 
 @app.command("generate")
@@ -50,7 +49,7 @@ def generate_cmd(
         fail(f"model {model!r} does not exist (a folder, a .gguf file or smollm2-135m)")
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with one_line_errors("generation"):
         with console.status(f"loading {model}"):
             m, tok = load_model(model)
             quantized = any(isinstance(x, QuantLinear) for x in m.modules())
@@ -80,8 +79,6 @@ def generate_cmd(
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=eos if eos is not None else 0)
             dt = time.perf_counter() - t0
-    except LowbitError as e:
-        fail(str(e))
     new = out[0, ids.shape[1]:]
     console.print(tok.decode(new, skip_special_tokens=True), highlight=False, markup=False)
     kern = ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) or "none (float)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lowbit.cli import app, console, fail
+from lowbit.cli import app, console, fail, one_line_errors
 from lowbit.errors import LowbitError
 
 
@@ -146,19 +145,6 @@ def quantize_cmd(
                             comm, auto, candidates, over, chunk_size)
 
 
-@contextmanager
-def _one_line_errors():
-    """Library errors exit 2 (bad input), anything else exits 1, each with one line."""
-    try:
-        yield
-    except LowbitError as e:
-        fail(str(e))
-    except typer.Exit:
-        raise
-    except Exception as e:  # a real failure: say so in one line, exit 1
-        fail(f"quantization failed: {type(e).__name__}: {e}", code=1)
-
-
 def _calib_ids(tok, calib: Path, samples: int, seq_len: int):
     from lowbit.data import calibration_batches
 
@@ -174,7 +160,7 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
 
     t0 = time.perf_counter()
     auto_report = None
-    with _one_line_errors():
+    with one_line_errors("quantization"):
         m, tok = _load(model)
         ctx = _max_ctx(m)
         if ctx and seq_len > ctx:
@@ -283,7 +269,7 @@ def _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, co
     from lowbit.pipeline.stream import quantize_checkpoint
 
     t0 = time.perf_counter()
-    with _one_line_errors():
+    with one_line_errors("quantization"):
         cfg = json.loads((Path(model) / "config.json").read_text())
         ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         if ctx and seq_len > ctx:

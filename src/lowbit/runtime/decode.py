@@ -109,8 +109,9 @@ def _share_rows(mods, name: str, fused: torch.Tensor) -> None:
     for m in mods:
         n = getattr(m, name).shape[0]
         view = fused[o:o + n]
-        if isinstance(getattr(m, name), nn.Parameter):
-            setattr(m, name, nn.Parameter(view, requires_grad=False))
+        old = getattr(m, name)
+        if isinstance(old, nn.Parameter):
+            setattr(m, name, nn.Parameter(view, requires_grad=old.requires_grad))
         else:
             m._buffers[name] = view
         o += n
