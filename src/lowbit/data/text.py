@@ -6,10 +6,12 @@ the tokens are for calibration, the last 20% for held-out evaluation
 (:func:`calibration_batches`); evaluation scores consecutive windows of the second
 (:func:`lowbit.eval.perplexity`).
 
->>> ids = tokenize(tok, read_text("austen_pp.txt"))                      # doctest: +SKIP
+>>> ids = tokenize(tok, read_text("sample:austen_pp"))                   # doctest: +SKIP
 >>> calib, held_out = split_tokens(ids)                                  # doctest: +SKIP
->>> batches = calibration_batches(tok, "austen_pp.txt", n_samples=32)     # doctest: +SKIP
+>>> batches = calibration_batches(tok, "my_corpus.txt", n_samples=32)     # doctest: +SKIP
 >>> lowbit.quantize(model, "int8", forward_loop_from_batches(batches))   # doctest: +SKIP
+
+``"sample:NAME"`` names a text packaged with lowbit (:mod:`lowbit.data.samples`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from lowbit.data.samples import SAMPLE_PREFIX, is_sample_spec, sample_text, sample_text_names
 from lowbit.errors import CalibrationError, ConfigError
 
 _TEXT_SUFFIX = re.compile(r"\.(txt|text|md|rst|json|jsonl|csv|tsv|html?|xml|py|log|tex)$", re.I)
@@ -38,17 +41,23 @@ def _looks_like_path(s: str) -> bool:
 
 
 def read_text(text_or_path: "str | os.PathLike") -> str:
-    """The text of a file, or ``text_or_path`` itself when it is literal text.
+    """The text of a file, of a packaged sample, or ``text_or_path`` itself when it is
+    literal text.
 
+    A ``str`` ``"sample:NAME"`` is always the packaged sample ``NAME``
+    (:func:`lowbit.data.sample_text`; ``"sample:austen_pp"``: *Pride and Prejudice*).
     A :class:`~pathlib.Path` (or any ``os.PathLike``) is always a file. A ``str`` is a file when
     such a file exists; a ``str`` without whitespace that looks like a path (it contains ``/``
     or ends in ``.txt``, ``.md``, ...) but names no file raises, so a typo in a path is never
     silently used as the text. Any other ``str`` is the text itself. Files are read as UTF-8
     (undecodable bytes replaced).
 
-    Raises :class:`~lowbit.errors.ConfigError` when the file does not exist, is a folder, or
-    the text is empty (or only whitespace).
+    Raises :class:`~lowbit.errors.ConfigError` when the file does not exist (the message
+    names the packaged samples), is a folder, the sample is unknown, or the text is empty
+    (or only whitespace).
     """
+    if is_sample_spec(text_or_path):
+        return sample_text(text_or_path)
     if isinstance(text_or_path, os.PathLike):
         p = Path(text_or_path)
     elif isinstance(text_or_path, str):
@@ -70,7 +79,9 @@ def read_text(text_or_path: "str | os.PathLike") -> str:
     if p.is_dir():
         raise ConfigError(f"text file {p} is a folder, expected a text file")
     if not p.is_file():
-        raise ConfigError(f"text file {p} does not exist")
+        samples = ", ".join(f"'{SAMPLE_PREFIX}{n}'" for n in sample_text_names())
+        raise ConfigError(f"text file {p} does not exist (give a text file, literal text, or "
+                          f"a text packaged with lowbit: {samples})")
     body = p.read_text(encoding="utf-8", errors="replace")
     if not body.strip():
         raise ConfigError(f"text file {p} is empty (expected text to tokenize)")
@@ -154,7 +165,8 @@ def calibration_batches(tokenizer, text_or_path, n_samples: int = 128, seq_len: 
                         calib_fraction: float = 0.8, cache: bool = False) -> torch.Tensor:
     """Seeded random windows of a text's tokens: ``LongTensor [n_samples, seq_len]``.
 
-    The text (a path or literal text, see :func:`read_text`) is tokenized whole, then split
+    The text (a path, ``"sample:austen_pp"`` or literal text, see :func:`read_text`) is
+    tokenized whole, then split
     with :func:`split_tokens`. ``split``: ``"calib"`` (the first ``calib_fraction`` of the
     tokens, default), ``"eval"`` (the rest) or ``"all"``. The windows start at uniformly
     random positions drawn from ``torch.Generator().manual_seed(seed)`` (same arguments, same
