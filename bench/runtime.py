@@ -16,7 +16,8 @@ printed for both loops.
 
 Variants (``--variants`` picks some):
 
-* ``fp32``, ``bf16``: the float model;
+* ``fp32``, ``bf16``: the float model (SmolLM2-135M-Instruct's Q4_1 GGUF dequantized, in
+  float32 / bfloat16);
 * ``int8 wo``, ``int4 wo g64``: weight-only kernels (torch's int8 / int4 packed-weight CPU
   kernels, bfloat16 activations); quantized from the FP32 model, converted, then the rest of
   the model (embedding = tied LM head, norms) cast to bfloat16, as the llama.cpp rows;
@@ -35,7 +36,8 @@ Variants (``--variants`` picks some):
 * ``torchao int8 wo``: only when ``torchao`` is importable (else a note).
 
 Then the goal ratios of int4 weight-only decode (vs FP32 >= 2x, vs BF16 >= 1.3x, vs llama.cpp
-Q4_0 >= 0.5x), and, with CUDA only, a GPU section: FP8 ``_scaled_mm`` linear vs BF16 at
+Q4_0 >= 0.5x), and, with CUDA only, a GPU section (not yet run on a GPU: every result so far
+was taken with ``--no-gpu`` on a CPU): FP8 ``_scaled_mm`` linear vs BF16 at
 4096x4096x4096 and int4 weight-only GEMV (M=1) vs BF16. Prints tables and writes
 ``bench/results/runtime.json``.
 
@@ -363,7 +365,7 @@ def main() -> None:
     by = {r["variant"]: r for r in rows}
     ref = by.get("fp32") or (rows[0] if rows else None)
     print()
-    print(f"SmolLM2-135M on {args.threads} threads ({args.decode_threads} while decoding); "
+    print(f"SmolLM2-135M-Instruct (fp32 = its Q4_1 GGUF dequantized) on {args.threads} threads ({args.decode_threads} while decoding); "
           f"prefill {args.prefill} tokens; decode "
           f"{args.new_tokens} tokens after 32, batch 1, greedy")
     print("tok/s: transformers' generate / lowbit's FastDecoder loop (llama.cpp: its own)")

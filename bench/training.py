@@ -2,7 +2,8 @@
 
 QAT/QAD: the real model quantized with a hard recipe (default W4A8: INT4 group-64 weights,
 static FP8 E4M3 activations) by PTQ (RTN + max calibration), then fine-tuned by distillation
-from the FP32 model (KL of the next-token distributions) on random windows of the
+from the FP32 model (SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to float32; KL of the
+next-token distributions) on random windows of the
 calibration part (first 80%) of austen_pp.txt; perplexity on the held-out last 20%.
 
 FP8: a small Llama (4 layers, hidden 256, byte-level tokens) trained from scratch on
@@ -71,7 +72,7 @@ def run_qat(args) -> dict:
 
     print(f"QAT/QAD on SmolLM2-135M, recipe {args.qat_recipe}, scales {args.qat_scales}",
           flush=True)
-    fp = ppl(teacher, "fp32")
+    fp = ppl(teacher, "fp32 (dequantized Q4_1 GGUF)")
     student = copy.deepcopy(teacher)
     calib = windows_from_ids(calib_ids, args.calib_samples, 512, seed=0)
     t = time.perf_counter()
@@ -215,7 +216,8 @@ def _print_tables(res: dict) -> None:
         print()
         print(f"QAT/QAD, SmolLM2-135M, {q['recipe']} (group {q['group_size']}), scales "
               f"{q['scales']}, {q['steps']} steps x {q['batch']} x {q['seq_len']} tokens, "
-              f"lr {q['lr']:g}; held-out last 20% of austen_pp.txt, {q['windows']} windows x 512")
+              f"lr {q['lr']:g}; held-out last 20% of austen_pp.txt, {q['windows']} windows x 512; "
+              "fp32 = the Q4_1 GGUF dequantized")
         print(f"{'model':10s} {'ppl':>8s} {'vs fp32':>8s}")
         for k in ("fp32", "ptq", "qat"):
             p = q[f"{k}_ppl"]
