@@ -111,7 +111,8 @@ def plot(rows: list[dict], base_ppl: float, path: Path) -> None:
     for r in auto:
         ax.annotate(f"budget {r['target_bits']:g}: {r['ppl']:.1f}", (r["bits"], r["ppl"]),
                     textcoords="offset points", xytext=(-10, 8), fontsize=8, color="tab:red")
-    ax.axhline(base_ppl, color="gray", ls="--", lw=1, label=f"fp32, dequantized Q4_1 GGUF ({base_ppl:.2f})")
+    ax.axhline(base_ppl, color="gray", ls="--", lw=1,
+               label=f"fp32, dequantized Q4_1 GGUF ({base_ppl:.2f})")
     ax.set_ylim(bottom, top)
     ax.set_xlabel("effective bits per weight (210 linear layers, scales included)")
     ax.set_ylabel("held-out perplexity (lower is better)")

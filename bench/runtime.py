@@ -365,7 +365,8 @@ def main() -> None:
     by = {r["variant"]: r for r in rows}
     ref = by.get("fp32") or (rows[0] if rows else None)
     print()
-    print(f"SmolLM2-135M-Instruct (fp32 = its Q4_1 GGUF dequantized) on {args.threads} threads ({args.decode_threads} while decoding); "
+    print("SmolLM2-135M-Instruct (fp32 = its Q4_1 GGUF dequantized) "
+          f"on {args.threads} threads ({args.decode_threads} while decoding); "
           f"prefill {args.prefill} tokens; decode "
           f"{args.new_tokens} tokens after 32, batch 1, greedy")
     print("tok/s: transformers' generate / lowbit's FastDecoder loop (llama.cpp: its own)")
