@@ -301,7 +301,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 # --- the exporter ----------------------------------------------------------------------------
 def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int | None = None,
-           dtype: "torch.dtype | str | None" = None, **_ignored) -> None:
+           dtype: "torch.dtype | str | None" = None, **unknown) -> None:
     """Write ``model`` (quantized by lowbit) as a compressed-tensors checkpoint.
 
     Options: ``tokenizer`` (saved alongside), ``max_shard_size`` (bytes per shard),
@@ -310,6 +310,10 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     decompresses those to bfloat16). Raises ConfigError for a spec compressed-tensors
     cannot express exactly (e.g. uint codes, per-channel activation scales).
     """
+    from lowbit.options import accepted_options, reject_unknown
+
+    reject_unknown(unknown, "export format 'compressed-tensors'",
+                   accepted_options(export, ("model", "out_dir")))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
     tensors: dict[str, torch.Tensor] = {}

@@ -47,6 +47,7 @@ from lowbit.export.base import weight_qtensor
 from lowbit.export.gguf_types import NotExact, ggml_type_for, to_blocks
 from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import quantizers
+from lowbit.options import accepted_options, reject_unknown
 
 FILENAME = "model.gguf"
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -106,9 +107,11 @@ def qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
 def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f32",
            embedding_type: str | None = None, allow_requantize: bool = False,
            requantize_type: str = "q8_0", tokenizer_pre: str | None = None,
-           name: str | None = None, **_ignored) -> None:
+           name: str | None = None, **unknown) -> None:
     """Write ``model`` (a transformers Llama/Mistral/Qwen2/Qwen3 causal LM) as
-    ``out_dir/model.gguf``. See the module documentation for the options."""
+    ``out_dir/model.gguf``. See the module documentation for the options; any other option
+    is a ConfigError naming it."""
+    reject_unknown(unknown, "export format 'gguf'", accepted_options(export, ("model", "out_dir")))
     import gguf
 
     if float_type not in FLOAT_TYPES:

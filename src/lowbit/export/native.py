@@ -41,6 +41,7 @@ from lowbit.export.base import quantized_modules, weight_qtensor
 from lowbit.export.safe_read import SCALE_DTYPES
 from lowbit.export.shards import plain_tensors, write_hf_files, write_shards
 from lowbit.nn.utils import quantizers
+from lowbit.options import accepted_options, reject_unknown
 
 VERSION = 1
 META = "lowbit_checkpoint.json"
@@ -74,12 +75,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int | None = None,
-           **_ignored) -> None:
+           **unknown) -> None:
     """Write ``model`` (quantized by lowbit) as a native lowbit checkpoint into ``out_dir``.
 
     Options: ``tokenizer`` (saved alongside), ``max_shard_size`` (bytes per safetensors
-    shard; default one file).
+    shard; default one file). Any other option is a ConfigError naming it.
     """
+    reject_unknown(unknown, "export format 'lowbit'",
+                   accepted_options(export, ("model", "out_dir")))
     recipe = getattr(model, "lowbit_recipe", None)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict[str, dict] = {}

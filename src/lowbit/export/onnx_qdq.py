@@ -55,6 +55,7 @@ from lowbit.errors import ConfigError
 from lowbit.export.base import quantized_modules, weight_qtensor
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.nn.utils import quantizers
+from lowbit.options import accepted_options, reject_unknown
 
 FILENAME = "model.onnx"
 _MIN_OPSET = 18  # the dynamo exporter's own minimum
@@ -456,14 +457,17 @@ def _rename(model_proto) -> None:
 # --- export ------------------------------------------------------------------------------
 def export(model: nn.Module, out_dir: Path, example_inputs=None, opset: int | None = None,
            input_names=None, output_names=None, dynamic_shapes=None,
-           example_kwargs: dict | None = None, **_ignored) -> None:
+           example_kwargs: dict | None = None, tokenizer=None, **unknown) -> None:
     """Write ``model`` (quantized by lowbit, or not) as ``out_dir/model.onnx`` with QDQ nodes.
 
     ``example_inputs``: a tensor or a tuple of positional inputs to trace with
     (``example_kwargs`` for keyword inputs); ``opset``: the ONNX opset (default: the smallest
     that holds every quantized tensor, at least 18); ``input_names``, ``output_names``,
-    ``dynamic_shapes``: passed to ``torch.onnx.export``.
+    ``dynamic_shapes``: passed to ``torch.onnx.export``; ``tokenizer``: saved alongside
+    (``save_pretrained``), for the ``input_ids`` an onnxruntime session needs. Any other
+    option is a ConfigError naming it.
     """
+    reject_unknown(unknown, "export format 'onnx'", accepted_options(export, ("model", "out_dir")))
     import onnx
 
     if example_inputs is None and not example_kwargs:
@@ -505,3 +509,5 @@ def export(model: nn.Module, out_dir: Path, example_inputs=None, opset: int | No
     large = mp.ByteSize() > 1_800_000_000
     onnx.save_model(mp, str(path), save_as_external_data=large,
                     location=FILENAME + ".data" if large else None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

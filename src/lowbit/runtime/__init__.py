@@ -11,7 +11,9 @@ Every quantized ``nn.Linear`` becomes a :class:`PackedLinear` that keeps its wei
 and scales (int8, packed int4, float8, packed e2m1 + e4m3/e8m0 block scales ...) and runs the
 best kernel for its recipe and device (:mod:`lowbit.runtime.kernels`,
 :mod:`lowbit.runtime.cuda`), or the reference path (dequantize at each call). See
-``docs/runtime.md`` for the table of kernels and tolerances.
+``docs/runtime.md`` for the table of kernels and tolerances. A chosen kernel that fails at
+conversion falls back to the reference path with a warning;
+:func:`hardware_path_report` (from :mod:`lowbit.hardware`) says which paths ran.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from lowbit.core import QTensor
 from lowbit.export.base import weight_qtensor
+from lowbit.hardware import hardware_path_report
 from lowbit.nn.modules import QuantLinear
 from lowbit.runtime.kernels import (Kernel, LayerInfo, check_act_dtype, get_kernel,
                                     kernel_names, register_kernel, select_kernel)
@@ -62,12 +65,13 @@ def packed_module(m: QuantLinear, qt: QTensor | None = None, fast: bool = True,
     info = layer_info(m, device, act_dtype)
     if info is None:
         return None
-    kernel = select_kernel(info, fast)
     if qt is None:
         qt = weight_qtensor(m) if m.weight.device.type == "cpu" or _portable(info.weight) \
             else _cpu_weight_qtensor(m)
-    return PackedLinear.from_qtensor(qt, m.bias, m.weight.dtype, kernel, info.input_quantizer,
-                                     info.device, act_dtype)
+    # kernel None: PackedLinear picks the kernel (as select_kernel(info)) and falls back to
+    # the reference kernel, with a warning, when the chosen one fails its first run
+    return PackedLinear.from_qtensor(qt, m.bias, m.weight.dtype, None if fast else "reference",
+                                     info.input_quantizer, info.device, act_dtype)
 
 
 def _portable(spec) -> bool:
@@ -205,6 +209,6 @@ def load_packed(path, device: str = "cpu", fast: bool = True,
 
 
 __all__ = ["FastDecoder", "Kernel", "LayerInfo", "PackedLinear", "convert", "fuse_linears",
-           "generate", "get_kernel", "kernel_names",
+           "generate", "get_kernel", "hardware_path_report", "kernel_names",
            "layer_info", "load_packed", "memory_report", "packed_bytes", "packed_module",
            "register_kernel", "release_memory", "replace_module", "select_kernel", "weight_bytes"]

@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.hardware import fell_back, took_hardware
 from lowbit.runtime.packed import PackedLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+FUSED_PATH = "runtime.fused_linear"  # name in lowbit.hardware.hardware_path_report()
 _GQA_KWARG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
@@ -125,8 +127,10 @@ def fuse_linears(mods: list[nn.Module], probe: bool = True) -> FusedLinear:
     plain float ``nn.Linear`` layers their weights. The modules then use row views of the
     fused weight (no second copy; int4 scales stay copies, torch's kernel reads them
     contiguously). Anything else (mixed kernels, fake-quantized layers) is called layer by
-    layer. ``probe``: check the fused matmul against the separate ones on a random input
-    (falls back to layer by layer on a mismatch).
+    layer. ``probe``: check the fused matmul against the separate ones on a random input;
+    on a mismatch the layers are called one by one and a
+    :class:`~lowbit.hardware.HardwareFallbackWarning` says so (once per process). The path
+    is recorded as ``runtime.fused_linear`` in :func:`lowbit.hardware.hardware_path_report`.
     """
     sizes = [m.out_features for m in mods]
     fused = _try_fuse(mods)
@@ -137,8 +141,15 @@ def fuse_linears(mods: list[nn.Module], probe: bool = True) -> FusedLinear:
         x = x.to(dev, dt)
         with torch.no_grad():
             ref = torch.cat([m(x) for m in mods], -1)
-            if not torch.allclose(fused(x), ref, rtol=1e-3, atol=1e-3 * ref.abs().max()):
+            got = fused(x)
+            if not torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * ref.abs().max()):
+                err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+                fell_back(FUSED_PATH, RuntimeError(
+                    f"the fused {fused.mode} matmul differs from the separate layers by "
+                    f"{err:.2e} of the largest output"), "one call per layer")
                 fused = None
+            else:
+                took_hardware(FUSED_PATH)
     if fused is None:
         return FusedLinear("split", sizes, parts=mods)
     return fused

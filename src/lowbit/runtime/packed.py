@@ -15,6 +15,15 @@ largest output, float32 model):
   slower);
 * GPU kernels: bfloat16 activations or outputs: ~1e-2.
 
+Kernel failures: a layer whose kernel was chosen automatically is built and run once on a
+small random input (1 and 17 rows) at conversion; if the kernel raises there (a torch
+without ``_convert_weight_to_int4pack_for_cpu``, a GPU that refuses ``_scaled_mm`` or
+``_int_mm`` ...), the layer gets the ``reference`` kernel instead and a
+:class:`~lowbit.hardware.HardwareFallbackWarning` with the error is issued once per kernel per
+process. :func:`lowbit.hardware.hardware_path_report` records ``runtime.<kernel>`` as
+``"hardware"`` or the fallback with its error. A kernel named explicitly is never replaced:
+its failure is raised. The GPU kernels have not yet run on a GPU in this project's tests.
+
 The packed buffers keep their dtypes through ``module.to(dtype)``/``.half()`` (only device
 moves apply to them), so a converted model can be cast without corrupting its codes.
 """
@@ -26,6 +35,7 @@ from torch import nn
 
 from lowbit.core import QTensor
 from lowbit.errors import ConfigError
+from lowbit.hardware import fell_back, took_hardware
 from lowbit.runtime import cuda as _cuda  # noqa: F401  (registers the GPU kernels)
 from lowbit.runtime.kernels import LayerInfo, check_act_dtype, get_kernel, select_kernel
 from lowbit.runtime.storage import packed_nbytes
@@ -62,8 +72,9 @@ class PackedLinear(nn.Module):
         """A packed layer for the 2-D ``[out, in]`` quantized weight ``qt``.
 
         ``kernel``: a registered kernel name, or None to pick the best one for ``device``
-        (default: the device of ``qt.codes``); a kernel that does not support the layer is a
-        ConfigError. ``input_quantizer``: the layer's enabled input quantizer, applied as in
+        (default: the device of ``qt.codes``; a chosen kernel that fails its first run falls
+        back to ``reference`` with a warning, see the module doc); a kernel named here that
+        does not support the layer is a ConfigError, one that fails raises. ``input_quantizer``: the layer's enabled input quantizer, applied as in
         the fake-quantized model (reference) or fused into the kernel (W8A8). ``dtype``: the
         model's dtype; ``act_dtype``: the dtype of the CPU weight-only kernels (bfloat16).
         """
@@ -82,6 +93,26 @@ class PackedLinear(nn.Module):
             raise ConfigError(f"kernel {kernel!r} does not support a {qt.spec.short()} weight "
                               f"of shape {list(qt.shape)} on {device}"
                               + (f" with {iq.spec.short()} inputs" if iq is not None else ""))
+        if kernel is None and name != "reference":
+            path = f"runtime.{name}"
+            try:
+                m = cls._build(name, qt, bias, dtype, iq, device, info)
+                _probe(m)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of the kernel's torch ops
+                fell_back(path, e, "the reference kernel (dequantize + F.linear) for the "
+                          "layers it fails on")
+            else:
+                took_hardware(path)
+                return m
+            name = "reference"
+        return cls._build(name, qt, bias, dtype, iq, device, info)
+
+    @classmethod
+    def _build(cls, name: str, qt: QTensor, bias, dtype, iq, device: torch.device,
+               info: LayerInfo) -> "PackedLinear":
+        impl = get_kernel(name)
         m = cls(name, qt.shape[1], qt.shape[0], bias, dtype)
         with torch.no_grad():
             if impl.devices:  # a device kernel packs on its device
@@ -155,6 +186,20 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, kernel={self.kernel}"
+
+
+PROBE_ROWS = (1, 17)  # a decode row, and a batch past the 16-row padding of _int_mm on CUDA
+
+
+def _probe(m: PackedLinear) -> None:
+    """Run ``m`` once per :data:`PROBE_ROWS` on a seeded random input (in its dtype, on its
+    device): a kernel whose torch ops fail raises here, at conversion, not mid-generation."""
+    dev = next((b.device for b in m.buffers() if b is not None), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in PROBE_ROWS:
+            x = torch.randn(rows, m.in_features, generator=g).to(dev, m.compute_dtype)
+            m(x)
 
 
 def _to_device(qt: QTensor, device: torch.device) -> QTensor:

@@ -26,6 +26,7 @@ from torch import nn
 from lowbit.config.recipe import DEFAULT_EXCLUDE, Recipe, match
 from lowbit.errors import ConfigError
 from lowbit.nn.modules import QuantMixin, quant_class_for
+from lowbit.options import accepted_options, reject_unknown
 from lowbit.search.candidates import weight_bits
 from lowbit.search.knapsack import solve
 from lowbit.search.sensitivity import Sensitivity, sensitivity
@@ -156,6 +157,10 @@ def build_recipe(sens: Sensitivity, choice: Mapping[str, str], model: nn.Module,
     return Recipe.parse(d, f"recipe {name}")
 
 
+#: the keyword arguments :func:`auto_recipe` passes on to :func:`sensitivity`
+SENSITIVITY_ARGS = tuple(accepted_options(sensitivity, ("model", "candidates", "forward_loop")))
+
+
 def auto_recipe(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]",
                 target_bits: float, forward_loop: Callable[[nn.Module], Any] | None = None,
                 *, sens: Sensitivity | None = None, name: str | None = None,
@@ -172,7 +177,8 @@ def auto_recipe(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
         sens: a sensitivity table computed before (e.g. to try several budgets).
         name: the recipe's name (default ``auto-<target_bits>``).
         **sensitivity_args: passed to :func:`lowbit.search.sensitivity` (``method``,
-            ``group_size``, ``check``, ``progress``...).
+            ``group_size``, ``check``, ``progress``...); a name it does not take is a
+            ConfigError naming it.
 
     Returns:
         ``(recipe, report)``; report keys: ``target_bits``, ``effective_bits``,
@@ -182,6 +188,8 @@ def auto_recipe(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
         everywhere it can be), ``rank_correlation`` (of the measured check, if any).
     """
     t = _check_target(target_bits)
+    reject_unknown({k: v for k, v in sensitivity_args.items() if k not in SENSITIVITY_ARGS},
+                   "auto_recipe", ["sens", "name", *SENSITIVITY_ARGS])
     if sens is None:
         sens = sensitivity(model, candidates, forward_loop, **sensitivity_args)
     elif sensitivity_args:
@@ -219,7 +227,9 @@ def auto_quantize(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, An
                   target_bits: float, forward_loop: Callable[[nn.Module], Any] | None = None,
                   **kwargs: Any) -> tuple[nn.Module, Recipe]:
     """Choose a format per layer (:func:`auto_recipe`) and quantize ``model`` in place with
-    it (:func:`lowbit.quantize`); returns ``(model, recipe)``.
+    it (:func:`lowbit.quantize`); returns ``(model, recipe)``. ``kwargs`` are
+    :func:`auto_recipe`'s (``sens``, ``name``, the sensitivity arguments); others raise
+    ConfigError.
 
     The report of :func:`auto_recipe` is ``model.lowbit_auto_report``, with
     ``actual_bits`` (the bits per weight of the searched layers, read back from the

@@ -21,6 +21,13 @@ GEMMs: on CUDA, with ``torch._scaled_mm`` available and every dimension a multip
 the FP8 codes are multiplied by the hardware (float32 output); otherwise (always on CPU)
 they are emulated: the dequantized tensors (``codes * scale_inv``, float32) are multiplied
 in float32. Outside ``fp8_autocast`` an Fp8Linear is an ordinary ``nn.Linear``.
+
+Which of the two ran is recorded as path ``training.fp8_scaled_mm`` in
+:func:`lowbit.hardware.hardware_path_report`. If ``torch._scaled_mm`` raises (e.g. a GPU
+without FP8 tensor cores), a :class:`~lowbit.hardware.HardwareFallbackWarning` with the error
+is issued once and the emulation runs for the rest of the process (out-of-memory errors are
+raised, not caught). The ``torch._scaled_mm`` path has not yet run on a GPU in this
+project's tests (no GPU was available); the emulation is what the CPU tests check.
 """
 
 from __future__ import annotations
@@ -36,9 +43,13 @@ from torch import nn
 from lowbit.config.recipe import match
 from lowbit.core import QTensor, dequantize, fake_quant, quantize
 from lowbit.errors import ConfigError
+from lowbit.hardware import fell_back, not_attempted, took_hardware
 from lowbit.training.fp8_scaling import AmaxHistory, Fp8Meta, Fp8Recipe, fp8_spec
 
+PATH = "training.fp8_scaled_mm"  # name in lowbit.hardware.hardware_path_report()
+FALLBACK = "the float32 emulation of the FP8 GEMMs for the rest of the process"
 _SCALED_MM_BROKEN = False  # set when the device refused torch._scaled_mm once
+_SCALED_MM_ERROR: BaseException | None = None  # what it raised
 
 
 @dataclass
@@ -90,31 +101,77 @@ def quantize_fp8(x: torch.Tensor, fmt: str, scale_inv: torch.Tensor,
                      values=fake_quant(x.float(), spec, scale=scale_inv, check_finite=False))
 
 
-def _scaled_mm_ok(a: Fp8Tensor, b: Fp8Tensor) -> bool:
-    if a.codes is None or b.codes is None or _SCALED_MM_BROKEN:
-        return False
-    (m, k), (k2, n) = a.codes.shape, b.codes.shape
-    both_e5m2 = a.fmt == b.fmt == "fp8_e5m2"
-    return a.codes.is_cuda and not both_e5m2 and all(d % 16 == 0 for d in (m, k, n))
+def _on_gpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where ``torch._scaled_mm`` runs (CUDA; tests patch this to force
+    the hardware path's failure on a CPU)."""
+    return t.is_cuda
+
+
+def _why_not_scaled_mm(a: Fp8Tensor, b: Fp8Tensor) -> str | None:
+    """Why ``torch._scaled_mm`` is not tried for ``a @ b`` by design (None: it is tried)."""
+    if a.codes is None or b.codes is None:
+        return "operands without FP8 codes"
+    if not (_on_gpu(a.codes) and _on_gpu(b.codes)):
+        return f"operands on {a.codes.device.type}"
+    if a.fmt == b.fmt == "fp8_e5m2":
+        return "both operands e5m2"
+    (m, k), (_, n) = a.codes.shape, b.codes.shape
+    if any(d % 16 for d in (m, k, n)):
+        return f"GEMM {m}x{k}x{n} not a multiple of 16"
+    return None
+
+
+def _emulating_after_failure() -> None:
+    """Count a GEMM emulated because ``torch._scaled_mm`` failed earlier in the process."""
+    fell_back(PATH, _SCALED_MM_ERROR, FALLBACK)
 
 
 def fp8_mm(a: Fp8Tensor, b: Fp8Tensor) -> torch.Tensor:
     """``a @ b`` for ``a [M, K]``, ``b [K, N]`` in FP8; float32 ``[M, N]``.
 
     Hardware (``torch._scaled_mm``) when both carry codes on CUDA and the shapes allow,
-    else the float32 product of the dequantized tensors.
+    else the float32 product of the dequantized tensors. A ``torch._scaled_mm`` that raises
+    warns once (:class:`~lowbit.hardware.HardwareFallbackWarning`) and the emulation runs
+    from then on; the path taken is recorded as ``training.fp8_scaled_mm`` (not yet run on
+    a GPU).
     """
-    global _SCALED_MM_BROKEN
-    if _scaled_mm_ok(a, b):
+    global _SCALED_MM_BROKEN, _SCALED_MM_ERROR
+    why = _why_not_scaled_mm(a, b)
+    if why is None and _SCALED_MM_BROKEN:
+        _emulating_after_failure()
+    elif why is None:
         try:
             out = torch._scaled_mm(a.codes.contiguous(), b.codes.t().contiguous().t(),
                                    scale_a=a.scale_inv.float().reshape(()),
                                    scale_b=b.scale_inv.float().reshape(()),
                                    out_dtype=torch.float32)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:  # e.g. no FP8 tensor cores
+            _SCALED_MM_BROKEN, _SCALED_MM_ERROR = True, e
+            fell_back(PATH, e, FALLBACK)
+        else:
+            took_hardware(PATH)
             return out[0] if isinstance(out, tuple) else out
-        except (RuntimeError, NotImplementedError):  # e.g. a GPU without FP8 tensor cores
-            _SCALED_MM_BROKEN = True
+    elif a.codes is not None and b.codes is not None:  # codes were made for the hardware
+        not_attempted(PATH, why)
     return a.dequantized() @ b.dequantized()
+
+
+def _use_codes(recipe: Fp8Recipe, x: torch.Tensor) -> bool:
+    """Whether to quantize to FP8 codes for ``torch._scaled_mm`` (else float32 values for
+    the emulation; why not is recorded for :func:`lowbit.hardware.hardware_path_report`)."""
+    if not recipe.use_scaled_mm:
+        not_attempted(PATH, "use_scaled_mm=False")
+    elif not _on_gpu(x):
+        not_attempted(PATH, f"inputs on {x.device.type}")
+    elif not hasattr(torch, "_scaled_mm"):
+        not_attempted(PATH, f"torch {torch.__version__} has no _scaled_mm")
+    elif _SCALED_MM_BROKEN:
+        _emulating_after_failure()
+    else:
+        return True
+    return False
 
 
 def _quantize_tracked(x: torch.Tensor, hist: AmaxHistory, fmt: str, scaling: str,
@@ -132,8 +189,7 @@ class _Fp8LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, meta: Fp8Meta, recipe: Fp8Recipe, update: bool):  # noqa: D102
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        codes = recipe.use_scaled_mm and x.is_cuda and not _SCALED_MM_BROKEN \
-            and hasattr(torch, "_scaled_mm")
+        codes = _use_codes(recipe, x)
         fwd = recipe.forward_format
         qx = _quantize_tracked(x2, meta.input, fwd, recipe.scaling, update, codes)
         qw = _quantize_tracked(weight, meta.weight, fwd, recipe.scaling, update, codes)

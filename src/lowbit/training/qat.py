@@ -142,7 +142,8 @@ def prepare_qat(model: nn.Module, recipe: "str | dict | Any | None" = None,
         forward_loop: ``callable(model)`` over calibration data, for static activations.
         scales: ``"frozen"``, ``"learnable"`` or ``"absmax"`` (see the module doc).
         calib_data: token ids ``[n, seq]`` instead of ``forward_loop``.
-        **overrides: recipe overrides (``group_size=64``...).
+        **overrides: recipe overrides (``group_size=64``...; see :func:`lowbit.recipes.load`;
+            an unknown name is a ConfigError). Only with ``recipe``.
 
     Afterwards ``model.lowbit_qat`` lists the quantizers by what they do
     (``{"learnable": [...], "frozen": [...], "absmax": [...], "dynamic": [...]}``) and
@@ -162,6 +163,12 @@ def prepare_qat(model: nn.Module, recipe: "str | dict | Any | None" = None,
     elif not already:
         raise ConfigError("the model has no quantizers: pass a recipe (e.g. 'w4a8') or "
                           "quantize it with lowbit.quantize first")
+    elif overrides or calib_data is not None or forward_loop is not None:
+        given = sorted(overrides) + [k for k, v in (("forward_loop", forward_loop),
+                                                    ("calib_data", calib_data)) if v is not None]
+        raise ConfigError(f"prepare_qat: {', '.join(given)} apply to quantizing with a recipe; "
+                          "the model is already quantized (recipe=None), so nothing would use "
+                          "them: drop them or start from the unquantized model")
     if any(isinstance(q, QATQuantizer) for _, q in quantizers(model)):
         raise ConfigError("prepare_qat was already applied to this model; call finalize_qat "
                           "first to prepare it again")
