@@ -1,4 +1,8 @@
-"""``lowbit formats``: the table of number formats (the "Figure 1" of the source texts)."""
+"""``lowbit formats``: the table of number formats (the "Figure 1" of the source texts).
+
+The rows come from :mod:`lowbit.formats.facts` (a snapshot of the format registries checked
+by the tests), so the command starts without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import json
 import typer
 from rich.table import Table
 
-from lowbit import formats
 from lowbit.cli import app, console
-from lowbit.core.blocks import block_format_names, get_block_format
+from lowbit.formats import facts
+
+_SPECIALS = {"none": "-/-", "ieee": "yes/yes", "fn": "-/yes", None: "-/-"}
+_JSON_KEYS = ("name", "bits", "layout", "max", "min_normal", "min_subnormal", "values")
 
 
 def _num(v: float) -> str:
@@ -22,20 +28,18 @@ def formats_table() -> Table:
     for col in ["format", "bits", "s.e.m", "bias", "max", "min normal", "min subnormal",
                 "values", "Inf/NaN"]:
         t.add_column(col, justify="left" if col in ("format", "Inf/NaN") else "right")
-    for name in formats.names():
-        f = formats.get(name)
-        if f.kind == "float":
-            bias, specials = str(f.bias), {"none": "-/-", "ieee": "yes/yes", "fn": "-/yes"}[f.nan]
-        else:
-            bias, specials = "-", "-/-"
-        t.add_row(name, str(f.bits), f.layout(), bias, _num(f.max), _num(f.min_normal),
-                  _num(f.min_subnormal), str(f.num_values), specials)
-    for name in block_format_names():
-        bf = get_block_format(name)
-        el = formats.get(bf.element)
-        t.add_row(name, f"{bf.bits_per_value:g}", f"{el.layout()} x{bf.block_size}",
-                  bf.scale_format + (" +fp32" if bf.global_scale else ""), _num(el.max),
-                  _num(el.min_normal), _num(el.min_subnormal), str(el.num_values), "-/-")
+    elements = {f["name"]: f for f in facts.element_formats()}
+    for f in elements.values():
+        bias = "-" if f["bias"] is None else str(f["bias"])
+        t.add_row(f["name"], str(f["bits"]), f["layout"], bias, _num(f["max"]),
+                  _num(f["min_normal"]), _num(f["min_subnormal"]), str(f["values"]),
+                  _SPECIALS[f["nan"]])
+    for bf in facts.block_formats():
+        el = elements[bf["element"]]
+        t.add_row(bf["name"], f"{bf['bits_per_value']:g}", f"{el['layout']} x{bf['block_size']}",
+                  bf["scale_format"] + (" +fp32" if bf["global_scale"] else ""),
+                  _num(el["max"]), _num(el["min_normal"]), _num(el["min_subnormal"]),
+                  str(el["values"]), "-/-")
     return t
 
 
@@ -43,7 +47,7 @@ def formats_table() -> Table:
 def formats_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON rows")) -> None:
     """Print every number format: bits, sign/exponent/mantissa, bias, range, distinct values."""
     if as_json:
-        rows = [formats.get(n).as_dict() for n in formats.names()]
+        rows = [{k: f[k] for k in _JSON_KEYS} for f in facts.element_formats()]
         console.print_json(json.dumps(rows))
         return
     console.print(formats_table())

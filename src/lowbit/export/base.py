@@ -53,12 +53,47 @@ def get_exporter(name: str) -> Callable:
         raise ConfigError(f"export format {name!r} is not available: {e}") from None
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (e.g. ``0o022``).
+
+    Read from ``/proc/self/status`` where it is there (Linux), so the mask is never changed;
+    elsewhere set and restored at once.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and every folder under it mode ``0o777 & ~umask``, every file
+    ``0o666 & ~umask``: mkdtemp makes 0700 and safetensors (0.8) writes 0600 files."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            if not os.path.islink(os.path.join(d, n)):
+                os.chmod(os.path.join(d, n), 0o777 & ~mask)
+        for n in files:
+            if not os.path.islink(os.path.join(d, n)):
+                os.chmod(os.path.join(d, n), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(out_dir: "str | os.PathLike", overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``out_dir``; rename it to ``out_dir`` on success.
 
     An existing ``out_dir`` is an error unless ``overwrite``; then it is replaced only after
-    the new one is complete. On an exception the temporary folder is removed.
+    the new one is complete. On an exception (``KeyboardInterrupt`` and ``SystemExit``
+    included: the CLI turns SIGTERM into one) the temporary folder is removed. Before the
+    rename, the folders and files in it get the modes the umask gives (0755 and 0644 under
+    umask 022), as ``mkdir`` and ``open`` would, whatever wrote them.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -67,6 +102,7 @@ def atomic_dir(out_dir: "str | os.PathLike", overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _apply_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
