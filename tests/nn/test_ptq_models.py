@@ -149,7 +149,8 @@ def test_group_fallback_reported_and_strict_raises():
     cfg = tf.LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=192,
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     model = tf.LlamaForCausalLM(cfg).eval()
-    lowbit.quantize(model, "int4-weight-only", group_size=64)
+    # an explicit group size is strict unless the fallback is asked for too (issue 16)
+    lowbit.quantize(model, "int4-weight-only", group_size=64, group_policy="fallback")
     notes = model.lowbit_report.fallbacks
     assert notes and "group 64 -> 48" in notes[0]
     model = tf.LlamaForCausalLM(cfg).eval()

@@ -16,7 +16,18 @@ YAML::
     kv_cache: fp8            # optional: fp8 | int8 | a spec
     algorithms: []           # ordered steps, e.g. [{name: gptq, args: {...}}]
     group_policy: fallback   # or strict
-    strict: false            # true: a pattern that matches nothing is an error
+    strict: false            # true: a pattern that matches nothing, or a recipe that
+                             # targets every linear but leaves > 2% of the non-embedding
+                             # weights unquantized, is an error (else a warning)
+
+``group_policy`` applies to group sizes written in the recipe: ``fallback`` uses the largest
+divisor of a layer's width below the group size (every such layer is listed in the report
+and named in one warning), ``strict`` raises. A ``group_size`` given explicitly as an
+override (``lowbit.quantize(..., group_size=64)``, ``--group-size 64``) is strict unless
+``group_policy`` is given with it.
+
+MoE routers are excluded by default unless a target names them (see :meth:`Recipe.names_module`
+and :mod:`lowbit.nn.routers`).
 """
 
 from __future__ import annotations
@@ -162,6 +173,17 @@ class Recipe(BaseModel):
                 for r in t.roles_set():
                     out[r] = getattr(t, r)
         return out, hits
+
+    def names_module(self, name: str) -> bool:
+        """Whether a target *names* module ``name``: one of its patterns matches ``name`` and
+        contains the module's own name (the last dotted part, e.g. ``gate``) literally.
+
+        ``"*shared_expert_gate"`` and ``"*.mlp.gate"`` name ``model.layers.0.mlp.gate`` /
+        ``...shared_expert_gate``; ``"*"`` and ``"*.mlp.*"`` do not. Modules excluded by
+        default (MoE routers, see :mod:`lowbit.nn.routers`) are quantized only when named.
+        """
+        own = name.rsplit(".", 1)[-1]
+        return any(own in p and match(p, name) for t in self.targets for p in t.patterns)
 
     def has_static_activations(self) -> bool:
         """Whether calibration data is needed (a static input/output or KV-cache spec)."""

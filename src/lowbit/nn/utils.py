@@ -55,11 +55,27 @@ def summary_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
-def print_summary(model: nn.Module, console=None, max_rows: int = 40) -> list[dict]:
-    """Print every quantizer (format, granularity, amax range, enabled) with counts.
+def coverage_of(model: nn.Module):
+    """The :class:`~lowbit.nn.coverage.Coverage` of ``model``: the one ``lowbit.quantize``
+    recorded in ``model.lowbit_report``, else counted now from the model's quantized
+    modules (with the recipe's reasons when ``model.lowbit_recipe`` is set)."""
+    from lowbit.nn.coverage import weight_coverage
 
-    Returns the rows (see :func:`summary_rows`). Long lists are cut to ``max_rows`` lines;
-    the counts always cover all quantizers.
+    report = getattr(model, "lowbit_report", None)
+    cov = getattr(report, "coverage", None)
+    if cov is not None:
+        return cov
+    return weight_coverage(model, getattr(model, "lowbit_recipe", None))
+
+
+def print_summary(model: nn.Module, console=None, max_rows: int = 40) -> list[dict]:
+    """Print every quantizer (format, granularity, amax range, enabled) with counts, then
+    the coverage: the quantized share of all and of non-embedding weights (by element
+    count), every unquantized weight parameter above 0.5% of the weights with the reason,
+    and the unquantized elements summed by reason (see :mod:`lowbit.nn.coverage`).
+
+    Returns the quantizer rows (see :func:`summary_rows`). Long lists are cut to
+    ``max_rows`` lines; the counts always cover all quantizers and all weights.
     """
     from rich.console import Console
     from rich.table import Table
@@ -82,4 +98,30 @@ def print_summary(model: nn.Module, console=None, max_rows: int = 40) -> list[di
     for (role, fmt, g, mode), n in sorted(counts.items()):
         c.add_row(role, fmt, g, mode, str(n))
     console.print(c)
+    _print_coverage(coverage_of(model), console, max_rows)
     return rows
+
+
+def _print_coverage(cov, console, max_rows: int) -> None:
+    from rich.table import Table
+
+    console.print(cov.line(), highlight=False, soft_wrap=True)
+    listed = cov.listed()
+    if listed:
+        t = Table(title="not quantized (each > 0.5% of the weights)")
+        for col in ("parameter", "shape", "share", "kind", "why"):
+            t.add_column(col, overflow="fold")
+        for u in listed[:max_rows]:
+            t.add_row(u.name, "x".join(map(str, u.shape)), f"{u.numel / cov.total:.1%}",
+                      u.kind, u.reason)
+        if len(listed) > max_rows:
+            t.add_row(f"... {len(listed) - max_rows} more", "", "", "", "")
+        console.print(t)
+    kinds = cov.kinds()
+    if kinds:
+        t = Table(title="not quantized, by reason (all weights)")
+        for col in ("kind", "why", "parameters", "elements", "share"):
+            t.add_column(col, overflow="fold")
+        for kind, reason, n, count in kinds:
+            t.add_row(kind, reason, str(count), f"{n:,}", f"{n / cov.total:.1%}")
+        console.print(t)

@@ -105,7 +105,13 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...).
 
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
-    modules, group-size fallbacks, KV-cache attachment, times).
+    modules, MoE routers left in float, group-size fallbacks, KV-cache attachment, times,
+    and ``coverage``: the quantized share of the weights and why every other weight
+    parameter is not; :func:`lowbit.print_summary` prints it). Warnings (ConfigError with
+    ``strict: true`` in the recipe): a recipe targeting every linear that leaves more than 2%
+    of the non-embedding weights with no quantized class; recipe group sizes that fell back
+    (one line for all layers). A ``group_size`` override that does not divide a layer's
+    width is a ConfigError naming the layer and the sizes that would work.
     """
     from lowbit.pipeline.distributed import current, shard_batches
 

@@ -41,7 +41,10 @@ def _read_yaml(path: Path) -> Any:
 def load(name_or_path: "str | os.PathLike | Recipe | dict", **overrides: Any) -> Recipe:
     """A preset by name, a YAML file by path, a dict or a Recipe, with overrides applied.
 
-    Overrides: ``group_size`` (every grouped spec that is not a block format),
+    Overrides: ``group_size`` (every grouped spec that is not a block format; a group size
+    given here is the user's: a layer whose width it does not divide is a ConfigError naming
+    the layer and the group sizes that would work, unless ``group_policy="fallback"`` is
+    given too — a recipe's own group size falls back, see :class:`lowbit.config.Recipe`),
     ``kv_cache`` (``"fp8"``, ``"int8"``, a spec dict or None), ``calibrator`` (every static
     activation spec), ``strict``, ``group_policy``, ``exclude`` (replaces the list),
     ``algorithms`` (replaces the steps).
@@ -86,6 +89,8 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
                 s["calibrator"] = cal
     if "kv_cache" in overrides:
         d["kv_cache"] = kv_cache_spec(overrides["kv_cache"])
+    if gs is not None and "group_policy" not in overrides:
+        d["group_policy"] = "strict"  # the user asked for this group size: no fallback
     for k in ("strict", "group_policy", "exclude", "algorithms"):
         if k in overrides:
             d[k] = overrides[k]
