@@ -1,7 +1,10 @@
 """compressed-tensors checkpoints, the format vLLM and transformers load.
 
-The writer follows compressed-tensors 0.20 (``compressors/`` of that package), without
-importing it. Per quantized ``Linear`` ``m`` and the compression format of its scheme:
+The tensors follow compressed-tensors 0.20 (``compressors/`` of that package). The config
+comes from the library itself when it is installed (:mod:`lowbit.export.ct_schema`: its
+pydantic models validate and dump every scheme, its format inference picks each layer's
+format), else from lowbit's copy of its rules, tested equal to the library's. Per quantized
+``Linear`` ``m`` and the compression format of its scheme:
 
 ================================ ==========================================================
 format                           tensors of ``m``
@@ -21,10 +24,15 @@ activations), ``naive-quantized``int8), ``input_scale`` [1] for static activatio
 ``mxfp8-quantized``              ``weight`` float8_e4m3fn, ``weight_scale`` uint8 (E8M0)
 ================================ ==========================================================
 
-KV-cache scales are ``k_scale``/``v_scale`` [1] on the attention module with
-``kv_cache_scheme`` in the config. ``config.json`` gets ``quantization_config`` as
-compressed-tensors writes it (``config_groups`` with ``targets``, ``ignore``, ``format``,
-``quant_method: compressed-tensors``, ``quantization_status: compressed``, ``version``).
+KV-cache scales are ``k_scale``/``v_scale`` [1] (``KVCacheScaleType``) on the attention
+module (``model.layers.N.self_attn.k_scale``; vLLM remaps them to ``self_attn.attn.k_scale``)
+with ``kv_cache_scheme`` in the config: static per-tensor scales of the keys after RoPE and
+of the values. transformers >= 5.24 with compressed-tensors <= 0.20.1 does not apply them
+(the attention's ``past_key_values`` parameter became ``cache``, which compressed-tensors
+does not recognise): the load reports them as unexpected keys and runs the cache in float.
+``config.json`` gets ``quantization_config`` as compressed-tensors writes it
+(``config_groups`` with ``targets``, ``ignore``, ``format``, ``quant_method:
+compressed-tensors``, ``quantization_status: compressed``, ``version``).
 
 Numerics: compressed-tensors dequantizes ``(q - zero_point) * scale`` in the dtype of the
 scale, and divides by its NVFP4 global scale (``448 * 6 / amax``) where lowbit multiplies by
@@ -54,11 +62,11 @@ from torch import nn
 from lowbit import formats
 from lowbit.core import QTensor, QuantSpec, compute_scales
 from lowbit.errors import ConfigError
+from lowbit.export import ct_schema
 from lowbit.export.base import quantized_modules, weight_qtensor
 from lowbit.export.shards import plain_tensors, shares_storage, write_hf_files, write_shards
 from lowbit.nn.utils import quantizers
 
-CT_VERSION = "0.20.0"  # the compressed-tensors release whose format this writer follows
 _E4M3 = formats.get("e4m3")
 # compressed-tensors decompresses these to bfloat16 weights whatever the model's dtype
 BF16_FORMATS = {"nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized"}
@@ -66,12 +74,17 @@ BF16_FORMATS = {"nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized
 
 # --- QuantSpec -> QuantizationArgs ---------------------------------------------------------
 def _args(spec: QuantSpec, role: str, where: str) -> dict:
-    """The ``QuantizationArgs`` dict (as compressed-tensors dumps it) of ``spec``."""
+    """The ``QuantizationArgs`` dict of ``spec`` as compressed-tensors dumps it (validated
+    by the installed library, see :func:`lowbit.export.ct_schema.quantization_args`)."""
+    return ct_schema.quantization_args(_arg_fields(spec, role, where), where)
+
+
+def _arg_fields(spec: QuantSpec, role: str, where: str) -> dict:
+    """The ``QuantizationArgs`` fields that express ``spec`` (None: not set)."""
     bf = spec.block_format
     a = {"num_bits": None, "type": None, "symmetric": spec.symmetric, "group_size": None,
          "strategy": None, "block_structure": None, "dynamic": spec.dynamic,
-         "actorder": None, "scale_dtype": None, "zp_dtype": None, "observer": None,
-         "observer_kwargs": {}}
+         "scale_dtype": None, "zp_dtype": None}
     if bf is not None:
         if bf.name == "nvfp4":
             a.update(num_bits=4, type="float", group_size=16, strategy="tensor_group",
@@ -131,22 +144,6 @@ def _args(spec: QuantSpec, role: str, where: str) -> dict:
         raise ConfigError(f"{where}: static activation scales must be per tensor for "
                           f"compressed-tensors, not {g}")
     return a
-
-
-def _format_of(w: dict | None, i: dict | None) -> str:
-    """The compression format compressed-tensors infers for a scheme (its priority order:
-    MX/NVFP4 first, then int-quantized, pack-quantized, float-quantized, naive)."""
-    if w is None:
-        return "dense"
-    if w["type"] == "float" and w["group_size"] == 32 and w["scale_dtype"] == "torch.uint8":
-        return "mxfp4-pack-quantized" if w["num_bits"] == 4 else "mxfp8-quantized"
-    if w["type"] == "float" and w["num_bits"] == 4:
-        return "nvfp4-pack-quantized"
-    if w["type"] == "int":
-        if i is not None:
-            return "int-quantized"
-        return "pack-quantized"
-    return "float-quantized" if i is not None else "naive-quantized"
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -258,8 +255,9 @@ def _weight_tensors(prefix: str, qt: QTensor, fmt: str, dtype: torch.dtype,
     elif fmt == "mxfp4-pack-quantized":
         out["weight_packed"] = qt.packed_codes().contiguous()
         out["weight_scale"] = qt.scale_codes().contiguous()
-    else:  # pragma: no cover - _format_of returns only the formats above
-        raise ConfigError(f"{prefix}: no writer for format {fmt}")
+    else:  # a format a newer compressed-tensors infers that lowbit does not write yet
+        raise ConfigError(f"{prefix}: compressed-tensors {ct_schema.version()} stores this "
+                          f"scheme as {fmt}, which lowbit cannot write")
     return {f"{prefix}.{k}": v for k, v in out.items()}
 
 
@@ -334,7 +332,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
                 if q.is_enabled else None
         if all(v is None for v in roles.values()):
             continue
-        roles["format"] = _format_of(roles["weights"], roles["input_activations"])
+        roles["format"] = ct_schema.scheme_format(
+            roles["weights"], roles["input_activations"], roles["output_activations"], name)
         quantized.append((name, m, roles))
     formats_used = {r["format"] for _, _, r in quantized}
     if dtype is None:
@@ -361,30 +360,17 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     plain, _tied = plain_tensors(model, skip, dtype)
     tensors.update(plain)
     qnames = {n for n, _, _ in quantized}
-    config_groups = {}
-    for i, g in enumerate(groups.values()):
+    config_groups = []
+    for g in groups.values():
         r = g["roles"]
         # one scheme for the whole model targets the layer type, as llm-compressor writes it
         targets = ["Linear"] if len(groups) == 1 else list(g["names"])
-        config_groups[f"group_{i}"] = {"targets": targets, "weights": r["weights"],
-                                       "input_activations": r["input_activations"],
-                                       "output_activations": r["output_activations"],
-                                       "format": r["format"]}
+        config_groups.append({"targets": targets, "weights": r["weights"],
+                              "input_activations": r["input_activations"],
+                              "output_activations": r["output_activations"],
+                              "format": r["format"]})
     ignore = [n for n in linear_names if n not in qnames] if len(groups) <= 1 else []
-    fmts = {g["format"] for g in config_groups.values()}
-    qconfig = {
-        "config_groups": config_groups,
-        "format": fmts.pop() if len(fmts) == 1 else ("dense" if not fmts
-                                                      else "mixed-precision"),
-        "global_compression_ratio": None,
-        "ignore": ignore,
-        "kv_cache_scheme": kv_args,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": CT_VERSION,
-    }
+    qconfig = ct_schema.build_config(config_groups, ignore, kv_args)
     if inexact:
         warnings.warn(f"{len(inexact)} scale tensor(s) (first: {inexact[0]}) are not exactly "
                       f"representable in {dtype}: the loaded model will differ from the "
@@ -399,8 +385,11 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
 
 
 def _kv_cache(model: nn.Module, dtype, inexact) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """``(kv_cache_scheme args | None, {attention.k_scale / v_scale [1]: scale})`` of the
+    model's KV-cache quantizers (static per-tensor; see the module doc)."""
     args = None
     out: dict[str, torch.Tensor] = {}
+    names = ct_schema.kv_scale_names()
     for name, q in quantizers(model):
         if q.role != "kv_cache" or not q.is_enabled:
             continue
@@ -420,8 +409,9 @@ def _kv_cache(model: nn.Module, dtype, inexact) -> tuple[dict | None, dict[str, 
         if q.amax is None:
             raise ConfigError(f"{name}: KV-cache quantizer was never calibrated")
         s, zp, _ = _static_scale(q, spec)
-        kv = "k" if qname.startswith("k_") else "v"
-        out[f"{mod}.{kv}_scale"] = _exact_cast(s, dtype, inexact, f"{mod}.{kv}_scale")
-        if zp is not None:
-            out[f"{mod}.{kv}_zero_point"] = zp.to(torch.int8)
+        scale_name = names[0] if qname.startswith("k_") else names[1]  # k_scale / v_scale
+        out[f"{mod}.{scale_name}"] = _exact_cast(s, dtype, inexact, f"{mod}.{scale_name}")
+        if zp is not None:  # compressed-tensors' qparam naming: k_zero_point / v_zero_point
+            zp_name = scale_name.removesuffix("_scale") + "_zero_point"
+            out[f"{mod}.{zp_name}"] = zp.to(torch.int8)
     return args, out

@@ -1,0 +1,203 @@
+"""compressed-tensors' config vocabulary, taken from the library when it is installed.
+
+lowbit writes compressed-tensors checkpoints without needing the ``compressed-tensors``
+package. When it is installed (``pip install lowbit[engines]``), every config is built and
+validated with the library's own pydantic models (``QuantizationArgs``,
+``QuantizationScheme``, ``QuantizationConfig``) and dumped as its ``ModelCompressor`` writes
+``config.json``; its ``CompressionFormat`` enum names the formats, its format inference
+(``infer_module_format``) picks each layer's format, and ``KVCacheScaleType`` names the
+KV-cache scale tensors. A config the installed release rejects is a ConfigError naming the
+layer and the library's complaint.
+
+Without the package the constants and rules below are used; ``tests/export/test_ct_schema.py``
+checks that they equal the installed library's (names, formats, inferred formats, and that
+the library parses every config written without it to the same models).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+from lowbit.errors import ConfigError
+
+# the release the constants below were copied from (written as ``version`` without the package)
+CT_VERSION = "0.20.1"
+QUANT_METHOD = "compressed-tensors"
+STATUS_COMPRESSED = "compressed"
+KV_SCALE_NAMES = ("k_scale", "v_scale")  # KVCacheScaleType.KEY / .VALUE
+# CompressionFormat values of the formats lowbit writes (name in the enum -> value)
+FORMATS = {
+    "dense": "dense",
+    "int_quantized": "int-quantized",
+    "float_quantized": "float-quantized",
+    "naive_quantized": "naive-quantized",
+    "pack_quantized": "pack-quantized",
+    "mixed_precision": "mixed-precision",
+    "nvfp4_pack_quantized": "nvfp4-pack-quantized",
+    "mxfp4_pack_quantized": "mxfp4-pack-quantized",
+    "mxfp8_quantized": "mxfp8-quantized",
+}
+# QuantizationArgs fields that compressed-tensors (0.20) leaves out of its dump when None
+_OMITTED_WHEN_NONE = ("actorder", "block_structure", "scale_dtype", "observer", "zp_dtype")
+
+
+@functools.cache
+def library():
+    """The installed ``compressed_tensors`` module, or None when it is not installed.
+
+    An installed package that does not import (a torch it does not support, say) is a
+    ConfigError with its error: lowbit never writes a config it could not check."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return None
+    try:
+        import compressed_tensors
+        from compressed_tensors.config import CompressionFormat  # noqa: F401
+        from compressed_tensors.quantization import (KVCacheScaleType,  # noqa: F401
+                                                     QuantizationArgs, QuantizationConfig,
+                                                     QuantizationScheme)
+    except Exception as e:  # noqa: BLE001 - any import failure means: cannot validate
+        raise ConfigError(f"compressed-tensors is installed but does not import "
+                          f"({type(e).__name__}: {e}); fix or uninstall it to export "
+                          "compressed-tensors checkpoints") from None
+    return compressed_tensors
+
+
+def version() -> str:
+    """The ``version`` written into ``quantization_config``: the installed release's (as its
+    own ``ModelCompressor`` writes it), else :data:`CT_VERSION`."""
+    ct = library()
+    return ct.__version__ if ct is not None else CT_VERSION
+
+
+def format_name(key: str) -> str:
+    """The on-disk name of compression format ``key`` (a ``CompressionFormat`` member name,
+    e.g. ``"pack_quantized"`` -> ``"pack-quantized"``)."""
+    ct = library()
+    if ct is None:
+        return FORMATS[key]
+    from compressed_tensors.config import CompressionFormat
+
+    return CompressionFormat[key].value
+
+
+def kv_scale_names() -> tuple[str, str]:
+    """Names of the key and value cache scales on an attention module (``k_scale``,
+    ``v_scale``: ``KVCacheScaleType``, the names compressed-tensors registers and vLLM
+    remaps to ``attn.k_scale``)."""
+    if library() is None:
+        return KV_SCALE_NAMES
+    from compressed_tensors.quantization import KVCacheScaleType
+
+    return KVCacheScaleType.KEY.value, KVCacheScaleType.VALUE.value
+
+
+def _library_error(where: str, e: Exception) -> ConfigError:
+    first = str(e).strip().splitlines()
+    detail = "; ".join(line.strip() for line in first[:3])
+    return ConfigError(f"{where}: compressed-tensors {version()} rejects this scheme "
+                       f"({detail})")
+
+
+def quantization_args(fields: dict, where: str) -> dict:
+    """``fields`` (``QuantizationArgs`` fields; None ones left out) as compressed-tensors
+    dumps them: validated by the installed library's ``QuantizationArgs``, else by lowbit's
+    copy of its 0.20 dump rules (None ``actorder``/``block_structure``/``scale_dtype``/
+    ``observer``/``zp_dtype`` omitted, ``zp_dtype`` only for asymmetric args)."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if library() is None:
+        out = dict(fields)
+        for k in _OMITTED_WHEN_NONE:
+            if out.get(k) is None:
+                out.pop(k, None)
+        if out.get("symmetric", True):
+            out.pop("zp_dtype", None)
+        return out
+    from compressed_tensors.quantization import QuantizationArgs
+
+    try:
+        return QuantizationArgs.model_validate(fields).model_dump(mode="json")
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError and the library's own
+        raise _library_error(where, e) from None
+
+
+def _own_format(weights: dict | None, inputs: dict | None) -> str:
+    """compressed-tensors 0.20's format inference (its priority order: MXFP4, MXFP8, NVFP4,
+    int-quantized, pack-quantized, float-quantized, naive-quantized) for a Linear."""
+    if weights is None:
+        return "dense"
+    if weights["type"] == "float" and weights.get("group_size") == 32:
+        if weights["num_bits"] == 4:
+            return "mxfp4_pack_quantized"
+        if weights["num_bits"] == 8 and weights.get("scale_dtype") == "torch.uint8":
+            return "mxfp8_quantized"
+    if weights["type"] == "float" and weights["num_bits"] == 4 and \
+            weights.get("group_size") == 16:
+        return "nvfp4_pack_quantized"
+    if weights["type"] == "int":
+        if inputs is not None:
+            return "int_quantized"
+        return "pack_quantized"
+    return "float_quantized" if inputs is not None else "naive_quantized"
+
+
+def scheme_format(weights: dict | None, inputs: dict | None, outputs: dict | None,
+                  where: str) -> str:
+    """The compression format (its on-disk name) compressed-tensors gives a ``Linear``
+    quantized with these args: the installed library's ``infer_module_format`` when it has
+    one, else lowbit's copy of its 0.20 rule."""
+    ct = library()
+    infer = None
+    if ct is not None:
+        try:
+            from compressed_tensors.compressors.format import infer_module_format as infer
+        except ImportError:
+            infer = None
+    if infer is None:
+        return format_name(_own_format(weights, inputs))
+    from compressed_tensors.quantization import QuantizationScheme
+    from torch import nn
+
+    try:
+        scheme = QuantizationScheme(targets=["Linear"], weights=weights,
+                                    input_activations=inputs, output_activations=outputs)
+        return infer(nn.Linear, scheme).value
+    except Exception as e:  # noqa: BLE001
+        raise _library_error(where, e) from None
+
+
+def build_config(groups: list[dict], ignore: list[str], kv_cache: dict | None) -> dict:
+    """``config.json``'s ``quantization_config`` as compressed-tensors' ``ModelCompressor``
+    writes it: ``version``, ``quant_method``, ``sparsity_config``, ``transform_config`` and
+    the dump of a ``QuantizationConfig`` (status ``compressed``).
+
+    ``groups``: one dict per config group with ``targets``, ``weights``,
+    ``input_activations``, ``output_activations`` (dumped args or None) and ``format``;
+    ``ignore``: module names left in float; ``kv_cache``: the KV-cache args or None.
+    The top-level ``format`` is the groups' one format, ``dense`` without groups, else
+    ``mixed-precision``."""
+    fmts = {g["format"] for g in groups}
+    top = fmts.pop() if len(fmts) == 1 else format_name(
+        "dense" if not fmts else "mixed_precision")
+    config_groups = {f"group_{i}": dict(g) for i, g in enumerate(groups)}
+    body = {"config_groups": config_groups, "format": top, "global_compression_ratio": None,
+            "ignore": list(ignore), "kv_cache_scheme": kv_cache,
+            "quantization_status": STATUS_COMPRESSED}
+    ct = library()
+    if ct is not None:
+        from compressed_tensors.base import (COMPRESSION_VERSION_NAME, QUANTIZATION_METHOD,
+                                             QUANTIZATION_METHOD_NAME, SPARSITY_CONFIG_NAME,
+                                             TRANSFORM_CONFIG_NAME)
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+        body["quantization_status"] = QuantizationStatus.COMPRESSED.value
+        try:
+            body = QuantizationConfig.model_validate(body).model_dump(
+                mode="json", exclude={QUANTIZATION_METHOD_NAME})
+        except Exception as e:  # noqa: BLE001
+            raise _library_error("quantization_config", e) from None
+        return {COMPRESSION_VERSION_NAME: ct.__version__,
+                QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD,
+                SPARSITY_CONFIG_NAME: {}, TRANSFORM_CONFIG_NAME: {}, **body}
+    return {"version": CT_VERSION, "quant_method": QUANT_METHOD, "sparsity_config": {},
+            "transform_config": {}, **body}
