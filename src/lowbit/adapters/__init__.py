@@ -3,7 +3,9 @@ norm (or linear) precedes them so that smoothing scales can be folded into it.
 
 One small declarative :class:`Adapter` per family (:mod:`.llama`, :mod:`.gpt2`, :mod:`.opt`),
 registered by ``config.model_type``; any other model gets :data:`GENERIC`, which finds the
-same facts by inspection (a forward pass of one block with hooks).
+same facts by inspection (a forward pass of one block with hooks). Whether a norm scales by
+``w`` or ``1 + w`` is measured by running it (:mod:`.norms`); an adapter may declare it too,
+and a declaration the module does not follow is an error.
 
 >>> from lowbit.adapters import get_adapter
 >>> get_adapter(model).name                     # doctest: +SKIP
@@ -16,8 +18,9 @@ from torch import nn
 
 from lowbit.adapters import gpt2, llama, opt  # noqa: F401  (register the families)
 from lowbit.adapters.base import (Adapter, InputGroup, in_features, is_linear, is_norm,
-                                  norm_offset, out_features, register_adapter, registered)
+                                  out_features, register_adapter, registered)
 from lowbit.adapters.generic import GENERIC, GenericAdapter, groups_by_inspection
+from lowbit.adapters.norms import NORM_KINDS, norm_kind, norm_offset
 
 
 def get_adapter(model: nn.Module) -> Adapter | None:
@@ -53,6 +56,7 @@ def family(model: nn.Module) -> str:
     return a.name if a is not None else "unknown"
 
 
-__all__ = ["Adapter", "GENERIC", "GenericAdapter", "InputGroup", "family", "find_blocks",
-           "get_adapter", "groups_by_inspection", "in_features", "input_groups", "is_linear", "is_norm", "linear_pairs",
-           "norm_offset", "out_features", "register_adapter", "registered"]
+__all__ = ["Adapter", "GENERIC", "GenericAdapter", "InputGroup", "NORM_KINDS", "family",
+           "find_blocks", "get_adapter", "groups_by_inspection", "in_features", "input_groups",
+           "is_linear", "is_norm", "linear_pairs", "norm_kind", "norm_offset", "out_features",
+           "register_adapter", "registered"]

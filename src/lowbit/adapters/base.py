@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit.adapters.norms import NORM_KINDS
+from lowbit.errors import ConfigError
 from lowbit.nn.modules import QuantMixin
 
 
@@ -25,12 +27,16 @@ class InputGroup:
 
     ``linears``: names inside the block, in execution order. ``prev``: the module that can
     absorb ``1/s`` (None when nothing can). ``prev_kind``: ``"norm"`` (its weight, and bias,
-    are divided) or ``"linear"`` (its output rows are divided).
+    are divided) or ``"linear"`` (its output rows are divided). ``norm``: how a ``"norm"``
+    ``prev`` scales, as the family's adapter declares it (``"w"`` or ``"1+w"``; None: not
+    declared); the fold measures it anyway (:func:`lowbit.adapters.norms.norm_kind`) and
+    refuses a declaration the module does not follow.
     """
 
     linears: list[str]
     prev: str | None
     prev_kind: str = "norm"
+    norm: str | None = None
     names: list[str] = field(default_factory=list)
     # for a linear ``prev`` with fewer outputs than the group has inputs (grouped-query
     # attention's v_proj -> o_proj): the output channel of ``prev`` behind each input channel
@@ -77,9 +83,6 @@ def is_norm(m: nn.Module) -> bool:
         and m.weight.dim() == 1
 
 
-def norm_offset(norm: nn.Module) -> float:
-    """1.0 for norms that scale by ``1 + weight`` (Gemma), else 0.0."""
-    return 1.0 if "Gemma" in type(norm).__name__ else 0.0
 
 
 def in_features(m: nn.Module) -> int:
@@ -133,7 +136,10 @@ class Adapter:
     maps each input channel of ``next`` to the output channel of ``prev`` behind it
     (grouped-query attention's ``v_proj -> o_proj``). ``model_types``: the
     ``config.model_type`` values it serves. ``accepts``: an extra check of the model (e.g.
-    OPT's pre-norm layout).
+    OPT's pre-norm layout). ``norm``: how the family's norms scale their normalised input,
+    ``"w"`` (Llama's RMSNorm, LayerNorm) or ``"1+w"`` (Gemma, Qwen3-Next); None: found by
+    behaviour only (:func:`lowbit.adapters.norms.norm_kind`, which also checks a
+    declaration).
     """
 
     name: str
@@ -143,6 +149,12 @@ class Adapter:
     pairs: tuple[tuple[str, str], ...] = ()
     accepts: Callable[[nn.Module], bool] | None = None
     pair_map: Callable[[nn.Module, str, str], "torch.Tensor | None"] | None = None
+    norm: str | None = None
+
+    def __post_init__(self):
+        if self.norm is not None and self.norm not in NORM_KINDS:
+            raise ConfigError(f"adapter {self.name}: norm must be one of "
+                              f"{', '.join(NORM_KINDS)} or None, got {self.norm!r}")
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this adapter describes ``model`` (its model type, and its structure)."""
@@ -173,7 +185,8 @@ class Adapter:
             present = [n for n in lins if _get(block, n) is not None]
             if present:
                 out.append(InputGroup(linears=present,
-                                      prev=prev if _get(block, prev) is not None else None))
+                                      prev=prev if _get(block, prev) is not None else None,
+                                      norm=self.norm))
         return out
 
     def linear_pairs(self, block: nn.Module) -> list[InputGroup]:

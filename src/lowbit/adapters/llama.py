@@ -3,7 +3,10 @@
 ``input_layernorm -> q/k/v``, ``post_attention_layernorm -> gate/up`` (Gemma 2/3 put a
 ``pre_feedforward_layernorm`` before the MLP), ``v_proj -> o_proj`` (with grouped-query
 attention, the scales of the query heads sharing a value head are tied), ``up_proj ->
-down_proj``.
+down_proj``. Llama's RMSNorm scales by ``w``, Gemma's (1, 2 and 3) by ``1 + w``.
+
+OLMo 2 normalises *after* attention and MLP (``post_attention_layernorm`` feeds the residual
+stream, not the MLP): no norm can absorb a scale, only the linear pairs.
 """
 
 from lowbit.adapters.base import Adapter, gqa_channel_map, register_adapter
@@ -14,11 +17,22 @@ _PAIRS = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_pr
 
 LLAMA = register_adapter(Adapter(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "granite"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "granite"),
     blocks=("model.layers", "layers"),
     groups=(("input_layernorm", _ATTN), ("post_attention_layernorm", _MLP)),
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
+    norm="w",
+))
+
+GEMMA = register_adapter(Adapter(
+    name="gemma",
+    model_types=("gemma",),
+    blocks=("model.layers", "layers"),
+    groups=(("input_layernorm", _ATTN), ("post_attention_layernorm", _MLP)),
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+    norm="1+w",
 ))
 
 GEMMA2 = register_adapter(Adapter(
@@ -26,6 +40,15 @@ GEMMA2 = register_adapter(Adapter(
     model_types=("gemma2", "gemma3_text"),
     blocks=("model.layers", "layers"),
     groups=(("input_layernorm", _ATTN), ("pre_feedforward_layernorm", _MLP)),
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+    norm="1+w",
+))
+
+OLMO2 = register_adapter(Adapter(
+    name="olmo2",
+    model_types=("olmo2",),
+    blocks=("model.layers", "layers"),
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
 ))

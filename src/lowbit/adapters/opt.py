@@ -1,5 +1,6 @@
 """OPT (pre-norm variants, ``do_layer_norm_before``: every size but 350m):
-``self_attn_layer_norm -> q/k/v``, ``final_layer_norm -> fc1``, ``v_proj -> out_proj``.
+``self_attn_layer_norm -> q/k/v``, ``final_layer_norm -> fc1`` (LayerNorms: ``w``, with a
+bias), ``v_proj -> out_proj``.
 ``fc2`` follows a ReLU: no pair."""
 
 from lowbit.adapters.base import Adapter, register_adapter
@@ -12,4 +13,5 @@ OPT = register_adapter(Adapter(
             ("final_layer_norm", ("fc1",))),
     pairs=(("self_attn.v_proj", "self_attn.out_proj"),),
     accepts=lambda model: bool(getattr(model.config, "do_layer_norm_before", True)),
+    norm="w",
 ))

@@ -11,14 +11,20 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   ``pairs`` true (also ``v_proj -> o_proj``, ``up_proj -> down_proj`` where they fit);
   ``max_tokens`` 2048 (tokens of the search sample); ``amax_from_stats`` true (static
   per-tensor ``max`` input quantizers of the smoothed linears take ``max_j |X_j| / s_j``
-  from the statistics SmoothQuant already has, so the block needs no calibration pass).
+  from the statistics SmoothQuant already has, so the block needs no calibration pass);
+  ``fold_tol`` None (every fold must keep the block's float output within this relative
+  error on its captured inputs, else it is undone and refused with a
+  :class:`~lowbit.errors.CalibrationError`; None: 1e-4 in float32, 4e-3 in float16, 3e-2 in
+  bfloat16, see :func:`lowbit.algorithms.smoothing.fold_tolerance`).
 * ``awq``: ``grid`` 20; ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
   ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
   false; ``clip`` true, ``clip_grid`` 20, ``min_ratio`` 0.5, ``clip_tokens`` 512,
   ``clip_skip`` (q/k projections, as AutoAWQ); ``token_weight`` ``none`` (``norm``: errors
-  and input statistics per token relative to its size, as for GPTQ); ``guard`` true (the block's output error on
-  the search sample, weights quantized, is measured before and after: when AWQ made it
-  worse, the block is put back as it was).
+  and input statistics per token relative to its size, as for GPTQ); ``guard`` true (the
+  block's output error on the search sample, weights quantized, is measured before and
+  after: when AWQ made it worse, the block is put back as it was, with a warning and a note
+  in the block's row of the report); ``fold_tol`` as for SmoothQuant (the float function
+  is checked after every fold, whatever ``guard`` says).
 * ``gptq``: ``block_size`` 128, ``percdamp`` 0.01, ``act_order`` false, ``static_groups``
   true, ``dtype`` ``float32`` (or ``float64`` Hessians), ``true_sequential`` true (each
   group of linears reading one input gets its Hessian after the groups before it are
@@ -28,6 +34,8 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -41,10 +49,11 @@ from lowbit.errors import ConfigError
 from lowbit.pipeline.algorithms import register_algorithm
 
 SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "pairs": True,
-                    "max_tokens": 2048, "amax_from_stats": True}
+                    "max_tokens": 2048, "amax_from_stats": True, "fold_tol": None}
 AWQ_ARGS = {"grid": 20, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
             "loss": "module", "act_quant": False, "clip": True, "clip_grid": 20,
             "min_ratio": 0.5, "clip_tokens": 512, "guard": True, "token_weight": "none",
+            "fold_tol": None,
             "clip_skip": ["*q_proj", "*k_proj", "*query*", "*key*", "*qkv*", "*c_attn"]}
 GPTQ_ARGS = {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": True,
              "dtype": "float32", "true_sequential": True, "token_weight": "none"}
@@ -62,8 +71,19 @@ def _targets(group, loss: str) -> list[str]:
     raise ConfigError(f"awq: loss must be 'module' or 'linears', got {loss!r}")
 
 
+def _fold_tol(name: str, args: dict) -> float | None:
+    tol = args["fold_tol"]
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ConfigError(f"{name}: fold_tol must be a relative error in (0, 1) or null, got "
+                          f"{tol!r}")
+    return float(tol)
+
+
 def smoothquant_step(ctx, args: dict) -> None:
     """SmoothQuant on every group whose linears quantize their inputs."""
+    tol = _fold_tol("smoothquant", args)
     groups = [g for g in ctx.scale_groups(pairs=bool(args["pairs"]))
               if _all(ctx, g, lambda m: weight_spec(m) is not None and
                       input_spec(m) is not None)]
@@ -83,7 +103,7 @@ def smoothquant_step(ctx, args: dict) -> None:
                                act_quant=True, reduce=ctx.comm.sum_float)
         alpha, s, _ = smooth_group(ctx.block, g, stats[g.linears[0]].absmax,
                                    float(args["alpha"]), probe, grid, fold=False)
-        ctx.fold(g, s)
+        ctx.fold(g, s, what="smoothquant", tol=tol)
         alphas.append(round(alpha, 3))
     ctx.info["smoothquant_alpha"] = alphas
     if args["amax_from_stats"]:
@@ -121,6 +141,7 @@ def _block_error(ctx, sample, ref) -> float:
 
 def awq_step(ctx, args: dict) -> None:
     """AWQ scale search on every group (and linear pair), then the clipping search."""
+    _fold_tol("awq", args)
     if ctx._stats is None:
         ctx.sample_tokens = int(args["clip_tokens"])
     groups = [g for g in ctx.scale_groups(pairs=bool(args["pairs"]))
@@ -140,6 +161,11 @@ def awq_step(ctx, args: dict) -> None:
         if after > before:
             ctx.restore(saved)
             ctx.info["awq_reverted"] = True
+            note = (f"awq: block {ctx.name}: AWQ made the block's quantized output error worse "
+                    f"({before:.4g} -> {after:.4g} on the search sample): the block was put "
+                    "back as it was before AWQ (no scales, no clipping)")
+            ctx.info.setdefault("notes", []).append(note)
+            warnings.warn(note, stacklevel=2)
 
 
 def _awq(ctx, args, groups, stats, sample) -> None:
@@ -153,7 +179,7 @@ def _awq(ctx, args, groups, stats, sample) -> None:
         alpha, s, _ = awq_search(ctx.block, g, probe, xmean,
                                  int(args["grid"]), bool(args["duo_scaling"]), fold=False)
         if s is not None:
-            ctx.fold(g, s)
+            ctx.fold(g, s, what="awq", tol=_fold_tol("awq", args))
         alphas.append(alpha)
     ctx.info["awq_alpha"] = alphas
     if args["clip"]:

@@ -108,7 +108,12 @@ class BlockContext:
     ``sum_float``...); :meth:`linear_stats` and :meth:`sample` are already global.
     ``low_memory``: after every :meth:`run`, drop the cached fake-quantized weights and give
     freed heap pages back to the system (:func:`trim_heap`).
+
+    Every scale folded through :meth:`fold` is checked to keep the block's float function.
     """
+
+    fold_check_tokens = 256
+    """Tokens (whole samples, at least one) of the block's inputs the fold check runs on."""
 
     def __init__(self, model, block, name, index, adapter, chunks, overrides,
                  sample_tokens: int = 512, comm: Collective | None = None,
@@ -129,6 +134,8 @@ class BlockContext:
         self.offset = offset
         self.low_memory = low_memory
         self._stats: dict[str, LinearStats] | None = None
+        self._fold_check = None  # see fold()
+        self._norm_inputs: dict[str, tuple[tuple, dict]] = {}
 
     def global_layout(self) -> list[tuple[int, int]]:
         """``(samples, tokens)`` of every chunk of every rank, in global order."""
@@ -305,16 +312,46 @@ class BlockContext:
             st[2] = comm.sum_int(st[2])
             st[3] = [comm.gather_cat(torch.cat(st[3]))]
 
-    def fold(self, group, s: torch.Tensor) -> None:
-        """Fold ``s`` into ``group`` (see :func:`lowbit.algorithms.smoothing.fold_scales`) and
-        update the statistics of its linears' inputs."""
-        from lowbit.algorithms.smoothing import fold_scales
+    def fold(self, group, s: torch.Tensor, what: str = "per-channel", tol: float | None = None) \
+            -> float:
+        """Fold ``s`` into ``group`` (see :func:`lowbit.algorithms.smoothing.fold_scales`),
+        checked, and update the statistics of its linears' inputs; returns the relative error
+        of the block's float output that the fold caused.
 
-        fold_scales(self.block, group, s)
+        The check (:class:`lowbit.algorithms.smoothing.FoldCheck`) compares the block's
+        float output on about :attr:`fold_check_tokens` tokens of its inputs with the output
+        before the first fold of the current step; a fold that changes it by more than
+        ``tol`` (None: by the block's dtype) is undone and raises
+        :class:`~lowbit.errors.CalibrationError` naming the block, ``what`` and the group.
+        A norm ``prev`` is probed on its own captured input to tell ``w`` from ``1 + w``.
+        """
+        from lowbit.algorithms.smoothing import FoldCheck
+
+        if self._fold_check is None:
+            calls = [self.call(c) for c in self.sample(self.fold_check_tokens)]
+            self._fold_check = FoldCheck(self.block, calls, self.name,
+                                         reduce=self.comm.sum_float)
+        norm_inputs = None
+        if group.prev_kind == "norm":
+            if group.prev not in self._norm_inputs:
+                got = self.capture([group.prev], [self.chunks[0].head(1)])[group.prev]
+                if not got:
+                    raise CalibrationError(f"block {self.name}: norm {group.prev} was never "
+                                           "called on the captured inputs; nothing can be "
+                                           "folded into it")
+                self._norm_inputs[group.prev] = got[0]
+            norm_inputs = self._norm_inputs[group.prev]
+        err = self._fold_check.fold(group, s, norm_inputs, what=what, tol=tol)
         if self._stats is not None:
             for n in group.linears:
                 if n in self._stats:
                     self._stats[n].rescale(s)
+        return err
+
+    def new_step(self) -> None:
+        """Forget the float reference of the fold check (a step may change the float
+        weights, e.g. GPTQ; the next fold takes a new reference)."""
+        self._fold_check = None
 
     def snapshot(self) -> dict:
         """The block's parameters, weight quantizers' fixed scales and input statistics,
@@ -338,6 +375,7 @@ class BlockContext:
                 q.scale, q.zero_point, q.global_scale = saved["scales"][n]
                 m.invalidate_weight_cache()
         self._stats = saved["stats"]
+        self._fold_check = None
 
     def scale_groups(self, pairs: bool = True):
         """The adapter's groups of linears with a module that can absorb a scale."""
@@ -346,8 +384,10 @@ class BlockContext:
         return self.adapter.scale_groups(self.block, a, k, pairs=pairs)
 
     def release(self) -> None:
-        """Drop the statistics."""
+        """Drop the statistics (and the fold check's reference outputs)."""
         self._stats = None
+        self._fold_check = None
+        self._norm_inputs.clear()
 
 
 def sample_plan(layout: list[tuple[int, int]], max_tokens: int) \
@@ -484,6 +524,7 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
         for step in steps:
             fn, args = step[0], step[1]
             ctx.targets = step[2] if len(step) > 2 else None
+            ctx.new_step()
             fn(ctx, dict(args))
     finally:
         for q in waiting:
