@@ -1,4 +1,5 @@
-"""GPU kernels against the reference path (skipped without CUDA)."""
+"""GPU kernels against the reference path (skipped without CUDA). Each test fails when its
+hardware kernel was not the path taken (lowbit.hardware records it). Not yet run on a GPU."""
 
 import pytest
 import torch
@@ -6,12 +7,25 @@ import torch
 import lowbit
 import lowbit.runtime as rt
 from lowbit.core import QuantSpec, quantize
+from lowbit.hardware import hardware_path_report, reset_hardware_paths
 from lowbit.nn.quantizer import TensorQuantizer
 from lowbit.runtime import PackedLinear
 from tests.tiny_models import build, calib_ids, loop_over
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def fresh_record():
+    reset_hardware_paths()
+
+
+def took(kernel):
+    """The layers built so far ran ``kernel``'s hardware path, with no fallback."""
+    report = hardware_path_report()
+    assert report.get(f"runtime.{kernel}") == "hardware", report
+    return True
 
 
 def capability():
@@ -56,7 +70,7 @@ def test_fp8_scaled_mm_tensorwise(m):
     need((8, 9))
     x = torch.randn(m, 256, device=CUDA)
     fast, ref = pair(QuantSpec(format="fp8_e4m3"), QuantSpec(format="fp8_e4m3"), x)
-    assert fast.kernel == "fp8_scaled_mm" and not fast.rowwise
+    assert fast.kernel == "fp8_scaled_mm" and not fast.rowwise and took("fp8_scaled_mm")
     assert fast.w_fp8.dtype == torch.float8_e4m3fn and fast.w_fp8.is_contiguous()
     with torch.no_grad():
         assert rel_err(ref(x), fast(x)) < 1e-2
@@ -69,7 +83,7 @@ def test_fp8_scaled_mm_rowwise(m):
     fast, ref = pair(QuantSpec(format="fp8_e4m3", granularity="channel"),
                      QuantSpec(format="fp8_e4m3", granularity="token", dynamic=True), x,
                      dtype=torch.bfloat16)
-    assert fast.kernel == "fp8_scaled_mm" and fast.rowwise
+    assert fast.kernel == "fp8_scaled_mm" and fast.rowwise and took("fp8_scaled_mm")
     with torch.no_grad():
         y = fast(x)
         assert y.dtype == torch.bfloat16 and y.shape == (m, 128)
@@ -88,7 +102,7 @@ def test_int8_int_mm_cuda(m):
     x = torch.randn(m, 256, device=CUDA)
     fast, ref = pair(QuantSpec(format="int8", granularity="channel"),
                      QuantSpec(format="int8", granularity="token", dynamic=True), x)
-    assert fast.kernel == "w8a8_int8"
+    assert fast.kernel == "w8a8_int8" and took("w8a8_int8")
     with torch.no_grad():
         assert rel_err(ref(x), fast(x)) < 1e-4
 
@@ -99,7 +113,7 @@ def test_int4_tinygemm(group, symmetric):
     x = torch.randn(3, 256, device=CUDA, dtype=torch.bfloat16)
     spec = QuantSpec(format="int4", granularity="group", group_size=group, symmetric=symmetric)
     fast, ref = pair(spec, None, x, dtype=torch.bfloat16)
-    assert fast.kernel == "int4_weight_only_cuda"
+    assert fast.kernel == "int4_weight_only_cuda" and took("int4_weight_only_cuda")
     assert fast.w_packed.numel() * fast.w_packed.element_size() == 128 * 256 // 2
     with torch.no_grad():
         assert rel_err(ref(x), fast(x)) < 2e-2
@@ -133,6 +147,7 @@ def test_convert_model_on_cuda(recipe, kernel, cap):
         a = m(ids).logits
         m.to(CUDA)
         assert rt.convert(m) == {kernel: 14}
+        assert kernel == "reference" or took(kernel)
         b = m(ids.to(CUDA)).logits.cpu()
     assert rel_err(a, b) < 3e-2
 
@@ -144,7 +159,7 @@ def test_load_packed_on_cuda(tmp_path):
     lowbit.save(m, tmp_path / "ckpt")
     p = lowbit.load(tmp_path / "ckpt", device="cuda", packed=True)
     kernels = {x.kernel for x in p.modules() if isinstance(x, PackedLinear)}
-    assert kernels == {"int4_weight_only_cuda"}
+    assert kernels == {"int4_weight_only_cuda"} and took("int4_weight_only_cuda")
     ids = calib_ids(2, 16)
     with torch.no_grad():
         assert rel_err(m(ids).logits, p(ids.to(CUDA)).logits.cpu()) < 3e-2

@@ -166,9 +166,9 @@ def prepare_qat(model: nn.Module, recipe: "str | dict | Any | None" = None,
     elif overrides or calib_data is not None or forward_loop is not None:
         given = sorted(overrides) + [k for k, v in (("forward_loop", forward_loop),
                                                     ("calib_data", calib_data)) if v is not None]
-        raise ConfigError(f"prepare_qat: {', '.join(given)} apply to quantizing with a recipe; "
-                          "the model is already quantized (recipe=None), so nothing would use "
-                          "them: drop them or start from the unquantized model")
+        raise ConfigError(f"prepare_qat(recipe=None): the model is already quantized, so "
+                          f"{', '.join(given)} would not be used (only quantizing with a "
+                          "recipe uses them); drop them or start from the unquantized model")
     if any(isinstance(q, QATQuantizer) for _, q in quantizers(model)):
         raise ConfigError("prepare_qat was already applied to this model; call finalize_qat "
                           "first to prepare it again")
