@@ -32,7 +32,8 @@ def test_misspelt_recipe_override_raises():
 
 def test_fp8_overrides_are_checked():
     seq = nn.Sequential(nn.Linear(16, 16))
-    with pytest.raises(ConfigError, match="fp8 recipe: unknown key 'amax_histroy_len'"):
+    with pytest.raises(ConfigError, match=r"fp8 recipe: unknown key .amax_histroy_len. \(did you "
+                                          r"mean .amax_history_len.\?\)"):
         convert_to_fp8(seq, amax_histroy_len=4)
     with pytest.raises(ConfigError, match="unknown key 'scaled_mm'"):
         with fp8_autocast(seq, scaled_mm=False):

@@ -74,8 +74,9 @@ class PackedLinear(nn.Module):
         ``kernel``: a registered kernel name, or None to pick the best one for ``device``
         (default: the device of ``qt.codes``; a chosen kernel that fails its first run falls
         back to ``reference`` with a warning, see the module doc); a kernel named here that
-        does not support the layer is a ConfigError, one that fails raises. ``input_quantizer``: the layer's enabled input quantizer, applied as in
-        the fake-quantized model (reference) or fused into the kernel (W8A8). ``dtype``: the
+        does not support the layer is a ConfigError, one that fails raises.
+        ``input_quantizer``: the layer's enabled input quantizer, applied as in the
+        fake-quantized model (reference) or fused into the kernel (W8A8). ``dtype``: the
         model's dtype; ``act_dtype``: the dtype of the CPU weight-only kernels (bfloat16).
         """
         if len(qt.shape) != 2:

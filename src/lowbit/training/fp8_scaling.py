@@ -18,6 +18,8 @@ Conventions (those of NVIDIA Transformer Engine):
 
 from __future__ import annotations
 
+import difflib
+
 from typing import Literal
 
 import torch
@@ -67,7 +69,10 @@ class Fp8Recipe(BaseModel):
             loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                msg = f"unknown key {loc!r}; expected one of: {', '.join(cls.model_fields)}"
+                close = difflib.get_close_matches(loc, list(cls.model_fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                msg = (f"unknown key {loc!r}{hint}; expected one of: "
+                       f"{', '.join(cls.model_fields)}")
             elif loc:
                 msg = f"{loc}: {msg}"
             raise ConfigError(f"fp8 recipe: {msg}") from None
