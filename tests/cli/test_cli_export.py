@@ -1,5 +1,6 @@
 """`lowbit quantize --format onnx|gguf|compressed-tensors` and `lowbit export`, run as a user."""
 
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,25 @@ def test_quantize_writes_onnx_that_runs_at_other_lengths(model_dir, tmp_path):  
         assert logits.shape == (*shape, 128)  # the tiny model's vocabulary
 
 
+def test_quantize_to_gguf_names_the_flags(model_dir, tmp_path):  # noqa: F811
+    d, _ = model_dir
+    args = ["quantize", str(d), "-r", "int4-weight-only", "--group-size", "16", "-f", "gguf",
+            "-o", str(tmp_path / "g")]
+    rc, o, e = run(*args)
+    assert rc == 2 and "Pass --allow-requantize to requantize" in e, e
+    assert not (tmp_path / "g").exists()
+    rc, o, e = run(*args, "--allow-requantize", "--no-vocab")
+    assert rc == 0, e
+    files = list((tmp_path / "g").iterdir())
+    assert files and all(f.stat().st_mode & 0o777 == 0o666 & ~_umask() for f in files)
+
+
+def _umask():
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
 def test_export_native_to_other_formats(native, tmp_path):
     import lowbit
 
@@ -49,10 +69,12 @@ def test_export_native_to_other_formats(native, tmp_path):
     assert (tmp_path / "ct" / "config.json").exists() and "compressed-tensors" in o
     rc, o, e = run("export", str(native), "--format", "gguf", "--out", str(tmp_path / "g"))
     assert rc == 2 and "ggml blocks hold 32 values" in e  # int4 g16: not exact in GGUF
+    assert "--allow-requantize" in e and "allow_requantize=True" not in e  # the CLI's flag
     assert not (tmp_path / "g").exists()
     rc, o, e = run("export", str(native), "--format", "gguf", "--out", str(tmp_path / "g"),
                    "--allow-requantize")
     assert rc == 2 and "byte-level BPE" in e  # the tiny model's tokenizer is word-level
+    assert "--no-vocab" in e and "tokenizer=None" not in e
     rc, o, e = run("export", str(native), "--format", "gguf", "--out", str(tmp_path / "g"),
                    "--allow-requantize", "--no-vocab")
     assert rc == 0, e
@@ -67,6 +89,10 @@ def test_export_native_to_other_formats(native, tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["--format", "tflite", "-o", "{tmp}/a"], "unknown --format 'tflite'"),
     (["--format", "gguf", "-o", "{native}"], "exists; pass --force"),
+    (["--format", "lowbit", "-o", "{tmp}/a", "--no-vocab"], "--no-vocab is only for "
+     "--format gguf"),
+    (["--format", "onnx", "-o", "{tmp}/a", "--allow-requantize"], "--allow-requantize is "
+     "only for --format gguf"),
 ])
 def test_export_bad_input(native, tmp_path, args, msg):
     args = [a.format(tmp=tmp_path, native=native) for a in args]

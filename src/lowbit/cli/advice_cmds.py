@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lowbit.cli import app, console, fail
-from lowbit.errors import LowbitError
+from lowbit.cli import app, console, fail, one_line_errors
 
 GOALS = {
     "training-speed": ("FP8 training (E4M3 forward, E5M2 gradients, delayed scaling)",
@@ -35,27 +34,39 @@ GOALS = {
 
 @app.command("estimate")
 def estimate_cmd(
-    model: Optional[str] = typer.Argument(None, help="model folder / config.json / known name"),
-    params: Optional[str] = typer.Option(None, "--params", help="parameter count, e.g. 70B"),
+    model: Optional[str] = typer.Argument(
+        None, help="a parameter count (70B, 7.5B, 135M), a model folder or config.json, or a "
+        "known model name"),
+    params: Optional[str] = typer.Option(None, "--params", help="parameter count, e.g. 70B "
+                                         "(with MODEL: overrides the model's own count)"),
     seq_len: int = typer.Option(4096, help="KV-cache sequence length (tokens)"),
     batch: int = typer.Option(1, help="sequences in the batch"),
     kv_format: str = typer.Option("fp16", help="KV-cache precision: fp16, bf16, fp8, int8 ..."),
     group_size: int = typer.Option(128, help="group size of INT4 weights (16-bit scales)"),
 ) -> None:
-    """Memory of the weights at each precision (scales included) and of the KV cache."""
+    """Memory of the weights at each precision (scales included) and of the KV cache.
+
+    MODEL is a parameter count (lowbit estimate 70B) unless it is an existing path or a known
+    model name; a model's architecture adds the KV cache.
+    """
     from lowbit.eval.memory import KNOWN, estimate, parse_params, resolve_arch
 
-    try:
+    with one_line_errors("estimate"):
         if model is None and params is None:
-            fail("give a MODEL (folder, config.json or one of "
-                 f"{', '.join(KNOWN)}) or --params like 70B")
+            fail("give a parameter count like 70B, a MODEL (folder, config.json or one of "
+                 f"{', '.join(KNOWN)}) or --params 70B")
+        if model is not None and _is_param_count(model, KNOWN):
+            if params is not None:
+                fail(f"give the parameter count once: {model} or --params {params}")
+            model, params = None, model
+        if model is not None and model.lower() not in KNOWN and not Path(model).exists():
+            fail(f"unknown model {model!r}: expected a parameter count like 70B or 135M, a "
+                 f"model folder or config.json, or one of {', '.join(KNOWN)}")
         arch = resolve_arch(model) if model is not None else None
         n = parse_params(params) if params is not None else arch.params()
         if seq_len < 1 or batch < 1:
             fail("--seq-len and --batch must be positive")
         est = estimate(n, arch, seq_len, batch, kv_format, group_size)
-    except LowbitError as e:
-        fail(str(e))
     title = f"{arch.name if arch else ''} {n / 1e9:.2f}B parameters".strip()
     t = Table(title=f"weights: {title}")
     fp32 = est["weights"][0]["total"]
@@ -77,6 +88,21 @@ def estimate_cmd(
             f"KV cache ({kv_format}): {kv['bytes'] / 1e9:.3g} GB for {batch} x {seq_len} tokens "
             f"({kv['per_token_bytes'] / 1024:.0f} KiB per token: 2 x {arch.layers} layers x "
             f"{arch.kv_heads} KV heads x {arch.hd} dims)")
+
+
+def _is_param_count(model: str, known) -> bool:
+    """Whether the MODEL argument is a parameter count: it reads as one (70B, 7.5B, 135M,
+    1e9) and is neither an existing path nor a known model name."""
+    from lowbit.errors import ConfigError
+    from lowbit.eval.memory import parse_params
+
+    if model.lower() in known or Path(model).exists():
+        return False
+    try:
+        parse_params(model)
+    except ConfigError:
+        return False
+    return True
 
 
 CANDIDATES = ["fp8-dynamic", "int8-dynamic", "int8-smoothquant", "int4-awq", "int4-gptq",
@@ -124,7 +150,7 @@ def recommend_cmd(
     from lowbit.eval.footprint import weight_footprint
 
     names = [c.strip() for c in candidates.split(",") if c.strip()]
-    try:
+    with one_line_errors("recommend"):
         for n in names:
             recipes.load(n)
         with console.status(f"loading {model}"):
@@ -143,8 +169,6 @@ def recommend_cmd(
                 p = perplexity(m, ev, seq_len=seq_len, n_windows=windows)["ppl"]
             rows.append((n, size, p))
             del m
-    except LowbitError as e:
-        fail(str(e))
     fits = [r for r in rows if max_size is None or r[1] <= max_size]
     t = Table(title=f"{model}: {windows} windows x {seq_len} tokens of {text.name}, "
                     f"FP perplexity {p0:.3f}")

@@ -8,16 +8,35 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli import app, console, fail
-from lowbit.errors import LowbitError
+from lowbit.cli import app, console, fail, one_line_errors
+
+ALLOW_REQUANTIZE = ("gguf: requantize weights whose scales ggml cannot hold exactly (to Q8_0) "
+                    "instead of stopping with an error")
+NO_VOCAB = ("gguf: write no vocabulary (for a tokenizer that is not byte-level BPE; "
+            "llama.cpp then runs on token ids)")
+
+
+def gguf_options(format: str, allow_requantize: bool, no_vocab: bool) -> dict:
+    """The exporter options of --allow-requantize and --no-vocab (an error unless gguf)."""
+    given = [f for f, on in (("--allow-requantize", allow_requantize),
+                             ("--no-vocab", no_vocab)) if on]
+    if given and format != "gguf":
+        fail(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} only for --format "
+             f"gguf, not {format}")
+    opts: dict = {}
+    if allow_requantize:
+        opts["allow_requantize"] = True
+    if no_vocab:
+        opts["tokenizer"] = None
+    return opts
 
 
 def export_options(model, tok, format: str, seq_len: int = 16) -> dict:
-    """Exporter options the command line can give for ``format``.
+    """Exporter options the command line gives for ``format`` (before gguf_options).
 
-    ONNX traces the model: it gets an example ``input_ids [2, min(seq_len, 16)]`` (token ids
-    of a short text when a tokenizer is there, else zeros; batch 2, since torch.export fixes
-    an axis it sees at size 1), ``use_cache=False``, and the batch and sequence axes marked
+    ONNX traces the model: it gets an example input_ids of shape [2, min(seq_len, 16)] (token
+    ids of a short text when a tokenizer is there, else zeros; batch 2, since torch.export
+    fixes an axis it sees at size 1), use_cache=False, and the batch and sequence axes marked
     dynamic, so the file runs at any batch (<= 64) and length (<= 4096).
     """
     import torch
@@ -53,11 +72,8 @@ def export_cmd(
                                help="lowbit | compressed-tensors | gguf | onnx"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
     force: bool = typer.Option(False, help="replace --out if it exists"),
-    allow_requantize: bool = typer.Option(
-        False, help="gguf: requantize weights whose scales ggml cannot hold exactly (to "
-        "Q8_0) instead of stopping with an error"),
-    no_vocab: bool = typer.Option(False, help="gguf: write no vocabulary (for a tokenizer "
-                                  "that is not byte-level BPE; llama.cpp then runs on ids)"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help=ALLOW_REQUANTIZE),
+    no_vocab: bool = typer.Option(False, "--no-vocab", help=NO_VOCAB),
 ) -> None:
     """Re-export a quantized checkpoint in another format: the stored codes and scales are
     written as they are, nothing is recalibrated (exit 0 ok, 2 bad input, 1 failure)."""
@@ -67,26 +83,17 @@ def export_cmd(
     _check_model_path(checkpoint)
     if format not in exporter_names():
         fail(f"unknown --format {format!r}; expected one of: {', '.join(exporter_names())}")
+    gguf_opts = gguf_options(format, allow_requantize, no_vocab)
     if out.exists() and not force:
         fail(f"output folder {out} exists; pass --force to replace it")
     if out.resolve() == Path(checkpoint).resolve():
         fail(f"--out {out} is the checkpoint itself; write to another folder")
     t0 = time.perf_counter()
-    try:
+    with one_line_errors("export"):
         m, tok = _load(checkpoint)
         with console.status(f"writing {format} checkpoint to {out}"):
-            opts = export_options(m, tok, format)
-            if allow_requantize and format == "gguf":
-                opts["allow_requantize"] = True
-            if no_vocab and format == "gguf":
-                opts["tokenizer"] = None
+            opts = {**export_options(m, tok, format), **gguf_opts}
             save(m, out, format=format, overwrite=force, **opts)
-    except LowbitError as e:
-        fail(str(e))
-    except typer.Exit:
-        raise
-    except Exception as e:
-        fail(f"export failed: {type(e).__name__}: {e}", code=1)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     console.print(f"wrote {out} ({format}, {size / 1e6:.1f} MB) in "
                   f"{time.perf_counter() - t0:.1f} s")

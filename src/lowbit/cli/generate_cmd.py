@@ -28,11 +28,11 @@ def generate_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads (default: torch's)"),
 ) -> None:
-    """Continue ``--prompt`` greedily and print the text and the decode speed (tokens/s).
+    """Continue --prompt greedily and print the text and the decode speed (tokens/s).
 
     A lowbit checkpoint runs on its packed kernels (int8/int4 weight-only, W8A8 ...);
-    ``--loop lowbit`` uses :class:`lowbit.runtime.FastDecoder` (Llama, Mistral, Qwen2),
-    ``--loop hf`` transformers' ``generate``.
+    --loop lowbit uses lowbit's FastDecoder (Llama, Mistral, Qwen2), --loop hf uses
+    transformers' generate.
     """
     import torch
 

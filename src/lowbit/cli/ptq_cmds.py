@@ -9,8 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lowbit.cli import app, console, fail
-from lowbit.errors import LowbitError
+from lowbit.cli import app, console, fail, one_line_errors
 
 
 @app.command("recipes")
@@ -33,10 +32,41 @@ def recipes_cmd() -> None:
     console.print(t)
 
 
+DEMO_TEXT = "sample:austen_pp"  # packaged with lowbit (lowbit.data.sample_text)
+
+
+def demo_text(text: str | None) -> tuple[str, str]:
+    """``(body, label)`` of the text the demo scores: a packaged sample (``sample:NAME``, the
+    default :data:`DEMO_TEXT`; label: the sample's title from :func:`lowbit.data.sample_info`)
+    or a text file (label: its file name)."""
+    from lowbit.data import SAMPLE_PREFIX, read_text, sample_info
+
+    spec = DEMO_TEXT if text is None else text
+    if spec.startswith(SAMPLE_PREFIX):
+        return read_text(spec), sample_info(spec).title
+    return read_text(Path(spec)), Path(spec).name
+
+
+def demo_model_label() -> str:
+    """What the demo's FP32 model is, read from the packaged file's name: ``"SmolLM2-135M-
+    Instruct (FP32, dequantized from a 4-bit GGUF, Q4_1)"``."""
+    from lowbit.data.models import GGUF_NAME
+
+    name, qtype = Path(GGUF_NAME).stem.rsplit(".", 1)
+    return f"{name} (FP32, dequantized from a 4-bit GGUF, {qtype})"
+
+
+def demo_caption(model: str, text: str, windows: int, seq_len: int, all_tokens: bool) -> str:
+    """The line above the demo's table: which model, which text and which part of it
+    (``windows`` windows of ``seq_len`` tokens from the end of the text, or all of it)."""
+    part = "all of it" if all_tokens else "its end"
+    return (f"scored: {model} on {text} ({part}: {windows} windows x {seq_len} tokens)")
+
+
 @app.command("demo")
 def demo_cmd(
-    text: Optional[Path] = typer.Option(None, help="text file to measure perplexity on "
-                                        "(default: docstrings of the Python standard library)"),
+    text: Optional[str] = typer.Option(None, help="text file to measure perplexity on, or "
+                                       f"sample:NAME (default: {DEMO_TEXT}, packaged)"),
     recipe: str = typer.Option("int4-weight-only", help="recipe name or YAML file"),
     group_size: int = typer.Option(64, help="group size (the model's width 576 is not a "
                                    "multiple of 128)"),
@@ -47,13 +77,14 @@ def demo_cmd(
     import torch
 
     import lowbit
-    from lowbit.data import default_demo_text, load_model, read_text, tokenize
+    from lowbit.data import load_model, tokenize
     from lowbit.eval import perplexity
     from lowbit.eval.footprint import weight_footprint
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    try:
-        body = read_text(text) if text is not None else default_demo_text()
+    with one_line_errors("the demo"):
+        body, label = demo_text(text)
+        model_label = demo_model_label()
         t0 = time.perf_counter()
         with console.status("loading SmolLM2-135M-Instruct (converted and cached on first use)"):
             model, tok = load_model()
@@ -62,7 +93,8 @@ def demo_cmd(
         need = windows * seq_len
         if ids.numel() < seq_len:
             fail(f"text has {ids.numel()} tokens; need at least {seq_len}")
-        ids = ids[-need:] if ids.numel() >= need else ids
+        all_tokens = ids.numel() <= need
+        ids = ids if all_tokens else ids[-need:]
         before = weight_footprint(model)
         with console.status("perplexity before"):
             p0 = perplexity(model, ids, seq_len=seq_len, n_windows=windows)
@@ -73,10 +105,9 @@ def demo_cmd(
         after = weight_footprint(model)
         with console.status("perplexity after"):
             p1 = perplexity(model, ids, seq_len=seq_len, n_windows=windows)
-    except LowbitError as e:
-        fail(str(e))
-    t = Table(title=f"SmolLM2-135M, {recipe} (group {group_size}), "
-                    f"{p0['windows']} windows x {seq_len} tokens")
+    console.print(demo_caption(model_label, label, p0["windows"], seq_len, all_tokens),
+                  highlight=False, markup=False)
+    t = Table(title=f"{recipe} (group {group_size}) vs FP32")
     for c in ("", "weight memory (MB)", "bits/weight", "perplexity"):
         t.add_column(c, justify="right")
     t.add_row("FP32", f"{before['bytes'] / 1e6:.1f}", f"{before['bits_per_weight']:.2f}",

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lowbit.cli import app, console, fail, one_line_errors
-from lowbit.errors import LowbitError
+from lowbit.cli.export_cmd import ALLOW_REQUANTIZE, NO_VOCAB, export_options, gguf_options
 
 
 def _progress() -> Progress:
@@ -86,10 +86,12 @@ def quantize_cmd(
     format: str = typer.Option("lowbit", "--format", "-f",
                                help="lowbit | compressed-tensors | gguf | onnx"),
     force: bool = typer.Option(False, help="replace --out if it exists"),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help=ALLOW_REQUANTIZE),
+    no_vocab: bool = typer.Option(False, "--no-vocab", help=NO_VOCAB),
 ) -> None:
     """Quantize a model with a recipe (or --auto BITS) and write a checkpoint (exit 0 ok, 2 bad
-    input, 1 failure). Under ``torchrun --nproc-per-node N -m lowbit quantize ...`` each
-    process calibrates on its share of the windows (statistics all-reduced) and rank 0
+    input, 1 failure). Under torchrun (torchrun --nproc-per-node N -m lowbit quantize ...)
+    each process calibrates on its share of the windows (statistics all-reduced) and rank 0
     writes."""
     import lowbit
     from lowbit import recipes
@@ -101,6 +103,7 @@ def quantize_cmd(
         fail(f"output folder {out} exists; pass --force to replace it")
     if format not in exporter_names():
         fail(f"unknown --format {format!r}; expected one of: {', '.join(exporter_names())}")
+    gguf_opts = gguf_options(format, allow_requantize, no_vocab)
     if samples < 1 or seq_len < 2 or chunk_size < 1:
         fail("--samples and --chunk-size must be >= 1 and --seq-len >= 2")
     if (recipe is None) == (auto is None):
@@ -127,22 +130,18 @@ def quantize_cmd(
         over["kv_cache"] = kv_cache
     rec = None
     if recipe is not None:
-        try:
+        with one_line_errors("loading the recipe"):
             rec = recipes.load(recipe, **over)
-        except LowbitError as e:
-            fail(str(e))
         if calib is None and (rec.has_static_activations() or rec.algorithms):
             fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
-    try:
+    with one_line_errors("starting torch.distributed"):
         comm = init_from_env()
-    except LowbitError as e:
-        fail(str(e))
     if stream:
         _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, comm,
                          chunk_size)
     else:
         _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format, force,
-                            comm, auto, candidates, over, chunk_size)
+                            comm, auto, candidates, over, chunk_size, gguf_opts)
 
 
 def _calib_ids(tok, calib: Path, samples: int, seq_len: int):
@@ -152,7 +151,7 @@ def _calib_ids(tok, calib: Path, samples: int, seq_len: int):
 
 
 def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format, force, comm,
-                        auto, candidates, over, chunk_size) -> None:
+                        auto, candidates, over, chunk_size, gguf_opts) -> None:
     import torch
 
     from lowbit.eval.footprint import weight_footprint
@@ -194,10 +193,8 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
         after = weight_footprint(m)
         if comm.is_main:
             with console.status(f"writing {format} checkpoint to {out}"):
-                from lowbit.cli.export_cmd import export_options
-
-                save(m, out, format=format, overwrite=force,
-                     **export_options(m, tok, format, seq_len))
+                opts = {**export_options(m, tok, format, seq_len), **gguf_opts}
+                save(m, out, format=format, overwrite=force, **opts)
                 if auto_report is not None:
                     from lowbit import recipes
 
@@ -325,7 +322,7 @@ def eval_cmd(
     _check_model_path(model)
     if baseline is not None:
         _check_model_path(baseline)
-    try:
+    with one_line_errors("evaluation"):
         m, tok = _load(model)
         ctx = _max_ctx(m)
         if ctx and seq_len > ctx:
@@ -340,8 +337,6 @@ def eval_cmd(
             return
         b, _ = _load(baseline)
         r = compare(m, b, ids, seq_len=seq_len, n_windows=windows)
-    except LowbitError as e:
-        fail(str(e))
     t = Table(title=f"{model} vs {baseline}")
     for k in r:
         t.add_column(k, justify="right")
@@ -375,7 +370,7 @@ def report_cmd(
     _check_model_path(model)
     if out.exists() and not force:
         fail(f"{out} exists; pass --force to replace it")
-    try:
+    with one_line_errors("the report"):
         rec = recipes.load(recipe, **({"group_size": group_size} if group_size else {}))
         m, tok = _load(model)
         ctx = _max_ctx(m)
@@ -416,6 +411,4 @@ def report_cmd(
         with console.status("plotting"):
             page = build_report(m, inputs, summary, f"lowbit report: {rec.name}", raw)
         write_report(out, page)
-    except LowbitError as e:
-        fail(str(e))
     console.print(f"wrote {out} (perplexity {p0['ppl']:.2f} -> {p1['ppl']:.2f})")
