@@ -51,7 +51,7 @@ def test_estimate_reads_config(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["estimate", "--params", "7X"], "expected a number like 70B"),
     (["estimate", "no-such-model"], "unknown model 'no-such-model'"),
-    (["estimate"], "give a MODEL"),
+    (["estimate"], "give a parameter count like 70B, a MODEL"),
     (["recommend", "--goal", "fastest"], "unknown goal 'fastest'"),
 ])
 def test_bad_input_exits_2_with_one_line(args, msg):
