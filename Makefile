@@ -29,6 +29,60 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not external" $(PYTEST_ARGS)
 
+# `make test-oldest`: the floors pyproject.toml declares, pinned with == in
+# constraints-oldest.txt, in two venvs; the installed versions are printed first and a test
+# checks that they are the pins.
+# - .venv-oldest: torch's floor and every other floor but compressed-tensors; runs the
+#   export, core, formats and nn tests (the compressed-tensors tests skip there);
+# - .venv-oldest-ct: compressed-tensors' floor, which needs torch >= 2.10, so torch there is
+#   TORCH_OLDEST_CT (default: the 2.13.0 CPU wheel in /opt/wheels); runs its tests.
+# torch's floor comes from PyPI, a CUDA build: ~2.9 GB with its nvidia-* wheels, 5-11 min
+# to download and install on this machine, once. TORCH_OLDEST=torch==2.13.0 avoids that
+# download, but then torch's floor is not what runs.
+VENV_OLDEST ?= .venv-oldest
+VENV_OLDEST_CT ?= .venv-oldest-ct
+TORCH_OLDEST ?= $(shell grep -m1 '^torch==' constraints-oldest.txt)
+TORCH_OLDEST_CT ?= torch==2.13.0
+OLDEST_TESTS ?= tests/export tests/core tests/formats tests/nn
+OLDEST_CT_TESTS ?= tests/export/test_compressed_tensors.py tests/export/test_ct_schema.py \
+	tests/export/test_floors.py
+PRINT_PINS = import sys, importlib.metadata as m; \
+	names = [l.split('==')[0] for l in open(sys.argv[1]) if '==' in l and l[0] != '\#']; \
+	print('\n'.join(f'  {n}=={m.version(n)}' for n in names))
+
+.PHONY: test-oldest
+
+$(VENV_OLDEST)/.lowbit-installed: pyproject.toml constraints-oldest.txt Makefile
+	@test -x $(VENV_OLDEST)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST)
+	@echo '*' > $(VENV_OLDEST)/.gitignore
+	@{ grep -vE '^(torch|compressed-tensors)==' constraints-oldest.txt; \
+		echo "$(TORCH_OLDEST)"; } > $(VENV_OLDEST)/constraints.txt
+	$(VENV_OLDEST)/bin/python -m pip install -q -c $(VENV_OLDEST)/constraints.txt "$(TORCH_OLDEST)"
+	$(VENV_OLDEST)/bin/python -m pip install -q -c $(VENV_OLDEST)/constraints.txt -e ".[test,onnx]"
+	@$(VENV_OLDEST)/bin/python -m pip uninstall -q -y compressed-tensors 2>/dev/null || true
+	@touch $@
+
+$(VENV_OLDEST_CT)/.lowbit-installed: pyproject.toml constraints-oldest.txt Makefile
+	@test -x $(VENV_OLDEST_CT)/bin/python || $(PYTHON) -m venv $(VENV_OLDEST_CT)
+	@echo '*' > $(VENV_OLDEST_CT)/.gitignore
+	@{ grep -vE '^torch==' constraints-oldest.txt; echo "$(TORCH_OLDEST_CT)"; } \
+		> $(VENV_OLDEST_CT)/constraints.txt
+	$(VENV_OLDEST_CT)/bin/python -m pip install -q -c $(VENV_OLDEST_CT)/constraints.txt \
+		"$(TORCH_OLDEST_CT)"
+	$(VENV_OLDEST_CT)/bin/python -m pip install -q -c $(VENV_OLDEST_CT)/constraints.txt \
+		-e ".[test,engines]"
+	@touch $@
+
+test-oldest: $(VENV_OLDEST)/.lowbit-installed $(VENV_OLDEST_CT)/.lowbit-installed
+	@echo "$(VENV_OLDEST):" && $(VENV_OLDEST)/bin/python -c "$(PRINT_PINS)" \
+		$(VENV_OLDEST)/constraints.txt
+	@echo "$(VENV_OLDEST_CT):" && $(VENV_OLDEST_CT)/bin/python -c "$(PRINT_PINS)" \
+		$(VENV_OLDEST_CT)/constraints.txt
+	LOWBIT_OLDEST=$(VENV_OLDEST)/constraints.txt $(VENV_OLDEST)/bin/python -m pytest \
+		-m "not slow" $(OLDEST_TESTS) $(PYTEST_ARGS)
+	LOWBIT_OLDEST=$(VENV_OLDEST_CT)/constraints.txt $(VENV_OLDEST_CT)/bin/python -m pytest \
+		-m "not slow" $(OLDEST_CT_TESTS) $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	$(VENV)/bin/lowbit formats
 	$(VENV)/bin/lowbit demo $(DEMO_ARGS)

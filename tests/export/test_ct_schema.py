@@ -159,8 +159,10 @@ def _export(recipe, kw, path):
 @pytest.mark.parametrize("recipe,kw", RECIPES,
                          ids=[r if isinstance(r, str) else r["name"] for r, _ in RECIPES])
 def test_every_config_lowbit_writes_validates(recipe, kw, tmp_path):
-    """The library parses the config and dumps it back unchanged; every tensor name is one
-    the library registers; without the library the same config and tensors are written."""
+    """The library parses the config and dumps it back unchanged; each layer's weight
+    tensors are the ones its compressor stores, every other name one the library registers;
+    without the library the same config and tensors are written."""
+    from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationMetadata
 
     q, sd = _export(recipe, kw, tmp_path / "lib")
@@ -170,16 +172,24 @@ def test_every_config_lowbit_writes_validates(recipe, kw, tmp_path):
     parsed = QuantizationConfig.model_validate(body)
     assert parsed.quantization_status == QuantizationStatus.COMPRESSED
     assert parsed.model_dump(mode="json", exclude={"quant_method"}) == body
-    for g in parsed.config_groups.values():
-        assert g.format in {f.value for f in CompressionFormat}
-    qparams = set(QuantizationMetadata.all_qparam_names()) | {"weight", "weight_packed"}
-    quantized = {n for n, mod in build("llama").named_modules()
-                 if isinstance(mod, torch.nn.Linear)} - set(q["ignore"])
-    attn = {f"model.layers.{i}.self_attn" for i in range(2)}
+    linears = {n for n, mod in build("llama").named_modules()
+               if isinstance(mod, torch.nn.Linear)}
+    leaves: dict[str, set] = {}
     for name in sd:
         mod, _, leaf = name.rpartition(".")
-        if mod in quantized or (mod in attn and leaf.endswith("_scale")):
-            assert leaf in qparams, name
+        leaves.setdefault(mod, set()).add(leaf)
+    qparams = set(QuantizationMetadata.all_qparam_names())
+    for g in parsed.config_groups.values():
+        fmt = CompressionFormat(g.format).value
+        want = {n for n in BaseCompressor.get_value_from_registry(fmt).compression_param_names(g)
+                if n.startswith("weight")}
+        mods = linears - set(q["ignore"]) if g.targets == ["Linear"] else set(g.targets)
+        for mod in mods:
+            assert {n for n in leaves[mod] if n.startswith("weight")} == want, (mod, fmt)
+            assert {n for n in leaves[mod] if not n.startswith("weight")} <= qparams | {"bias"}
+    attn = {f"model.layers.{i}.self_attn" for i in range(2)}
+    for a in attn & set(leaves):
+        assert leaves[a] <= qparams, a
     if q["kv_cache_scheme"] is not None:  # the names compressed-tensors and vLLM read
         for a in attn:
             assert f"{a}.{KVCacheScaleType.KEY.value}" in sd
@@ -193,3 +203,23 @@ def test_every_config_lowbit_writes_validates(recipe, kw, tmp_path):
     assert QuantizationConfig.model_validate(body2).model_dump(
         mode="json", exclude={"quant_method"}) == body
     assert sd2.keys() == sd.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_a_release_that_packs_differently_is_refused(monkeypatch, tmp_path):
+    """A compressed-tensors that packs 3-bit codes otherwise (0.15-0.17 put whole codes in
+    each int32) would misread lowbit's weights: the export refuses instead."""
+    from compressed_tensors.compressors.pack_quantized import helpers
+
+    from lowbit.errors import ConfigError
+
+    m = build("llama")
+    lowbit.quantize(m, {"name": "int3", "targets": [{"pattern": "*", "weight": {
+        "format": "int3", "granularity": "channel"}}]})
+    monkeypatch.setattr(helpers, "pack_to_int32", lambda v, bits, packed_dim=1: v[..., :1])
+    ct_schema._packs_like.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="packs 3-bit codes per int32 word"):
+            lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    finally:
+        ct_schema._packs_like.cache_clear()
+    assert not (tmp_path / "ct").exists()

@@ -228,6 +228,7 @@ def _weight_tensors(prefix: str, qt: QTensor, fmt: str, dtype: torch.dtype,
         nat = nat.reshape(1)
     if fmt == "pack-quantized":
         bits = spec.element_format.bits
+        ct_schema.check_int32_packing(bits, pack_int32, prefix)
         out["weight_packed"] = packed_to_int32(qt.packed_codes(), bits, qt.shape[-1])
         out["weight_shape"] = torch.tensor(list(qt.shape), dtype=torch.int64)
         out["weight_scale"] = _exact_cast(nat, dtype, inexact, f"{prefix}.weight_scale")

@@ -92,6 +92,33 @@ def kv_scale_names() -> tuple[str, str]:
     return KVCacheScaleType.KEY.value, KVCacheScaleType.VALUE.value
 
 
+@functools.cache
+def _packs_like(bits: int, ours) -> bool:
+    import torch
+
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    except ImportError:  # moved: tests/export/test_compressed_tensors.py imports it
+        return True
+    g = torch.Generator().manual_seed(bits)
+    probe = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (3, 67), generator=g,
+                          dtype=torch.int8)
+    return torch.equal(pack_to_int32(probe, bits), ours(probe, bits))
+
+
+def check_int32_packing(bits: int, ours, where: str) -> None:
+    """ConfigError when the installed compressed-tensors packs ``bits``-bit codes into its
+    int32 words differently from ``ours`` (lowbit's packer, the dense layout of
+    compressed-tensors >= 0.18; 0.15-0.17 put whole codes in each word for 3/5/6/7 bits):
+    a checkpoint that release would misread is never written."""
+    ct = library()
+    if ct is not None and not _packs_like(bits, ours):
+        raise ConfigError(f"{where}: compressed-tensors {ct.__version__} packs {bits}-bit "
+                          "codes per int32 word, not densely as compressed-tensors >= 0.18 "
+                          "reads them; upgrade compressed-tensors (pip install -U "
+                          "'compressed-tensors>=0.18') or use 2, 4 or 8 bits")
+
+
 def _library_error(where: str, e: Exception) -> ConfigError:
     first = str(e).strip().splitlines()
     detail = "; ".join(line.strip() for line in first[:3])
