@@ -9,11 +9,14 @@ random vector (and its bias to zeros, then to a random vector), and checks that 
 is ``n * (offset + w) + b`` per channel with ``offset`` 0 or 1. Anything else is refused
 with a :class:`~lowbit.errors.ConfigError` naming the module and its class.
 
-The probe costs three or four calls of the norm on a ``[1, 5, C]`` input, so nothing is
-cached: a class whose behaviour depends on its configuration is measured each time.
+The probe costs three or four calls of the norm on a ``[1, 5, C]`` input (its real input
+only when it needs more than ``x``, as a gated RMSNorm does), so nothing is cached: a class
+whose behaviour depends on its configuration is measured each time.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,18 +41,61 @@ def _label(norm: nn.Module, name: str | None) -> str:
     return f"norm {name or '(unnamed)'} ({type(norm).__name__})"
 
 
+class _CannotRun(Exception):
+    """The norm failed on the probe input (the exception is the cause)."""
+
+
+def _responses(norm: nn.Module, label: str, args: tuple, kwargs: dict, r: torch.Tensor):
+    """The norm's outputs (float32) with weight 0, 1, ``r`` (bias 0) and weight 0, bias
+    ``r``; the weight and bias are restored. Also ``r`` as the weight and bias hold it."""
+    w, b = norm.weight, getattr(norm, "bias", None)
+    c = w.numel()
+    saved_w = w.detach().clone()
+    saved_b = b.detach().clone() if b is not None else None
+
+    def run(wv, bv=None):
+        w.copy_(wv)
+        if b is not None:
+            b.copy_(torch.zeros_like(b) if bv is None else bv)
+        try:
+            y = _first(norm(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - any failure of a foreign module is reported
+            raise _CannotRun() from e
+        if not torch.is_tensor(y) or y.dim() == 0 or y.shape[-1] != c:
+            shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ConfigError(f"{label}: its output {shape} does not end with its weight's "
+                              f"{c} channels: per-channel scales cannot be folded into it")
+        return y.float()
+
+    try:
+        y0 = run(torch.zeros_like(w))
+        y1 = run(torch.ones_like(w))
+        yr = run(r)
+        r_w = w.float().clone()  # r as the weight's dtype holds it
+        yb = run(torch.zeros_like(w), r) if b is not None else None
+        r_b = b.float().clone() if b is not None else None
+    finally:
+        w.copy_(saved_w)
+        if b is not None:
+            b.copy_(saved_b)
+    return y0, y1, yr, r_w, yb, r_b
+
+
 @torch.no_grad()
-def norm_kind(norm: nn.Module, inputs: tuple[tuple, dict] | None = None,
+def norm_kind(norm: nn.Module,
+              inputs: "tuple[tuple, dict] | Callable[[], tuple[tuple, dict]] | None" = None,
               name: str | None = None) -> str:
     """``"w"`` or ``"1+w"``: how ``norm`` scales its normalised input, by behaviour.
 
-    ``inputs``: ``(args, kwargs)`` of a real call (needed for norms with more inputs than
-    ``x``, such as a gated RMSNorm); default: a seeded ``[1, 5, C]`` input in the weight's
-    dtype. ``name``: the module's name, for errors. The weight (and bias) are restored.
+    The norm runs on a seeded ``[1, 5, C]`` input in its weight's dtype, or on ``inputs``
+    ``(args, kwargs)`` when given as such. ``inputs`` may also be a callable returning
+    them (e.g. capturing the norm's real inputs): it is called only when the module cannot
+    run on the probe input alone (a gated RMSNorm needs its gate). ``name``: the module's
+    name, for errors. The weight (and bias) are restored.
 
     Raises :class:`ConfigError` when the module has no per-channel weight ``[C]``, cannot
-    be run on the input, or whose output is not ``n * (offset + w) + b`` per channel with
-    ``offset`` 0 or 1.
+    be run, or whose output is not ``n * (offset + w) + b`` per channel with ``offset`` 0
+    or 1.
     """
     label = _label(norm, name)
     w = getattr(norm, "weight", None)
@@ -62,42 +108,21 @@ def norm_kind(norm: nn.Module, inputs: tuple[tuple, dict] | None = None,
         raise ConfigError(f"{label}: bias of shape {tuple(getattr(b, 'shape', ()))} does not "
                           f"match its weight [{c}]: per-channel scales cannot be folded into it")
     g = torch.Generator().manual_seed(0)
-    if inputs is None:
-        args, kwargs = (torch.randn(1, 5, c, generator=g).to(w.device, w.dtype),), {}
-    else:
-        args, kwargs = inputs
+    x = torch.randn(1, 5, c, generator=g).to(w.device, w.dtype)
     r = (torch.rand(c, generator=g) + 0.5).to(w.device)
-    saved_w = w.detach().clone()
-    saved_b = b.detach().clone() if b is not None else None
-
-    def run(wv, bv=None):
-        w.copy_(wv)
-        if b is not None:
-            b.copy_(torch.zeros_like(b) if bv is None else bv)
-        y = _first(norm(*args, **kwargs))
-        if not torch.is_tensor(y) or y.dim() == 0 or y.shape[-1] != c:
-            shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
-            raise ConfigError(f"{label}: its output {shape} does not end with its weight's "
-                              f"{c} channels: per-channel scales cannot be folded into it")
-        return y.float()
-
-    try:
+    tries = [inputs] if isinstance(inputs, tuple) else \
+        [((x,), {})] + ([inputs] if inputs is not None else [])
+    for i, got in enumerate(tries):
         try:
-            y0 = run(torch.zeros_like(w))
-            y1 = run(torch.ones_like(w))
-            yr = run(r)
-            r_w = w.float().clone()  # r as the weight's dtype holds it
-            yb = run(torch.zeros_like(w), r) if b is not None else None
-            r_b = b.float().clone() if b is not None else None
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure of a foreign module is reported
-            raise ConfigError(f"{label} could not be run on a probe input to tell whether it "
-                              f"scales by w or 1+w ({type(e).__name__}: {e})") from None
-    finally:
-        w.copy_(saved_w)
-        if b is not None:
-            b.copy_(saved_b)
+            args, kwargs = got() if callable(got) else got
+            y0, y1, yr, r_w, yb, r_b = _responses(norm, label, args, kwargs, r)
+            break
+        except _CannotRun as e:
+            if i + 1 == len(tries):
+                cause = e.__cause__
+                raise ConfigError(f"{label} could not be run on a probe input to tell whether "
+                                  f"it scales by w or 1+w ({type(cause).__name__}: {cause})") \
+                    from None
     n = y1 - y0
     unit = float(n.norm())
     tol = probe_tolerance(w.dtype)

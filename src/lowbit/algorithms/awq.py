@@ -59,7 +59,10 @@ def awq_search(block, group, probe: GroupProbe, xmean: torch.Tensor, grid: int =
     """Search and (``fold``) apply the AWQ scales of one group.
 
     Returns ``(alpha, s, losses)``; ``alpha`` is None (and nothing is folded) when no
-    candidate beats the unscaled weights.
+    candidate beats the unscaled weights. ``fold`` uses
+    :func:`~lowbit.algorithms.smoothing.fold_scales` (the norm's kind is measured, the
+    block's function is not checked); the pipeline passes ``fold=False`` and folds through
+    ``BlockContext.fold``, which checks it.
     """
     # grouped-query v_proj -> o_proj: channels sharing a value channel share one scale
     wmean = group.tie(group_weight_mean(block, group), "mean") if duo_scaling else None

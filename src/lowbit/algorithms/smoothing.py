@@ -12,15 +12,12 @@ q/k/v, ``mlp`` for gate/up, or the linears themselves) is compared with its full
 output on sampled inputs.
 
 Whether a norm scales by ``w`` or ``1 + w`` is measured by running it
-(:func:`lowbit.adapters.norm_kind`), never guessed. :class:`FoldCheck` makes every fold
-prove it: the block's float output (every quantizer off) on a few captured calls, before
-and after the fold, must agree within :func:`fold_tolerance`, or the fold is undone and a
-:class:`~lowbit.errors.CalibrationError` names the block, the group and the error.
+(:func:`lowbit.adapters.norm_kind`), never guessed; :class:`lowbit.algorithms.foldcheck.FoldCheck`
+makes the folds prove that the block's float function is unchanged.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Callable
 
@@ -29,9 +26,8 @@ from torch import nn
 
 from lowbit.adapters import NORM_KINDS, InputGroup, norm_kind
 from lowbit.core import QuantSpec, fake_quant
-from lowbit.errors import CalibrationError, ConfigError
+from lowbit.errors import ConfigError
 from lowbit.nn.modules import QuantMixin
-from lowbit.nn.utils import quantizers
 
 
 def weight_2d(m: nn.Module) -> torch.Tensor:
@@ -64,7 +60,7 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
     clip search or GPTQ) are dropped, since they described the old weights. With a
     ``channel_map`` (grouped-query attention), ``s`` must be equal on tied channels
     (:meth:`InputGroup.tie`). Nothing checks the block's function here: see
-    :class:`FoldCheck`.
+    :class:`lowbit.algorithms.foldcheck.FoldCheck`.
     """
     prev = block.get_submodule(group.prev)
     s = s.detach().float().to(weight_2d(block.get_submodule(group.linears[0])).device)
@@ -96,115 +92,6 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
         w2 = weight_2d(m)
         w2.copy_((w2.float() * s[None, :]).to(w2.dtype))
         _touch(m)
-
-
-def fold_tolerance(dtype: torch.dtype) -> float:
-    """Largest relative error of a block's float output that a fold may cause when the block
-    computes in ``dtype``: 1e-4 (float32/64), 4e-3 (float16), 3e-2 (bfloat16): rounding of
-    the rescaled weights, far below what a wrong fold does (tens of percent)."""
-    return {torch.float16: 4e-3, torch.bfloat16: 3e-2}.get(dtype, 1e-4)
-
-
-def describe(group: InputGroup) -> str:
-    """``prev -> linear, linear`` (for messages)."""
-    return f"{group.prev} -> {', '.join(group.linears)}"
-
-
-class FoldCheck:
-    """A block's float function on captured calls, to check that folds keep it.
-
-    ``calls``: ``[(args, kwargs)]`` of the block (a small sample of its captured inputs).
-    The reference outputs (float32 copies: a fixed-size sample, like the statistics'
-    token samples) are computed at construction with every enabled quantizer of the block
-    off; :meth:`fold` folds one group and compares, one call at a time. ``name``: the block's name, for
-    errors. ``tol``: relative error allowed (None: :func:`fold_tolerance` of the block's
-    dtype). ``reduce``: sums a float over data-parallel ranks (e.g.
-    ``ctx.comm.sum_float``), so that every rank takes the same decision.
-    """
-
-    def __init__(self, block: nn.Module, calls: list[tuple[tuple, dict]], name: str = "block",
-                 tol: float | None = None, reduce: Callable[[float], float] | None = None):
-        self.block, self.calls, self.name, self.reduce = block, calls, name, reduce
-        p = next(block.parameters(), None)
-        self.tol = fold_tolerance(p.dtype if p is not None else torch.float32) \
-            if tol is None else float(tol)
-        self.ref = list(self._outputs())
-        self.ref_sq = self._sum(sum(float(r.double().square().sum()) for r in self.ref))
-
-    def _sum(self, v: float) -> float:
-        return float(v) if self.reduce is None else float(self.reduce(float(v)))
-
-    @contextmanager
-    def _float(self):
-        qs = [q for _, q in quantizers(self.block) if q.is_enabled]
-        for q in qs:
-            q.disable()
-        try:
-            yield
-        finally:
-            for q in qs:
-                q.enable()
-
-    @torch.no_grad()
-    def _outputs(self):
-        """The block's float outputs, one call at a time (float32 copies)."""
-        with self._float():
-            for a, k in self.calls:
-                yield _first(self.block(*a, **k)).float().clone()
-
-    def error(self) -> float:
-        """Relative error ``||y - y_ref|| / ||y_ref||`` of the block's float output now
-        (over all calls, and all ranks with ``reduce``)."""
-        d = self._sum(sum(float((o.double() - r.double()).square().sum())
-                          for o, r in zip(self._outputs(), self.ref)))
-        return math.sqrt(d / self.ref_sq) if self.ref_sq > 0 else math.sqrt(d)
-
-    def fold(self, group: InputGroup, s: torch.Tensor,
-             norm_inputs: tuple[tuple, dict] | None = None, what: str = "per-channel",
-             tol: float | None = None) -> float:
-        """:func:`fold_scales` of ``group``, checked; returns the relative error measured.
-
-        When the error exceeds ``tol`` (default: this check's), the group's modules are put
-        back as they were (weights, biases, fixed weight scales) and a
-        :class:`CalibrationError` names the block, ``what`` (``"smoothquant"``, ``"awq"``),
-        the group and the error. NaN counts as an error.
-        """
-        tol = self.tol if tol is None else float(tol)
-        saved = save_modules(self.block, [group.prev, *group.linears])
-        fold_scales(self.block, group, s, norm_inputs)
-        err = self.error()
-        if not err <= tol:
-            restore_modules(self.block, saved)
-            raise CalibrationError(
-                f"block {self.name}: folding {what} scales into {describe(group)} changed the "
-                f"block's float function (relative error {err:.3g} > {tol:.3g} on the captured "
-                "inputs); its weights were put back")
-        return err
-
-
-def save_modules(block: nn.Module, names: list[str]) -> dict:
-    """Parameters and fixed weight scales of the named submodules, for :func:`restore_modules`."""
-    out = {}
-    for n in names:
-        m = block.get_submodule(n)
-        q = getattr(m, "weight_quantizer", None) if isinstance(m, QuantMixin) else None
-        out[n] = ({k: p.detach().clone() for k, p in m.named_parameters(recurse=False)},
-                  None if q is None else (q.scale, q.zero_point, q.global_scale))
-    return out
-
-
-@torch.no_grad()
-def restore_modules(block: nn.Module, saved: dict) -> None:
-    """Put back what :func:`save_modules` saved."""
-    for n, (params, scales) in saved.items():
-        m = block.get_submodule(n)
-        for k, p in m.named_parameters(recurse=False):
-            p.copy_(params[k])
-        if scales is not None:
-            q = m.weight_quantizer
-            q.scale, q.zero_point, q.global_scale = scales
-        if isinstance(m, QuantMixin):
-            m.invalidate_weight_cache()
 
 
 def capture_inputs(block: nn.Module, names: list[str], run) -> dict[str, list[torch.Tensor]]:

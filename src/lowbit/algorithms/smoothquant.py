@@ -41,6 +41,9 @@ def smooth_group(block, group: InputGroup, xmax: torch.Tensor, alpha: float = 0.
 
     With ``probe`` and ``grid``, every alpha of the grid is scored (and ``alpha`` itself, so
     that the search never does worse than the fixed value) and the best is folded.
+    ``fold`` uses :func:`~lowbit.algorithms.smoothing.fold_scales` (the norm's kind is
+    measured, the block's function is not checked); the pipeline passes ``fold=False`` and
+    folds through ``BlockContext.fold``, which checks it.
     """
     # grouped-query v_proj -> o_proj: channels sharing a value channel share one scale
     wmax = group.tie(group_weight_max(block, group), "amax")

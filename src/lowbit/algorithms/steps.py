@@ -14,7 +14,7 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   from the statistics SmoothQuant already has, so the block needs no calibration pass);
   ``fold_tol`` None (every fold must keep the block's float output within this relative
   error on its captured inputs, else it is undone and refused with a
-  :class:`~lowbit.errors.CalibrationError`; None: 1e-4 in float32, 4e-3 in float16, 3e-2 in
+  :class:`~lowbit.errors.CalibrationError`; None: 1e-4 in float32, 5e-3 in float16, 5e-2 in
   bfloat16, see :func:`lowbit.algorithms.smoothing.fold_tolerance`).
 * ``awq``: ``grid`` 20; ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
   ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
@@ -155,6 +155,7 @@ def awq_step(ctx, args: dict) -> None:
         before = _block_error(ctx, sample, ref)
         saved = ctx.snapshot()
     _awq(ctx, args, groups, stats, sample)
+    ctx.verify_folds()  # a fold that broke the float function is refused, not reverted below
     if saved is not None:
         after = _block_error(ctx, sample, ref)
         ctx.info["awq_guard"] = [round(before, 6), round(after, 6)]

@@ -107,9 +107,8 @@ class BlockContext:
     Steps combine their own statistics through ``ctx.comm`` (``sum_``, ``max_``,
     ``sum_float``...); :meth:`linear_stats` and :meth:`sample` are already global.
     ``low_memory``: after every :meth:`run`, drop the cached fake-quantized weights and give
-    freed heap pages back to the system (:func:`trim_heap`).
-
-    Every scale folded through :meth:`fold` is checked to keep the block's float function.
+    freed heap pages back to the system (:func:`trim_heap`). Folds through :meth:`fold` are
+    checked to keep the block's float function.
     """
 
     fold_check_tokens = 256
@@ -135,7 +134,6 @@ class BlockContext:
         self.low_memory = low_memory
         self._stats: dict[str, LinearStats] | None = None
         self._fold_check = None  # see fold()
-        self._norm_inputs: dict[str, tuple[tuple, dict]] = {}
 
     def global_layout(self) -> list[tuple[int, int]]:
         """``(samples, tokens)`` of every chunk of every rank, in global order."""
@@ -312,20 +310,14 @@ class BlockContext:
             st[2] = comm.sum_int(st[2])
             st[3] = [comm.gather_cat(torch.cat(st[3]))]
 
-    def fold(self, group, s: torch.Tensor, what: str = "per-channel", tol: float | None = None) \
-            -> float:
-        """Fold ``s`` into ``group`` (see :func:`lowbit.algorithms.smoothing.fold_scales`),
-        checked, and update the statistics of its linears' inputs; returns the relative error
-        of the block's float output that the fold caused.
-
-        The check (:class:`lowbit.algorithms.smoothing.FoldCheck`) compares the block's
-        float output on about :attr:`fold_check_tokens` tokens of its inputs with the output
-        before the first fold of the current step; a fold that changes it by more than
-        ``tol`` (None: by the block's dtype) is undone and raises
-        :class:`~lowbit.errors.CalibrationError` naming the block, ``what`` and the group.
-        A norm ``prev`` is probed on its own captured input to tell ``w`` from ``1 + w``.
-        """
-        from lowbit.algorithms.smoothing import FoldCheck
+    def fold(self, group, s: torch.Tensor, what: str = "per-channel",
+             tol: float | None = None) -> None:
+        """Fold ``s`` into ``group`` (:func:`lowbit.algorithms.smoothing.fold_scales`; a norm
+        that cannot run on a probe input alone is probed on its captured input) and rescale
+        the statistics. Checked by :meth:`verify_folds`, which the runner calls after every
+        step: the block's float output on :attr:`fold_check_tokens` tokens must stay within
+        ``tol`` (None: by dtype) of the output before the step's first fold."""
+        from lowbit.algorithms.foldcheck import FoldCheck
 
         if self._fold_check is None:
             calls = [self.call(c) for c in self.sample(self.fold_check_tokens)]
@@ -333,24 +325,31 @@ class BlockContext:
                                          reduce=self.comm.sum_float)
         norm_inputs = None
         if group.prev_kind == "norm":
-            if group.prev not in self._norm_inputs:
-                got = self.capture([group.prev], [self.chunks[0].head(1)])[group.prev]
+            def norm_inputs(prev=group.prev):
+                got = self.capture([prev], [self.chunks[0].head(1)])[prev]
                 if not got:
-                    raise CalibrationError(f"block {self.name}: norm {group.prev} was never "
-                                           "called on the captured inputs; nothing can be "
-                                           "folded into it")
-                self._norm_inputs[group.prev] = got[0]
-            norm_inputs = self._norm_inputs[group.prev]
-        err = self._fold_check.fold(group, s, norm_inputs, what=what, tol=tol)
+                    raise CalibrationError(f"block {self.name}: norm {prev} was never called "
+                                           "on the captured inputs; nothing can be folded "
+                                           "into it")
+                return got[0]
+        self._fold_check.fold(group, s, norm_inputs, what=what, tol=tol, check=False)
         if self._stats is not None:
             for n in group.linears:
                 if n in self._stats:
                     self._stats[n].rescale(s)
+
+    def verify_folds(self) -> float | None:
+        """Check the folds since the last check (:meth:`FoldCheck.verify
+        <lowbit.algorithms.foldcheck.FoldCheck.verify>`); returns the relative error (the
+        block's largest goes to ``info["fold_error"]``), None without folds."""
+        if self._fold_check is None or not self._fold_check.pending:
+            return None
+        err = self._fold_check.verify()
+        self.info["fold_error"] = max(self.info.get("fold_error", 0.0), float(f"{err:.3g}"))
         return err
 
     def new_step(self) -> None:
-        """Forget the float reference of the fold check (a step may change the float
-        weights, e.g. GPTQ; the next fold takes a new reference)."""
+        """Drop the fold check's reference (a step may change float weights, e.g. GPTQ)."""
         self._fold_check = None
 
     def snapshot(self) -> dict:
@@ -387,7 +386,6 @@ class BlockContext:
         """Drop the statistics (and the fold check's reference outputs)."""
         self._stats = None
         self._fold_check = None
-        self._norm_inputs.clear()
 
 
 def sample_plan(layout: list[tuple[int, int]], max_tokens: int) \
@@ -526,6 +524,7 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
             ctx.targets = step[2] if len(step) > 2 else None
             ctx.new_step()
             fn(ctx, dict(args))
+            ctx.verify_folds()
     finally:
         for q in waiting:
             q.enable()
