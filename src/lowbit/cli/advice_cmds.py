@@ -13,14 +13,15 @@ from lowbit.cli import app, console, fail, one_line_errors
 GOALS = {
     "training-speed": ("FP8 training (E4M3 forward, E5M2 gradients, delayed scaling)",
                        "fp8 (training: lowbit.training.fp8_autocast)",
-                       "Native FP8 tensor cores on Hopper-class GPUs, ~2x over BF16 with "
-                       "minimal accuracy loss."),
+                       "FP8 tensor cores on Hopper-class GPUs (NVIDIA's figure: about twice "
+                       "BF16's throughput; lowbit's FP8 path has not yet run on a GPU)."),
     "inference-int8": ("SmoothQuant + W8A8 INT8", "int8-smoothquant",
                        "Best W8A8 accuracy: moves activation outliers into the weights; INT8 "
                        "kernels are everywhere (CPU included)."),
     "inference-int4-quality": ("AWQ or GPTQ, INT4 weights (group 128, or 64 when the width "
                                "needs it)", "int4-gptq / int4-awq",
-                               "Near-lossless 4-bit weights using calibration data; GPTQ is "
+                               "The best 4-bit weights lowbit makes, from calibration data "
+                               "(still a measurable loss: see docs/algorithms.md); GPTQ is "
                                "slower to calibrate and sometimes more accurate."),
     "inference-int4-speed": ("AWQ, INT4 weights", "int4-awq",
                              "Faster calibration than GPTQ and good engine support "
@@ -119,8 +120,9 @@ def recommend_cmd(
     samples: int = typer.Option(8, help="calibration windows"),
     windows: int = typer.Option(4, help="perplexity windows"),
     seq_len: int = typer.Option(512, help="tokens per window"),
-    group_size: int = typer.Option(128, help="group size for grouped recipes (falls back to "
-                                   "a divisor of the width when needed)"),
+    group_size: Optional[int] = typer.Option(
+        None, help="group size for grouped recipes, which must divide every layer's width "
+        "(default: each recipe's own, with a divisor of the width where it does not)"),
 ) -> None:
     """Which method to use for a goal and why; with --model/--text, measure and pick."""
     if model is None:
@@ -164,7 +166,8 @@ def recommend_cmd(
         for n in names:
             with console.status(f"measuring {n}"):
                 m = copy.deepcopy(base)
-                lowbit.quantize(m, n, forward_loop=loop, group_size=group_size)
+                over = {} if group_size is None else {"group_size": group_size}
+                lowbit.quantize(m, n, forward_loop=loop, **over)
                 size = weight_footprint(m)["bytes"] / 1e9
                 p = perplexity(m, ev, seq_len=seq_len, n_windows=windows)["ppl"]
             rows.append((n, size, p))

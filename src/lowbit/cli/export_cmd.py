@@ -33,7 +33,8 @@ def gguf_options(format: str, allow_requantize: bool, no_vocab: bool) -> dict:
 def export_options(model, tok, format: str, seq_len: int = 16) -> dict:
     """Exporter options the command line gives for ``format`` (before gguf_options).
 
-    ONNX traces the model: it gets an example input_ids of shape [2, min(seq_len, 16)] (token
+    ONNX traces the model (and saves the tokenizer beside model.onnx): it gets an example
+    input_ids of shape [2, min(seq_len, 16)] (token
     ids of a short text when a tokenizer is there, else zeros; batch 2, since torch.export
     fixes an axis it sees at size 1), use_cache=False, and the batch and sequence axes marked
     dynamic, so the file runs at any batch (<= 64) and length (<= 4096).
@@ -56,6 +57,7 @@ def export_options(model, tok, format: str, seq_len: int = 16) -> dict:
 
         axes = {0: Dim("batch", max=64), 1: Dim("seq", max=4096)}
         return {"example_inputs": (ids,), "example_kwargs": {"use_cache": False},
+                "tokenizer": tok,
                 "input_names": ["input_ids"], "output_names": ["logits"],
                 "dynamic_shapes": {"input_ids": axes, "use_cache": None}}
     if format in ("lowbit", "compressed-tensors", "gguf"):

@@ -118,5 +118,5 @@ def demo_cmd(
     console.print(f"quantized {len(model.lowbit_report.quantized)} layers in {tq:.1f} s; "
                   f"perplexity {100 * (p1['ppl'] / p0['ppl'] - 1):+.1f}%; weights "
                   f"{before['bytes'] / after['bytes']:.1f}x smaller")
-    for note in model.lowbit_report.fallbacks[:3]:
-        console.print(f"note: {note}")
+    for line in model.lowbit_report.lines():
+        console.print(f"note: {line}", highlight=False, soft_wrap=True)

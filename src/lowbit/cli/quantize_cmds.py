@@ -215,6 +215,10 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
     for k, n in sorted(counts.items()):
         t.add_row(f"layers {k}", str(n))
     t.add_row("excluded", str(len(report.excluded)))
+    if getattr(report, "routers", None):
+        t.add_row("MoE routers kept float", str(len(report.routers)))
+    if report.coverage is not None:
+        t.add_row("weights quantized", f"{report.coverage.quantized / report.coverage.total:.1%}")
     t.add_row("weight memory before", f"{before['bytes'] / 1e6:.1f} MB")
     t.add_row("weight memory after", f"{after['bytes'] / 1e6:.1f} MB "
               f"({after['bits_per_weight']:.2f} bits/weight)")
@@ -231,8 +235,8 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
         t.add_row("processes", str(comm.world_size))
     t.add_row("time", f"{time.perf_counter() - t0:.1f} s")
     console.print(t)
-    for note in report.fallbacks[:5]:
-        console.print(f"note: {note}")
+    for line in report.lines():
+        console.print(f"note: {line}", highlight=False, soft_wrap=True)
 
 
 def _auto_recipe(m, ids, target: float, candidates: str, over: dict):
