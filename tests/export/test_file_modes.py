@@ -67,3 +67,15 @@ def test_onnx_modes(tmp_path, umask):
     modes = _modes(out)
     assert modes["."] == 0o755 and "model.onnx" in modes
     assert all(m == 0o644 for n, m in modes.items() if n != "."), modes
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_saved_recipe_has_the_umask_mode(tmp_path, umask, mask):
+    """``recipes.save`` (also ``quantize --auto``'s auto_recipe.yaml) writes through mkstemp."""
+    from lowbit import recipes
+
+    umask(mask)
+    p = recipes.save(recipes.load("int8"), tmp_path / "r.yaml")
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask
+    assert recipes.load(p).to_dict() == recipes.load("int8").to_dict()
+    assert [f.name for f in tmp_path.iterdir()] == ["r.yaml"]

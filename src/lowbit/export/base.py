@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from torch import nn
 
+from lowbit._fs import umask  # noqa: F401  (re-exported)
 from lowbit.core import QTensor, quantize
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.nn.modules import QuantMixin
@@ -51,24 +52,6 @@ def get_exporter(name: str) -> Callable:
         return getattr(importlib.import_module(mod), fn)
     except ImportError as e:
         raise ConfigError(f"export format {name!r} is not available: {e}") from None
-
-
-def umask() -> int:
-    """The process's file-mode creation mask (e.g. ``0o022``).
-
-    Read from ``/proc/self/status`` where it is there (Linux), so the mask is never changed;
-    elsewhere set and restored at once.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _apply_umask(root: Path) -> None:
@@ -146,7 +129,9 @@ def save(model: nn.Module, out_dir: "str | os.PathLike", format: str = "lowbit",
 
     Formats: ``lowbit`` (native packed safetensors, reloadable with ``lowbit.load``),
     ``compressed-tensors`` (vLLM / transformers), ``gguf`` (llama.cpp), ``onnx`` (QDQ).
-    Options are the exporter's (e.g. ``max_shard_size``, ``tokenizer``).
+    Options are the exporter's (e.g. ``max_shard_size``, ``tokenizer``); an option the format
+    does not take raises :class:`~lowbit.errors.ConfigError` naming it and the options it takes,
+    before anything is written.
     """
     fn = get_exporter(format)
     with atomic_dir(out_dir, overwrite) as tmp:

@@ -125,7 +125,7 @@ class WorkDir:
                           if old.get(k) != self.fingerprint.get(k))
             raise CheckpointError(
                 f"{self.path} holds an unfinished run with other {', '.join(diff)}; pass "
-                "resume=False (CLI: --restart) to start over, or delete the folder")
+                "resume=False to start over, or delete the folder")
         self.manifest = m
         done = int(m["done"])
         # inputs of blocks other than the next are leftovers of an interrupted step

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from lowbit._fs import chmod_as_umask
+
 from lowbit.config.recipe import FORMAT_ALIASES, Recipe, _spec
 from lowbit.core.blocks import get_block_format
 from lowbit.errors import ConfigError
@@ -116,9 +118,14 @@ def save(recipe: Recipe, path: "str | os.PathLike") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        chmod_as_umask(tmp)  # mkstemp makes 0600; a server running as another user reads it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
