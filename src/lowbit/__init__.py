@@ -15,6 +15,7 @@ The public names below are resolved on first use (PEP 562), so ``import lowbit``
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -44,10 +45,12 @@ __all__ = [
 
 def __getattr__(name: str):
     """Import the module behind a public name on first access and cache the value."""
-    try:
-        mod, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'lowbit' has no attribute {name!r}") from None
+    if name not in _LAZY:
+        # a subpackage (lowbit.recipes, lowbit.data...): as an eager ``import lowbit`` gave
+        if not name.startswith("_") and importlib.util.find_spec(f"lowbit.{name}") is not None:
+            return importlib.import_module(f"lowbit.{name}")
+        raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+    mod, attr = _LAZY[name]
     value = getattr(importlib.import_module(mod), attr)
     globals()[name] = value
     return value

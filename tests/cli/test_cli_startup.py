@@ -41,6 +41,8 @@ def test_import_lowbit_is_lazy_and_complete():
             "from lowbit import quantize, QuantSpec; assert lowbit.quantize is quantize; "
             "import lowbit.pipeline; assert quantize is lowbit.pipeline.quantize; "
             "assert lowbit.quantize_tensor is __import__('lowbit.core').core.quantize; "
+            "assert 'int8' in lowbit.recipes.names(); "  # subpackages as attributes, as before
+            "assert callable(lowbit.data.sample_text); "
             "print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120)
