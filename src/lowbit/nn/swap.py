@@ -48,7 +48,8 @@ class ApplyReport:
 
     def lines(self) -> list[str]:
         """Short lines for a console: the coverage line, each unquantized parameter above
-        0.5% of the weights with its reason, and the group-fallback line."""
+        0.5% of the weights with its reason, the group-fallback line, and the notes of the
+        algorithm steps (an AWQ block put back by its guard)."""
         out = []
         if self.coverage is not None:
             c = self.coverage
@@ -58,6 +59,8 @@ class ApplyReport:
                            f"({u.numel / c.total:.1%}): {u.reason}")
         if self.fallbacks:
             out.append(fallback_line(self.fallbacks))
+        for row in getattr(self, "blocks", None) or []:  # set by the block runner
+            out.extend(row.get("notes", []) if isinstance(row, dict) else [])
         return out
 
 
