@@ -47,7 +47,7 @@ def test_happy_path_runs_as_written(tmp_path):
     code = happy_path_block()
     t0 = time.perf_counter()
     # one thread, as conftest.py sets for the tests: two threads spin-wait on a loaded 2-core
-    # machine (14 min instead of 7 here)
+    # machine (14 min instead of 4-7 here)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=1800, env=env)
