@@ -66,6 +66,12 @@ def test_quantize_and_eval(model_dir, tmp_path):
      "empty"),
     (["quantize", "{d}", "-r", "int8-dynamic", "-o", "{d}"], "exists; pass --force"),
     (["eval", "{text}", "--text", "{text}"], "is not a model"),
+    (["quantize", "{d}", "-r", "int8", "--calib", "{tmp}/nosuch.txt", "-o", "{tmp}/a"],
+     "no such text file"),
+    (["quantize", "{d}", "-r", "int8", "--calib", "nosuch", "-o", "{tmp}/a"],
+     "no such text file"),  # never the option's characters taken as the text itself
+    (["quantize", "{d}", "-r", "int8", "--calib", "sample:nope", "-o", "{tmp}/a"],
+     "no such packaged text; expected one of: sample:austen_pp"),
 ])
 def test_bad_input(model_dir, tmp_path, args, msg):
     d, text = model_dir
@@ -75,6 +81,15 @@ def test_bad_input(model_dir, tmp_path, args, msg):
     assert rc == 2, (o, e)
     assert msg in e and len(e.strip().splitlines()) == 1, e
     assert not (tmp_path / "a").exists()
+
+
+def test_quantize_calibrates_on_the_packaged_text(model_dir, tmp_path):
+    d, _ = model_dir
+    out = tmp_path / "q"
+    rc, o, e = run("quantize", str(d), "--recipe", "int8", "--calib", "sample:austen_pp",
+                   "--samples", "2", "--seq-len", "32", "--out", str(out))
+    assert rc == 0, e
+    assert (out / "lowbit_checkpoint.json").exists()
 
 
 def test_recommend_measures_candidates(model_dir):

@@ -114,7 +114,8 @@ CANDIDATES = ["fp8-dynamic", "int8-dynamic", "int8-smoothquant", "int4-awq", "in
 def recommend_cmd(
     goal: Optional[str] = typer.Option(None, help="|".join(GOALS)),
     model: Optional[str] = typer.Option(None, help="measure candidates on this model"),
-    text: Optional[Path] = typer.Option(None, help="text to calibrate and measure on"),
+    text: Optional[str] = typer.Option(None, help="text file to calibrate and measure on, or "
+                                       "sample:austen_pp"),
     max_size: Optional[float] = typer.Option(None, help="largest weight memory allowed (GB)"),
     candidates: str = typer.Option(",".join(CANDIDATES), help="comma-separated recipes"),
     samples: int = typer.Option(8, help="calibration windows"),
@@ -140,8 +141,9 @@ def recommend_cmd(
         return
     if text is None:
         fail("--model needs --text to measure the candidates on")
-    if not text.exists():
-        fail(f"text file {text} does not exist")
+    from lowbit.cli.quantize_cmds import text_source
+
+    text = text_source(text, "--text")
     import copy
 
     import lowbit
@@ -173,7 +175,7 @@ def recommend_cmd(
             rows.append((n, size, p))
             del m
     fits = [r for r in rows if max_size is None or r[1] <= max_size]
-    t = Table(title=f"{model}: {windows} windows x {seq_len} tokens of {text.name}, "
+    t = Table(title=f"{model}: {windows} windows x {seq_len} tokens of {Path(str(text)).name}, "
                     f"FP perplexity {p0:.3f}")
     for c in ("recipe", "weights GB", "perplexity", "delta", "fits"):
         t.add_column(c, justify="right")

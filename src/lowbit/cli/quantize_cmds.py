@@ -39,11 +39,30 @@ def _load(model: str):
         return load_model(model)
 
 
-def _text_ids(tok, text: Path):
+def text_source(text: "str | None", flag: str):
+    """A text option of the command line -> what ``read_text`` takes: ``"sample:NAME"`` (a
+    text packaged with lowbit, checked here) or an existing file as a ``Path`` (never the
+    option's characters taken as literal text). None stays None; anything else exits 2."""
+    if text is None:
+        return None
+    from lowbit.data.samples import SAMPLE_PREFIX, sample_text_names
+
+    if text.startswith(SAMPLE_PREFIX):
+        if text[len(SAMPLE_PREFIX):] not in sample_text_names():
+            fail(f"{flag} {text}: no such packaged text; expected one of: "
+                 + ", ".join(SAMPLE_PREFIX + n for n in sample_text_names()))
+        return text
+    p = Path(text).expanduser()
+    if not p.is_file():
+        fail(f"{flag} {text}: no such text file (or use a packaged text: "
+             + ", ".join(SAMPLE_PREFIX + n for n in sample_text_names()) + ")")
+    return p
+
+
+def _text_ids(tok, text):
     from lowbit.data import read_text, tokenize
 
-    if not text.exists():
-        fail(f"text file {text} does not exist")
+    text = text_source(str(text), "--text")
     body = read_text(text)
     ids = tokenize(tok, body)
     if ids.numel() < 2:
@@ -66,7 +85,8 @@ def quantize_cmd(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r",
                                          help="preset name or YAML file (or use --auto)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder"),
-    calib: Optional[Path] = typer.Option(None, help="calibration text file"),
+    calib: Optional[str] = typer.Option(None, help="calibration text file, or a text packaged "
+                                        "with lowbit (sample:austen_pp)"),
     auto: Optional[float] = typer.Option(
         None, "--auto", help="automatic mixed precision: a format per layer within this many "
         "bits per weight (scales included) at the least measured loss; needs --calib"),
@@ -121,8 +141,7 @@ def quantize_cmd(
         if not Path(model).is_dir() or not any(Path(model).glob("*.safetensors")):
             fail(f"--stream needs a transformers model folder with safetensors weights; "
                  f"{model} has none")
-    if calib is not None and not calib.exists():
-        fail(f"calibration text {calib} does not exist")
+    calib = text_source(calib, "--calib")
     over = {}
     if group_size is not None:
         over["group_size"] = group_size
@@ -144,7 +163,7 @@ def quantize_cmd(
                             comm, auto, candidates, over, chunk_size, gguf_opts)
 
 
-def _calib_ids(tok, calib: Path, samples: int, seq_len: int):
+def _calib_ids(tok, calib, samples: int, seq_len: int):
     from lowbit.data import calibration_batches
 
     return calibration_batches(tok, calib, n_samples=samples, seq_len=seq_len)
@@ -314,7 +333,7 @@ def _quantize_stream(model, rec, out, calib, samples, seq_len, force, resume, co
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="model folder, lowbit checkpoint or .gguf"),
-    text: Path = typer.Option(..., "--text", help="text file to score"),
+    text: str = typer.Option(..., "--text", help="text file to score, or sample:austen_pp"),
     baseline: Optional[str] = typer.Option(None, help="baseline model to compare with"),
     seq_len: int = typer.Option(512, help="window length (tokens)"),
     windows: int = typer.Option(32, help="number of windows"),
@@ -353,7 +372,8 @@ def eval_cmd(
 def report_cmd(
     model: str = typer.Argument(..., help="transformers model folder, .gguf or smollm2-135m"),
     recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML file"),
-    text: Path = typer.Option(..., "--text", help="text for calibration and perplexity"),
+    text: str = typer.Option(..., "--text", help="text file for calibration and perplexity, or "
+                             "sample:austen_pp"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),
     samples: int = typer.Option(8, help="calibration windows"),
     seq_len: int = typer.Option(512, help="tokens per window"),
@@ -385,7 +405,8 @@ def report_cmd(
         if eval_ids.numel() < seq_len or calib_ids.numel() < seq_len:
             fail(f"{text} is too short: need at least {seq_len} tokens in each of its first "
                  "80% and last 20%")
-        batches = calibration_batches(tok, text, n_samples=samples, seq_len=seq_len)
+        batches = calibration_batches(tok, text_source(text, "--text"), n_samples=samples,
+                                      seq_len=seq_len)
         loop = forward_loop_from_batches(batches)
         fp = copy.deepcopy(m)
         with console.status("baseline: perplexity and layer inputs"):
@@ -409,7 +430,7 @@ def report_cmd(
                              f"({after['bits_per_weight']:.2f} bits/weight)",
             "perplexity": f"{p0['ppl']:.3f} -> {p1['ppl']:.3f} "
                           f"({100 * (p1['ppl'] / p0['ppl'] - 1):+.2f}%), {p0['windows']} "
-                          f"windows x {seq_len} tokens of {text.name}",
+                          f"windows x {seq_len} tokens of {Path(text).name}",
             "calibration": f"{samples} x {seq_len} tokens",
         }
         with console.status("plotting"):
