@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # torch goes in first so that nothing later pulls a multi-GB CUDA build; override with
-# `make test TORCH=torch==2.5.1`
+# `make test TORCH=torch==2.7.0` (the floor; see test-oldest)
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -92,4 +92,4 @@ bench: $(STAMP)
 	$(PY) bench/ptq_quality.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV_OLDEST) $(VENV_OLDEST_CT) build src/*.egg-info .pytest_cache
