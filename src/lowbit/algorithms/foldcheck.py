@@ -14,7 +14,6 @@ fails are they replayed one by one to name the first fold that breaks the functi
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -24,7 +23,7 @@ from lowbit.adapters import InputGroup
 from lowbit.algorithms.smoothing import fold_scales
 from lowbit.errors import CalibrationError
 from lowbit.nn.modules import QuantMixin
-from lowbit.nn.utils import quantizers
+from lowbit.nn.utils import disabled, quantizers
 
 
 def fold_tolerance(dtype: torch.dtype) -> float:
@@ -75,16 +74,8 @@ class FoldCheck:
     def _sum(self, v: float) -> float:
         return float(v) if self.reduce is None else float(self.reduce(float(v)))
 
-    @contextmanager
     def _float(self):
-        qs = [q for _, q in quantizers(self.block) if q.is_enabled]
-        for q in qs:
-            q.disable()
-        try:
-            yield
-        finally:
-            for q in qs:
-                q.enable()
+        return disabled(q for _, q in quantizers(self.block))
 
     @torch.no_grad()
     def _outputs(self):

@@ -18,7 +18,6 @@ makes the folds prove that the block's float function is unchanged.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -28,6 +27,7 @@ from lowbit.adapters import NORM_KINDS, InputGroup, norm_kind
 from lowbit.core import QuantSpec, fake_quant
 from lowbit.errors import ConfigError
 from lowbit.nn.modules import QuantMixin
+from lowbit.nn.utils import disabled
 
 
 def weight_2d(m: nn.Module) -> torch.Tensor:
@@ -178,22 +178,10 @@ class GroupProbe:
             self.ref = self._outputs()
         self.weights = [token_weights(r, token_weight) for r in self.ref]
 
-    @contextmanager
     def _all_off(self):
-        qs = []
-        for name in self.inputs:
-            for m in self.block.get_submodule(name).modules():
-                if isinstance(m, QuantMixin):
-                    for _, q in m.quantizers():
-                        if q.is_enabled:
-                            qs.append(q)
-        for q in qs:
-            q.disable()
-        try:
-            yield
-        finally:
-            for q in qs:
-                q.enable()
+        return disabled(q for name in self.inputs
+                        for m in self.block.get_submodule(name).modules()
+                        if isinstance(m, QuantMixin) for _, q in m.quantizers())
 
     @torch.no_grad()
     def _outputs(self) -> list[torch.Tensor]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 from torch import nn
 
@@ -15,6 +17,20 @@ def quantizers(model: nn.Module, pattern: str | None = None):
     for name, m in model.named_modules():
         if isinstance(m, TensorQuantizer) and (pattern is None or match(pattern, name)):
             yield name, m
+
+
+@contextmanager
+def disabled(qs: Iterable[TensorQuantizer]) -> Iterator[list[TensorQuantizer]]:
+    """Disable the enabled quantizers among ``qs`` for the ``with`` body (full-precision
+    weights/activations), then enable exactly those again, also on an exception."""
+    qs = [q for q in qs if q.is_enabled]
+    for q in qs:
+        q.disable()
+    try:
+        yield qs
+    finally:
+        for q in qs:
+            q.enable()
 
 
 def disable_quantizers(model: nn.Module, pattern: str = "*") -> int:

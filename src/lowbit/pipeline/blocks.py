@@ -33,7 +33,7 @@ from torch import nn
 from lowbit.adapters import Adapter, get_adapter, is_linear
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.modules import QuantMixin
-from lowbit.nn.utils import quantizers
+from lowbit.nn.utils import disabled, quantizers
 from lowbit.pipeline.capture import (Captured, Chunk, _capture_model_inputs, _detach, _Stop,
                                      capture_block_inputs)
 from lowbit.pipeline.distributed import LOCAL, Collective, current
@@ -202,15 +202,8 @@ class BlockContext:
         """Weight quantizers of ``modules`` (default: every linear of the block) disabled."""
         mods = modules if modules is not None else [m for m in self.block.modules()
                                                      if isinstance(m, QuantMixin)]
-        qs = [m.weight_quantizer for m in mods if isinstance(m, QuantMixin) and
-              m.weight_quantizer.is_enabled]
-        for q in qs:
-            q.disable()
-        try:
+        with disabled(m.weight_quantizer for m in mods if isinstance(m, QuantMixin)):
             yield
-        finally:
-            for q in qs:
-                q.enable()
 
     def quantized_linears(self) -> list[str]:
         """Names (in the block) of the linears whose weights are quantized."""
