@@ -66,8 +66,10 @@ def candidates(group_size: int, awq: bool) -> dict:
                 continue
             out[name] = recipes.load(name, group_size=group_size,
                                      algorithms=[{"name": "awq", "args": AWQ_FAST}])
-        else:
+        elif recipes.takes_group_size(name):
             out[name] = recipes.load(name, group_size=group_size)
+        else:  # per-channel or a block format with a fixed block
+            out[name] = recipes.load(name)
     return out
 
 

@@ -76,3 +76,11 @@ def loop_over(ids):
         for row in ids:
             model(row.unsqueeze(0))
     return forward_loop
+
+
+def group_over(recipe, group_size: int) -> dict:
+    """``{"group_size": group_size}`` for a recipe it changes, else ``{}`` (a group size that
+    would change nothing is an error, see ``lowbit.recipes.takes_group_size``)."""
+    from lowbit import recipes
+
+    return {"group_size": group_size} if recipes.takes_group_size(recipe) else {}

@@ -9,7 +9,7 @@ from torch import nn
 import lowbit
 from lowbit import recipes
 from lowbit.nn import QuantMixin, TensorQuantizer
-from tests.tiny_models import FAMILIES, SmallCNN, build, calib_ids, loop_over
+from tests.tiny_models import FAMILIES, SmallCNN, build, calib_ids, loop_over, group_over
 
 
 def n_linears(model, exclude=("lm_head",)):
@@ -40,7 +40,7 @@ def test_families(family, preset):
     ids = calib_ids()
     ref = model(ids[:1]).logits
     n = n_linears(model)
-    lowbit.quantize(model, preset, forward_loop=loop_over(ids), group_size=32)
+    lowbit.quantize(model, preset, forward_loop=loop_over(ids), **group_over(preset, 32))
     assert len(model.lowbit_report.quantized) == n
     out = model(ids[:1]).logits
     assert torch.isfinite(out).all()

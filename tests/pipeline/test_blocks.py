@@ -13,7 +13,7 @@ from lowbit import recipes
 from lowbit.adapters import find_blocks, get_adapter
 from lowbit.pipeline import blocks as B
 from lowbit.pipeline.algorithms import algorithm_names, register_algorithm
-from tests.tiny_models import build, calib_ids, loop_over
+from tests.tiny_models import build, calib_ids, loop_over, group_over
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -168,7 +168,7 @@ def test_algorithm_presets_end_to_end(preset, family):
     model = build(family)
     ids = calib_ids(4, 16)
     rows = []
-    lowbit.quantize(model, preset, forward_loop=loop_over(ids), group_size=32,
+    lowbit.quantize(model, preset, forward_loop=loop_over(ids), **group_over(preset, 32),
                     progress=lambda i, n, name: rows.append((i, n, name)))
     assert [r[0] for r in rows] == [1, 2]
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_algorithm_presets_end_to_end(preset, family):
 def test_presets_load_with_group_override():
     for name in ["int4-awq", "int4-gptq", "int4-gptq-actorder", "int8-smoothquant",
                  "nvfp4-awq", "w4a8-awq"]:
-        r = recipes.load(name, group_size=64)
+        r = recipes.load(name, **group_over(name, 64))
         assert r.algorithms, name
         w = r.targets[0].weight
         if w.format == "int4":
@@ -241,7 +241,7 @@ def test_model_without_blocks_is_one_block():
     errs = {}
     for name in ["int8", "int8-smoothquant", "int4-gptq", "int4-awq", "int4-weight-only"]:
         m = copy.deepcopy(base)
-        lowbit.quantize(m, name, forward_loop=loop, group_size=16)
+        lowbit.quantize(m, name, forward_loop=loop, **group_over(name, 16))
         with torch.no_grad():
             errs[name] = float((m(x) - ref).norm() / ref.norm())
         if name != "int8" and name != "int4-weight-only":

@@ -12,7 +12,7 @@ import torch
 import lowbit
 from lowbit.errors import CalibrationError
 from lowbit.pipeline import distributed as D
-from tests.tiny_models import calib_ids
+from tests.tiny_models import calib_ids, group_over
 
 WORLD = 2
 PRESETS = ["int8-percentile", "int8-smoothquant-search", "int4-awq", "int4-gptq"]
@@ -30,7 +30,7 @@ def recipe(name):
         d = recipes.load("int8-smoothquant").to_dict()
         d["algorithms"][0].setdefault("args", {}).update(search=True, grid=4)
         return recipes.load(d)
-    return recipes.load(name, group_size=32)
+    return recipes.load(name, **group_over(name, 32))
 
 
 def data():

@@ -27,8 +27,14 @@ def test_group_size_and_kv_override():
     r = recipes.load("int4-weight-only", group_size=64, kv_cache="fp8")
     assert r.targets[0].weight.group_size == 64
     assert r.kv_cache.format == "fp8_e4m3"
-    # block formats keep their own group size
-    assert recipes.load("nvfp4", group_size=64).targets[0].weight.group_size == 16
+    # a group size that would change nothing is an error, not silently ignored: block
+    # formats keep their own block, per-channel recipes have no group
+    assert not recipes.takes_group_size("nvfp4") and not recipes.takes_group_size("int8")
+    assert recipes.takes_group_size("int4-weight-only")
+    for name in ("nvfp4", "int8", "fp8-dynamic"):
+        with pytest.raises(ConfigError, match=f"recipe {name} has no grouped.*"
+                                              "group_size=64 would be ignored"):
+            recipes.load(name, group_size=64)
 
 
 def test_later_entries_win_role_by_role():

@@ -122,7 +122,8 @@ def recommend_cmd(
     windows: int = typer.Option(4, help="perplexity windows"),
     seq_len: int = typer.Option(512, help="tokens per window"),
     group_size: Optional[int] = typer.Option(
-        None, help="group size for grouped recipes, which must divide every layer's width "
+        None, help="group size for the grouped candidates, which must divide every layer's "
+        "width "
         "(default: each recipe's own, with a divisor of the width where it does not)"),
 ) -> None:
     """Which method to use for a goal and why; with --model/--text, measure and pick."""
@@ -168,7 +169,8 @@ def recommend_cmd(
         for n in names:
             with console.status(f"measuring {n}"):
                 m = copy.deepcopy(base)
-                over = {} if group_size is None else {"group_size": group_size}
+                over = {"group_size": group_size} if group_size is not None and \
+                    recipes.takes_group_size(n) else {}
                 lowbit.quantize(m, n, forward_loop=loop, **over)
                 size = weight_footprint(m)["bytes"] / 1e9
                 p = perplexity(m, ev, seq_len=seq_len, n_windows=windows)["ppl"]

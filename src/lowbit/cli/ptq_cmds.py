@@ -68,8 +68,9 @@ def demo_cmd(
     text: Optional[str] = typer.Option(None, help="text file to measure perplexity on, or "
                                        f"sample:NAME (default: {DEMO_TEXT}, packaged)"),
     recipe: str = typer.Option("int4-weight-only", help="recipe name or YAML file"),
-    group_size: int = typer.Option(64, help="group size (the model's width 576 is not a "
-                                   "multiple of 128)"),
+    group_size: Optional[int] = typer.Option(
+        None, help="group size of a grouped recipe (default 64: the model's width 576 is not "
+        "a multiple of 128)"),
     windows: int = typer.Option(8, help="evaluation windows of --seq-len tokens"),
     seq_len: int = typer.Option(512, help="evaluation context length"),
 ) -> None:
@@ -100,14 +101,19 @@ def demo_cmd(
             p0 = perplexity(model, ids, seq_len=seq_len, n_windows=windows)
         t1 = time.perf_counter()
         with console.status(f"quantizing with {recipe}"):
-            lowbit.quantize(model, recipe, group_size=group_size)
+            from lowbit import recipes
+
+            if group_size is None and recipes.takes_group_size(recipe):
+                group_size = 64
+            over = {} if group_size is None else {"group_size": group_size}
+            lowbit.quantize(model, recipe, **over)
         tq = time.perf_counter() - t1
         after = weight_footprint(model)
         with console.status("perplexity after"):
             p1 = perplexity(model, ids, seq_len=seq_len, n_windows=windows)
     console.print(demo_caption(model_label, label, p0["windows"], seq_len, all_tokens),
                   highlight=False, markup=False)
-    t = Table(title=f"{recipe} (group {group_size}) vs FP32")
+    t = Table(title=f"{recipe}" + (f" (group {group_size})" if group_size else "") + " vs FP32")
     for c in ("", "weight memory (MB)", "bits/weight", "perplexity"):
         t.add_column(c, justify="right")
     t.add_row("FP32", f"{before['bytes'] / 1e6:.1f}", f"{before['bits_per_weight']:.2f}",

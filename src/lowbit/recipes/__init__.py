@@ -70,6 +70,18 @@ def load(name_or_path: "str | os.PathLike | Recipe | dict", **overrides: Any) ->
     return apply_overrides(recipe, **overrides) if overrides else recipe
 
 
+def takes_group_size(recipe: "str | os.PathLike | Recipe | dict") -> bool:
+    """Whether a ``group_size`` override changes ``recipe``: it has a spec with ``group``
+    granularity that is not a block format (NVFP4/MX blocks are fixed by the format)."""
+    r = recipe if isinstance(recipe, Recipe) else load(recipe)
+    for t in r.targets:
+        for s in (t.weight, t.input, t.output):
+            if s is not None and s.granularity == "group" and \
+                    get_block_format(s.format) is None:
+                return True
+    return False
+
+
 def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
     """A copy of ``recipe`` with load-time overrides (see :func:`load`)."""
     bad = [k for k in overrides if k not in OVERRIDES]
@@ -79,6 +91,11 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
     d = recipe.to_dict()
     gs = overrides.get("group_size")
     cal = overrides.get("calibrator")
+    if gs is not None and not takes_group_size(recipe):
+        raise ConfigError(
+            f"recipe {recipe.name} has no grouped integer/float spec whose group size could be "
+            f"set (its specs are per tensor/channel/token, or block formats with a fixed "
+            f"block): group_size={gs} would be ignored; drop it or use a grouped recipe")
     for t in d["targets"]:
         for role in ("weight", "input", "output"):
             s = t.get(role)
@@ -129,4 +146,4 @@ def save(recipe: Recipe, path: "str | os.PathLike") -> Path:
     return path
 
 
-__all__ = ["Recipe", "load", "names", "save", "apply_overrides", "kv_cache_spec", "PRESET_DIR"]
+__all__ = ["Recipe", "load", "names", "save", "apply_overrides", "takes_group_size", "kv_cache_spec", "PRESET_DIR"]

@@ -91,7 +91,8 @@ def parse_candidates(candidates: "Sequence[Any] | Mapping[str, Any]",
         if not isinstance(c, (str, Recipe, dict)) and not hasattr(c, "__fspath__"):
             raise ConfigError(f"candidate {c!r}: expected a recipe name, a YAML path, a dict, "
                               "a Recipe or 'fp16'/'bf16'")
-        r = _recipes.load(c, **over)
+        # the group size applies to the grouped candidates; the others keep their own
+        r = _recipes.load(c, **(over if over and _recipes.takes_group_size(c) else {}))
         if r.kv_cache is not None:
             raise ConfigError(f"candidate {key or r.name}: sets kv_cache, which is not per "
                               "layer; drop it from the candidates and add it to the result")
