@@ -11,6 +11,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import ConfigError
 from lowbit.nn.routers import find_routers
+from tests.tiny_models import group_over
 
 VOCAB = 128
 
@@ -170,7 +171,7 @@ def test_qwen2_moe_routers_stay_float(recipe):
                                         for n in ("gate", "shared_expert_gate")}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 8), generator=g)
-    quantize_warned(model, recipe, group_size=32,
+    quantize_warned(model, recipe, **group_over(recipe, 32),
                     forward_loop=lambda m: [m(r.unsqueeze(0)) for r in ids])
     for i in (0, 1):
         mlp = model.model.layers[i].mlp
