@@ -23,14 +23,6 @@ from lowbit.nn import disable_quantizers
 from tests.tiny_models import VOCAB, build, calib_ids, loop_over
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared CPU: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_norms(model):
     """Norm weights away from their init (zeros for ``1 + w`` norms, ones for ``w``), so
     that folding into them as the wrong kind cannot go unnoticed."""
