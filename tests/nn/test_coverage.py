@@ -91,12 +91,22 @@ def expected_share(model, quantized_modules):
 
 
 @pytest.mark.parametrize("build,kind", [
-    (tiny_mixtral, "3-D expert parameters of MixtralExperts: no quantized class"),
-    (tiny_qwen2_moe, "3-D expert parameters of Qwen2MoeExperts: no quantized class"),
+    (tiny_mixtral, "3-D expert parameters of MixtralExperts: not split into per-expert "
+                   "linears (lowbit.quantize splits them: lowbit.adapters.experts)"),
+    (tiny_qwen2_moe, "3-D expert parameters of Qwen2MoeExperts: not split into per-expert "
+                     "linears (lowbit.quantize splits them: lowbit.adapters.experts)"),
 ])
 def test_moe_experts_are_reported_and_warned(build, kind, capsys):
+    """apply_recipe alone does not split the 3-D experts (lowbit.quantize does): reported."""
+    from lowbit import recipes
+    from lowbit.nn.swap import apply_recipe
+
     model = build()
-    msgs = quantize_warned(model, "int4-weight-only", group_size=32)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model.lowbit_report = apply_recipe(model, recipes.load("int4-weight-only",
+                                                               group_size=32))
+    msgs = [str(x.message) for x in w]
     cov = model.lowbit_report.coverage
     assert cov.share == pytest.approx(expected_share(model, model.lowbit_report.quantized))
     assert cov.share < 0.5 and cov.targets_all

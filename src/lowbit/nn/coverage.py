@@ -16,7 +16,8 @@ embedding       ``embedding (excluded by recipe pattern '*embed*')``, ``embeddin
 lm_head         ``LM head (excluded by recipe pattern '*lm_head')``...
 router          ``router (excluded by default)`` (see :mod:`lowbit.nn.routers`)
 excluded        ``excluded by recipe pattern 'X'``
-unsupported     ``3-D expert parameters of Qwen2MoeExperts: no quantized class``,
+unsupported     ``3-D expert parameters of Qwen2MoeExperts: not split into per-expert
+                linears (lowbit.quantize splits them: lowbit.adapters.experts)``,
                 ``nn.MultiheadAttention in_proj_weight: packed q/k/v parameter, not a
                 Linear``, ``Linear subclass NonDynamicallyQuantizableLinear: not
                 supported``...
@@ -164,7 +165,8 @@ def _unsupported_reason(name: str, m: nn.Module, pname: str, p: torch.Tensor,
             return "nn.MultiheadAttention in_proj_weight: packed q/k/v parameter, not a Linear"
         return f"nn.MultiheadAttention {pname}: a bare parameter, not a Linear"
     if p.dim() == 3 and name in experts:
-        return f"3-D expert parameters of {cls}: no quantized class"
+        return (f"3-D expert parameters of {cls}: not split into per-expert linears "
+                "(lowbit.quantize splits them: lowbit.adapters.experts)")
     if pname == "weight":
         for base in (nn.Linear, nn.Conv1d, nn.Conv2d):
             if isinstance(m, base) and type(m) is not base:

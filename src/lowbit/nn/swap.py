@@ -33,7 +33,9 @@ class ApplyReport:
     ``routers``: MoE routers left in float by the default exclusion
     (:mod:`lowbit.nn.routers`); ``fallbacks``: one note per layer whose recipe group size
     did not divide its width (``"name: group 128 -> 96 (576 % 128 != 0)"``), every layer;
-    ``kv_cache``: attached KV quantizers; ``unmatched_patterns``: target patterns that
+    ``kv_cache``: attached KV quantizers; ``unfused_experts``: MoE experts modules split
+    into one linear MLP per expert before the swap (set by the pipeline,
+    :mod:`lowbit.adapters.experts`); ``unmatched_patterns``: target patterns that
     matched nothing; ``coverage``: the quantized share of the weights and why the rest is
     not (:class:`~lowbit.nn.coverage.Coverage`).
     """
@@ -45,6 +47,7 @@ class ApplyReport:
     unmatched_patterns: list[str] = field(default_factory=list)
     routers: list[str] = field(default_factory=list)
     coverage: Coverage | None = None
+    unfused_experts: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Short lines for a console: the coverage line, each unquantized parameter above

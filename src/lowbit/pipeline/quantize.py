@@ -1,6 +1,8 @@
 """``lowbit.quantize(model, recipe, forward_loop)``: the main entry point of PTQ.
 
-1. insert quantizers per the recipe (modules change class in place, nothing is copied);
+1. insert quantizers per the recipe (modules change class in place, nothing is copied;
+   the stacked 3-D experts of MoE blocks first become one linear MLP per expert,
+   :mod:`lowbit.adapters.experts`);
 2. run the recipe's algorithm steps (SmoothQuant, AWQ, GPTQ...) when it has any;
 3. calibrate the static activation and KV-cache quantizers by running ``forward_loop``;
 4. return the same model, now fake-quantized.
@@ -122,7 +124,11 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         if comm.enabled:
             calib_data = shard_batches(calib_data, chunk_size, comm)
         forward_loop = _forward_loop_from(calib_data)
+    from lowbit.adapters.experts import unfuse_experts
+
+    unfused = unfuse_experts(model)
     report = apply_recipe(model, recipe)
+    report.unfused_experts = unfused
     if blockwise is False and recipe.algorithms:
         raise ConfigError(f"recipe {recipe.name} has algorithm steps, which run block by "
                           "block: blockwise=False is not possible")
