@@ -137,8 +137,10 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> ApplyReport:
     weights is quantized and why every other weight parameter is not. Each of these is a
     warning, or a ConfigError with ``strict: true``: a target pattern that matches no module;
     a recipe targeting every linear that leaves more than 2% of the non-embedding weights
-    with no quantized class (3-D MoE experts, ``nn.MultiheadAttention``'s packed
-    ``in_proj_weight``, Linear subclasses); a KV-cache spec with no attention module. A
+    with no quantized class (3-D MoE experts not yet split into per-expert linears --
+    :func:`lowbit.quantize` splits them first, :func:`lowbit.adapters.experts.unfuse_experts`
+    does it alone --, ``nn.MultiheadAttention``'s packed ``in_proj_weight``, Linear
+    subclasses); a KV-cache spec with no attention module. A
     recipe group size that does not divide a layer's width falls back to the largest divisor
     below it (``group_policy: fallback``, every layer listed in ``report.fallbacks`` and named
     in one warning) or is a ConfigError naming the layer and the sizes that would work
