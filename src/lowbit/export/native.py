@@ -5,7 +5,9 @@ Layout of the folder:
 * ``lowbit_checkpoint.json``: format version, the recipe (as a YAML-ready dict), the specs
   of every quantized module (``modules``: weight/input/output specs as applied, group-size
   fallbacks included), for every quantized weight its 2-D shape and dtype (``quantized``),
-  the KV-cache spec, quantizers switched off, tied parameters;
+  the KV-cache spec, quantizers switched off, tied parameters, the MoE experts modules
+  split per expert (``moe_experts``: name -> experts class; :func:`load` splits the rebuilt
+  model's experts the same way before loading, so ``mlp.experts.E.down_proj`` exist);
 * ``model.safetensors`` (or shards ``model-00001-of-0000N.safetensors`` with
   ``model.safetensors.index.json``): for a quantized weight ``W`` of module ``m``:
   ``m.weight.codes`` (uint8, codes packed along the input dimension, see
@@ -130,10 +132,40 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
             "recipe": recipe.to_dict() if recipe is not None else None,
             "modules": modules, "quantized": qmeta, "tied": tied,
             "kv_cache": {"spec": _spec_dict(kv_spec), "quantizers": kv_names},
-            "disabled": disabled}
+            "disabled": disabled, "moe_experts": _split_experts(model)}
     write_shards(tensors, out_dir, max_shard_size, {"format": "lowbit"})
     (out_dir / META).write_text(json.dumps(meta, indent=1))
     write_hf_files(model, out_dir, tokenizer)
+
+
+def _split_experts(model: nn.Module) -> dict[str, str]:
+    """``{name: experts class}`` of the MoE experts modules split per expert
+    (:class:`lowbit.nn.experts.MoEExperts`): :func:`load` splits them the same way."""
+    from lowbit.nn.experts import MoEExperts
+
+    return {n: m.source_class for n, m in model.named_modules() if isinstance(m, MoEExperts)}
+
+
+def _split_like_checkpoint(model: nn.Module, meta: dict, where: str) -> None:
+    """Split the freshly built model's stacked MoE experts as the exported model's were
+    (``meta["moe_experts"]``), so that the per-expert tensor names exist; a mismatch (a
+    checkpoint's experts module the model does not have, or of another class) is a
+    CheckpointError."""
+    from lowbit.adapters.experts import fused_experts, unfuse_experts
+
+    want = meta.get("moe_experts") or {}
+    if not want:
+        return
+    have = {n: type(m).__name__ for n, m in fused_experts(model).items()}
+    for name, cls in want.items():
+        if have.get(name) != cls:
+            raise CheckpointError(f"{where}: MoE experts {name!r} ({cls}) of the checkpoint "
+                                  f"are not in the model built from config.json (it has "
+                                  f"{have.get(name, 'no such module')})")
+    try:
+        unfuse_experts(model)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def qtensor_from(meta: dict, tensors: dict[str, torch.Tensor], key: str) -> QTensor:
@@ -225,6 +257,7 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False
     model.eval()
     meta_file = str(path / META)
     recipe = Recipe.parse(meta["recipe"], f"{meta_file}: recipe") if meta["recipe"] else None
+    _split_like_checkpoint(model, meta, meta_file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _insert_quantizers(model, meta, meta_file)

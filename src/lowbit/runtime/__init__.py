@@ -105,10 +105,70 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class ConvertReport(Counter):
+    """What :func:`convert` did: a Counter ``{kernel: layers}`` (compares equal to a dict)
+    plus what it left unpacked, so nothing stays float silently:
+
+    - ``kept``: ``{name: why}`` quantized layers left fake-quantized (output quantizer,
+      weight quantizer off);
+    - ``float``: ``{name: why}`` layers with a weight matrix that stay in float
+      (not quantized by the recipe: LM head, MoE routers and shared-expert gates, ...);
+    - ``fused_experts``: stacked MoE experts modules never split per expert (float 3-D
+      weights: the model was not quantized by :func:`lowbit.quantize`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept: dict[str, str] = {}
+        self.float: dict[str, str] = {}
+        self.fused_experts: list[str] = []
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one line per kind of layer (float layers named)."""
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.items())) or "none"
+        out = [f"packed: {sum(self.values())} layers ({kinds})"]
+        if self.kept:
+            out.append(f"kept fake-quantized: {len(self.kept)}: " +
+                       ", ".join(f"{n} ({w})" for n, w in self.kept.items()))
+        if self.float:
+            out.append(f"float: {len(self.float)}: " +
+                       ", ".join(f"{n} ({w})" for n, w in self.float.items()))
+        if self.fused_experts:
+            out.append(f"MoE experts left fused in float: {', '.join(self.fused_experts)}")
+        return out
+
+
+def _unpacked(model: nn.Module, report: ConvertReport) -> None:
+    """Fill ``report.float`` / ``fused_experts`` with what :func:`convert` leaves in float."""
+    from lowbit.adapters.experts import fused_experts
+    from lowbit.nn.routers import find_routers
+
+    routers = find_routers(model)
+    for name, m in model.named_modules():
+        if isinstance(m, (PackedLinear, QuantLinear)) or name in report.kept:
+            continue
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or isinstance(m, nn.Embedding):
+            continue
+        if name in routers:
+            report.float[name] = f"MoE router: {routers[name]}"
+        elif isinstance(m, nn.Linear):
+            report.float[name] = "linear not quantized by the recipe"
+        else:
+            report.float[name] = f"{type(m).__name__} not quantized"
+    report.fused_experts = list(fused_experts(model))
+
+
 def convert(model: nn.Module, fast: bool = True, act_dtype: torch.dtype | None = None
-            ) -> Counter:
+            ) -> ConvertReport:
     """Replace every quantized ``nn.Linear`` of ``model`` by a :class:`PackedLinear` (in
-    place) and return how many layers got each kernel.
+    place) and return how many layers got each kernel, as a :class:`ConvertReport` (which
+    also names the layers left fake-quantized or float).
+
+    MoE models: each expert's ``gate_proj``/``up_proj``/``down_proj`` (split by
+    :func:`lowbit.quantize`) becomes its own packed layer, and
+    :class:`lowbit.nn.experts.MoEExperts` runs only the experts tokens are routed to;
+    routers stay float and are listed in ``report.float``.
 
     ``fast=False`` uses the reference (dequantize-then-matmul) path for all layers.
     ``act_dtype``: dtype of activations and scales in the CPU weight-only kernels (default
@@ -117,17 +177,20 @@ def convert(model: nn.Module, fast: bool = True, act_dtype: torch.dtype | None =
     layers are released; layers with an output quantizer stay fake-quantized.
     """
     check_act_dtype(act_dtype)
-    counts: Counter = Counter()
+    counts = ConvertReport()
     for name, m in list(model.named_modules()):
         if not isinstance(m, QuantLinear):
             continue
         new = packed_module(m, None, fast, act_dtype)
         if new is None:
+            counts.kept[name] = "output quantized" if m.output_quantizer.is_enabled else \
+                "weight not quantized"
             continue
         replace_module(model, name, new)
         counts[new.kernel] += 1
     if counts:
         release_memory()
+    _unpacked(model, counts)
     return counts
 
 
@@ -208,7 +271,7 @@ def load_packed(path, device: str = "cpu", fast: bool = True,
     return load(path, device, packed={"fast": fast, "act_dtype": act_dtype})
 
 
-__all__ = ["FastDecoder", "Kernel", "LayerInfo", "PackedLinear", "convert", "fuse_linears",
-           "generate", "get_kernel", "hardware_path_report", "kernel_names",
+__all__ = ["ConvertReport", "FastDecoder", "Kernel", "LayerInfo", "PackedLinear", "convert",
+           "fuse_linears", "generate", "get_kernel", "hardware_path_report", "kernel_names",
            "layer_info", "load_packed", "memory_report", "packed_bytes", "packed_module",
            "register_kernel", "release_memory", "replace_module", "select_kernel", "weight_bytes"]

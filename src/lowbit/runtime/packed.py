@@ -146,7 +146,8 @@ class PackedLinear(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = x W^T + b``: ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype."""
-        y = self._impl.forward(self, x.reshape(-1, self.in_features))
+        # contiguous: the int4 kernel refuses strided rows (e.g. gpt-oss's gated expert input)
+        y = self._impl.forward(self, x.reshape(-1, self.in_features).contiguous())
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
