@@ -68,19 +68,29 @@ def estimate_cmd(
         if seq_len < 1 or batch < 1:
             fail("--seq-len and --batch must be positive")
         est = estimate(n, arch, seq_len, batch, kv_format, group_size)
+    moe = est.get("moe")
     title = f"{arch.name if arch else ''} {n / 1e9:.2f}B parameters".strip()
+    if moe:
+        title += f" ({moe['active_params'] / 1e9:.2f}B active per token)"
     t = Table(title=f"weights: {title}")
     fp32 = est["weights"][0]["total"]
     unit, div = ("GB", 1e9) if fp32 >= 1e10 else ("MB", 1e6)
-    for c in ("precision", "bits/weight", f"codes {unit}", f"scales {unit}", f"total {unit}",
-              "vs FP32"):
+    cols = ["precision", "bits/weight", f"codes {unit}", f"scales {unit}", f"total {unit}"]
+    for c in cols + ([f"active/token {unit}"] if moe else []) + ["vs FP32"]:
         t.add_column(c, justify="right")
     for r in est["weights"]:
         bpw = 8 * r["total"] / n
+        act = [f"{r['active_total'] / div:.2f}"] if moe else []
         t.add_row(r["precision"], f"{bpw:.3g}", f"{r['codes'] / div:.1f}",
-                  f"{r['scales'] / div:.2f}", f"{r['total'] / div:.1f}",
+                  f"{r['scales'] / div:.2f}", f"{r['total'] / div:.1f}", *act,
                   f"{fp32 / r['total']:.1f}x")
     console.print(t)
+    if moe:
+        console.print(
+            f"mixture of experts: {moe['experts']} experts, top-{moe['top_k']}, in "
+            f"{moe['moe_layers']} of {arch.layers} layers; total = resident weights (every "
+            "expert); active = read per token (attention, dense MLPs, shared experts, "
+            f"router, {moe['top_k']} routed experts per MoE layer, embeddings and LM head)")
     console.print(f"scales: int4 one fp16 per {group_size}, nvfp4 one e4m3 per 16 (+1 fp32 per "
                   "tensor), mxfp4 one e8m0 per 32; GB = 1e9 bytes, MB = 1e6 bytes")
     if "kv_cache" in est:

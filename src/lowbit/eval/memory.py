@@ -7,6 +7,11 @@ FP16 is "140 GB").
   values share a 16-bit scale for INT4/INT8 weight-only formats; NVFP4 has an 8-bit scale per
   16, MXFP4 an 8-bit scale per 32). Per-tensor/per-channel scales are negligible and shown as 0.
 * KV cache: ``2 (K and V) * layers * kv_heads * head_dim * seq_len * batch * bytes``.
+* mixture-of-experts configs: ``total`` parameters hold every expert; ``active`` parameters
+  are those one token runs through: embeddings and LM head, attention, norms, dense MLPs,
+  shared experts, the router and the top-k routed experts of each MoE layer (the convention
+  of model cards: Mixtral-8x7B 46.7B total / 12.9B active). Weight memory is given for both:
+  resident (all experts) and read per token (active).
 """
 
 from __future__ import annotations
@@ -34,23 +39,53 @@ class Arch:
     head_dim: int | None = None
     tied: bool = False
     mlp_mats: int = 3  # gate/up/down (Llama); 2 for GPT-2/OPT-style MLPs
+    # mixture of experts (experts = 0: dense)
+    experts: int = 0              # routed experts per MoE layer
+    top_k: int = 0                # routed experts per token
+    moe_intermediate: int = 0     # width of one routed expert
+    shared_intermediate: int = 0  # total width of the shared experts of an MoE layer
+    moe_layers: int = 0           # layers with experts (the others have a dense MLP)
+    attn_params: int = 0          # per layer, when not q/k/v/o (DeepSeek's MLA)
 
     @property
     def hd(self) -> int:
         """Head dimension."""
         return self.head_dim or self.hidden // self.heads
 
+    @property
+    def is_moe(self) -> bool:
+        """Whether the model has routed experts."""
+        return self.experts > 0
+
+    def _attn(self) -> int:
+        return self.attn_params or \
+            self.hidden * self.heads * self.hd * 2 + self.hidden * self.kv_heads * self.hd * 2
+
+    def _linears(self, routed: int) -> int:
+        """Linear parameters of all blocks with ``routed`` experts per MoE layer."""
+        dense_mlp = self.mlp_mats * self.hidden * self.intermediate
+        moe = self.mlp_mats * self.hidden * (routed * self.moe_intermediate +
+                                             self.shared_intermediate) + \
+            self.hidden * self.experts  # router
+        return self.layers * self._attn() + (self.layers - self.moe_layers) * dense_mlp + \
+            self.moe_layers * moe
+
     def params(self) -> int:
-        """Parameter count (embeddings, attention, MLP, norms; biases ignored)."""
-        attn = self.hidden * self.heads * self.hd * 2 + self.hidden * self.kv_heads * self.hd * 2
-        mlp = self.mlp_mats * self.hidden * self.intermediate
+        """Parameter count (embeddings, attention, MLP or all experts + routers, norms;
+        biases ignored)."""
         emb = self.vocab * self.hidden * (1 if self.tied else 2)
-        return emb + self.layers * (attn + mlp + 2 * self.hidden) + self.hidden
+        return emb + self._linears(self.experts) + 2 * self.hidden * self.layers + self.hidden
+
+    def active_params(self) -> int:
+        """Parameters one token runs through: :meth:`params` with each MoE layer's
+        ``top_k`` routed experts instead of all (equal to :meth:`params` for dense models)."""
+        emb = self.vocab * self.hidden * (1 if self.tied else 2)
+        return emb + self._linears(self.top_k) + 2 * self.hidden * self.layers + self.hidden
 
     def linear_params(self) -> int:
-        """Parameters of the decoder blocks' linear layers (what PTQ usually quantizes)."""
-        attn = self.hidden * self.heads * self.hd * 2 + self.hidden * self.kv_heads * self.hd * 2
-        return self.layers * (attn + self.mlp_mats * self.hidden * self.intermediate)
+        """Parameters of the decoder blocks' linear layers (what PTQ usually quantizes;
+        routers included)."""
+        return self._linears(self.experts)
 
 
 KNOWN: dict[str, Arch] = {a.name: a for a in [
@@ -104,7 +139,7 @@ def arch_from_config(path: "str | Path") -> Arch:
     if not (hidden and layers and heads):
         raise ConfigError(f"{p}: missing hidden_size/num_hidden_layers/num_attention_heads")
     gpt_like = c.get("model_type") in ("gpt2", "opt", "gpt_neox", "gptj", "bloom", "falcon")
-    return Arch(
+    return Arch(**_moe_fields(c, p, layers, hidden, heads),
         name=c.get("_name_or_path") or c.get("model_type", p.parent.name),
         vocab=get("vocab_size", default=32000), hidden=hidden, layers=layers, heads=heads,
         kv_heads=get("num_key_value_heads", default=heads),
@@ -113,6 +148,48 @@ def arch_from_config(path: "str | Path") -> Arch:
         head_dim=get("head_dim"), tied=bool(c.get("tie_word_embeddings", gpt_like)),
         mlp_mats=2 if gpt_like else 3,
     )
+
+
+def _moe_fields(c: dict, p: Path, layers: int, hidden: int, heads: int) -> dict:
+    """The MoE and MLA fields of :class:`Arch` from a transformers config dict (empty for a
+    dense model). Keys read: ``num_local_experts`` / ``num_experts`` / ``n_routed_experts``,
+    ``num_experts_per_tok``, ``moe_intermediate_size``, ``shared_expert_intermediate_size``
+    or ``n_shared_experts``, ``first_k_dense_replace``, ``moe_layer_freq``,
+    ``decoder_sparse_step``, ``mlp_only_layers``; MLA: ``kv_lora_rank``, ``q_lora_rank``,
+    ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``."""
+    out: dict = {}
+    if c.get("kv_lora_rank"):
+        rope, nope = c.get("qk_rope_head_dim", 0), c.get("qk_nope_head_dim", 0)
+        v, kv_r, q_r = c.get("v_head_dim", 0), c["kv_lora_rank"], c.get("q_lora_rank")
+        q = hidden * q_r + q_r * heads * (nope + rope) + q_r if q_r else \
+            hidden * heads * (nope + rope)
+        out["attn_params"] = q + hidden * (kv_r + rope) + kv_r + kv_r * heads * (nope + v) + \
+            heads * v * hidden
+    experts = next((c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if c.get(k)), 0)
+    if not experts:
+        return out
+    top_k = c.get("num_experts_per_tok")
+    if not top_k:
+        raise ConfigError(f"{p}: {experts} experts but no num_experts_per_tok (the routed "
+                          "experts per token)")
+    width = c.get("moe_intermediate_size") or c.get("intermediate_size")
+    if c.get("shared_expert_intermediate_size"):
+        shared = c["shared_expert_intermediate_size"]
+    else:
+        shared = (c.get("n_shared_experts") or 0) * width
+    first = c.get("first_k_dense_replace") or 0
+    dense_only = set(c.get("mlp_only_layers") or [])
+    if c.get("decoder_sparse_step"):  # Qwen-MoE: layer i sparse when (i + 1) % step == 0
+        step = c["decoder_sparse_step"]
+        sparse = [(i + 1) % step == 0 and i not in dense_only for i in range(layers)]
+    else:  # DeepSeek/GLM: dense below first_k_dense_replace, then every moe_layer_freq-th
+        freq = c.get("moe_layer_freq") or 1
+        sparse = [i >= first and i % freq == 0 for i in range(layers)]
+    moe_layers = sum(sparse)
+    out.update(experts=experts, top_k=top_k, moe_intermediate=width,
+               shared_intermediate=shared, moe_layers=moe_layers)
+    return out
 
 
 def resolve_arch(model: str) -> Arch:
@@ -155,6 +232,15 @@ def estimate(params: int, arch: Arch | None = None, seq_len: int = 4096, batch: 
         w = weight_bytes(params, p, group_size)
         rows.append({"precision": p, **w})
     out = {"params": params, "weights": rows, "group_size": group_size}
+    if arch is not None and arch.is_moe:
+        active = round(params * arch.active_params() / arch.params())  # follows --params
+        for r in rows:
+            r["active_total"] = weight_bytes(active, r["precision"], group_size)["total"]
+        out["moe"] = {"total_params": params, "active_params": active,
+                      "experts": arch.experts, "top_k": arch.top_k,
+                      "moe_layers": arch.moe_layers,
+                      "expert_params": arch.moe_layers * arch.experts * arch.mlp_mats *
+                      arch.hidden * arch.moe_intermediate}
     if arch is not None:
         out["kv_cache"] = {"format": kv_format, "seq_len": seq_len, "batch": batch,
                            "bytes": kv_cache_bytes(arch, seq_len, batch, kv_format),
