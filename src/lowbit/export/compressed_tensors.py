@@ -62,9 +62,10 @@ from torch import nn
 from lowbit import formats
 from lowbit.core import QTensor, QuantSpec, compute_scales
 from lowbit.errors import ConfigError
-from lowbit.export import ct_schema
+from lowbit.export import ct_schema, moe_names
 from lowbit.export.base import quantized_modules, weight_qtensor
 from lowbit.export.shards import plain_tensors, shares_storage, write_hf_files, write_shards
+from lowbit.nn.routers import find_routers
 from lowbit.nn.utils import quantizers
 
 _E4M3 = formats.get("e4m3")
@@ -371,6 +372,11 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
                               "output_activations": r["output_activations"],
                               "format": r["format"]})
     ignore = [n for n in linear_names if n not in qnames] if len(groups) <= 1 else []
+    # routers and shared-expert gates stay float: listed whatever their module type, so that
+    # engines that hold them as linears (vLLM's ReplicatedLinear gate) leave them alone
+    floats = set(ignore) | {n for n in find_routers(model) if n not in qnames}
+    ignore = [n for n, _ in model.named_modules() if n in floats]
+    tensors, config_groups, ignore = _checkpoint_names(model, tensors, config_groups, ignore)
     qconfig = ct_schema.build_config(config_groups, ignore, kv_args)
     if inexact:
         warnings.warn(f"{len(inexact)} scale tensor(s) (first: {inexact[0]}) are not exactly "
@@ -383,6 +389,20 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     if untie:
         updates["tie_word_embeddings"] = False
     write_hf_files(model, out_dir, tokenizer, updates)
+
+
+def _checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor],
+                      config_groups: list[dict], ignore: list[str]):
+    """Tensors, config groups and ignore list under the names of the family's original
+    checkpoints (:mod:`lowbit.export.moe_names`: per-expert names of MoE models, e.g.
+    Mixtral's ``block_sparse_moe.experts.E.w1``); unchanged for a model without experts."""
+    modules = [t for g in config_groups for t in g["targets"] if t != "Linear"] + ignore
+    keys, mods = moe_names.checkpoint_names(model, tensors, modules)
+    if all(k == v for k, v in keys.items()) and all(k == v for k, v in mods.items()):
+        return tensors, config_groups, ignore
+    tensors = {keys[k]: v for k, v in tensors.items()}
+    groups = [dict(g, targets=[mods.get(t, t) for t in g["targets"]]) for g in config_groups]
+    return tensors, groups, [mods[n] for n in ignore]
 
 
 def _kv_cache(model: nn.Module, dtype, inexact) -> tuple[dict | None, dict[str, torch.Tensor]]:
