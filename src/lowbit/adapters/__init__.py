@@ -1,7 +1,8 @@
 """Model specifics: where the decoder blocks are, which linears share an input, and which
 norm (or linear) precedes them so that smoothing scales can be folded into it.
 
-One small declarative :class:`Adapter` per family (:mod:`.llama`, :mod:`.gpt2`, :mod:`.opt`),
+One small declarative :class:`Adapter` per family (:mod:`.llama`, :mod:`.gpt2`, :mod:`.opt`,
+:mod:`.moe` for mixture-of-experts families),
 registered by ``config.model_type``; any other model gets :data:`GENERIC`, which finds the
 same facts by inspection (a forward pass of one block with hooks). Whether a norm scales by
 ``w`` or ``1 + w`` is measured by running it (:mod:`.norms`); an adapter may declare it too,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lowbit.adapters import gpt2, llama, opt  # noqa: F401  (register the families)
+from lowbit.adapters import gpt2, llama, moe, opt  # noqa: F401  (register the families)
 from lowbit.adapters.base import (Adapter, InputGroup, in_features, is_linear, is_norm,
                                   out_features, register_adapter, registered)
 from lowbit.adapters.generic import GENERIC, GenericAdapter, groups_by_inspection

@@ -10,6 +10,7 @@ other model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +39,10 @@ class InputGroup:
     prev_kind: str = "norm"
     norm: str | None = None
     names: list[str] = field(default_factory=list)
+    # modules that read ``prev``'s output too but stay float (MoE routers, shared-expert
+    # gates): a scale folded into ``prev`` is multiplied into their weight columns, so that
+    # their outputs do not change
+    readers: list[str] = field(default_factory=list)
     # for a linear ``prev`` with fewer outputs than the group has inputs (grouped-query
     # attention's v_proj -> o_proj): the output channel of ``prev`` behind each input channel
     channel_map: torch.Tensor | None = None
@@ -125,6 +130,21 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _wild(pattern: str) -> re.Pattern:
+    """``mlp.experts.*.up_proj`` -> a regex where each ``*`` is one dotted part."""
+    return re.compile("^" + r"([^.]+)".join(re.escape(p) for p in pattern.split("*")) + "$")
+
+
+def expand(block: nn.Module, pattern: str) -> list[str]:
+    """Names of ``block``'s submodules that ``pattern`` names: itself when it has no ``*``
+    (if present), else every match with one dotted part per ``*`` (``mlp.experts.*.up_proj``
+    -> ``mlp.experts.0.up_proj``, ...), in module order."""
+    if "*" not in pattern:
+        return [pattern] if _get(block, pattern) is not None else []
+    rx = _wild(pattern)
+    return [n for n, _ in block.named_modules() if n and rx.match(n)]
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Declarative description of one model family (see the module doc).
@@ -140,6 +160,14 @@ class Adapter:
     ``"w"`` (Llama's RMSNorm, LayerNorm) or ``"1+w"`` (Gemma, Qwen3-Next); None: found by
     behaviour only (:func:`lowbit.adapters.norms.norm_kind`, which also checks a
     declaration).
+
+    Names in ``groups``, ``pairs`` and ``readers`` may hold ``*`` for one dotted part (the
+    routed experts of an MoE block: ``mlp.experts.*.gate_proj``); a pair's ``*`` parts of
+    ``next`` take the values matched in ``prev`` (``mlp.experts.*.up_proj ->
+    mlp.experts.*.down_proj``, expert by expert). ``readers``: ``(norm, (module, ...))``:
+    float modules that read the norm's output beside the group (MoE routers, shared-expert
+    gates); a scale folded into the norm is multiplied into their weight columns
+    (:attr:`InputGroup.readers`).
     """
 
     name: str
@@ -150,6 +178,7 @@ class Adapter:
     accepts: Callable[[nn.Module], bool] | None = None
     pair_map: Callable[[nn.Module, str, str], "torch.Tensor | None"] | None = None
     norm: str | None = None
+    readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
         if self.norm is not None and self.norm not in NORM_KINDS:
@@ -167,7 +196,8 @@ class Adapter:
         if found is None:
             return False
         b = found[1][0]
-        return all(_get(b, n) is not None for _, lins in self.groups for n in lins)
+        return all(_get(b, n) is not None for _, lins in self.groups for n in lins
+                   if "*" not in n)
 
     def find_blocks(self, model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         """``(path, ModuleList)`` of the decoder blocks, or None."""
@@ -181,18 +211,22 @@ class Adapter:
             -> list[InputGroup]:
         """The declared groups present in ``block`` (linears missing from it are dropped)."""
         out = []
+        readers = dict(self.readers)
         for prev, lins in self.groups:
-            present = [n for n in lins if _get(block, n) is not None]
+            present = [n for p in lins for n in expand(block, p)]
             if present:
-                out.append(InputGroup(linears=present,
-                                      prev=prev if _get(block, prev) is not None else None,
-                                      norm=self.norm))
+                has_prev = _get(block, prev) is not None
+                out.append(InputGroup(linears=present, prev=prev if has_prev else None,
+                                      norm=self.norm,
+                                      readers=[n for p in readers.get(prev, ())
+                                               for n in expand(block, p)] if has_prev
+                                      else []))
         return out
 
     def linear_pairs(self, block: nn.Module) -> list[InputGroup]:
         """Declared ``prev -> next`` pairs whose shapes allow folding a scale across."""
         out = []
-        for prev, nxt in self.pairs:
+        for prev, nxt in self._expanded_pairs(block):
             p, n = _get(block, prev), _get(block, nxt)
             if p is None or n is None:
                 continue
@@ -204,6 +238,19 @@ class Adapter:
                         int(idx.max()) < out_features(p):
                     out.append(InputGroup(linears=[nxt], prev=prev, prev_kind="linear",
                                           channel_map=idx))
+        return out
+
+    def _expanded_pairs(self, block: nn.Module) -> list[tuple[str, str]]:
+        """The declared pairs with their ``*`` parts expanded (see the class doc)."""
+        out = []
+        for prev, nxt in self.pairs:
+            if "*" not in prev:
+                out.append((prev, nxt))
+                continue
+            rx = _wild(prev)
+            for name in expand(block, prev):
+                parts = iter(rx.match(name).groups())
+                out.append((name, re.sub(r"\*", lambda _: next(parts), nxt)))
         return out
 
     def scale_groups(self, block: nn.Module, args: tuple = (), kwargs: dict | None = None,

@@ -98,7 +98,7 @@ class FoldCheck:
         see :func:`lowbit.adapters.norm_kind`) through :meth:`guard` (``what``:
         ``"smoothquant"``, ``"awq"``...)."""
         return self.guard(lambda: fold_scales(self.block, group, s, norm_inputs),
-                          [group.prev, *group.linears],
+                          [group.prev, *group.linears, *(group.readers or [])],
                           f"folding {what} scales into {describe(group)}", tol, check)
 
     def guard(self, change: Callable[[], None], names: list[str], what: str,

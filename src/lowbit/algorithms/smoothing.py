@@ -59,8 +59,10 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
     before anything changes. Fixed weight scales of the touched linears (from an earlier
     clip search or GPTQ) are dropped, since they described the old weights. With a
     ``channel_map`` (grouped-query attention), ``s`` must be equal on tied channels
-    (:meth:`InputGroup.tie`). Nothing checks the block's function here: see
-    :class:`lowbit.algorithms.foldcheck.FoldCheck`.
+    (:meth:`InputGroup.tie`). The group's float ``readers`` of a norm ``prev`` (MoE
+    routers, shared-expert gates) get their weight columns multiplied by ``s`` too, so that
+    their outputs (the routing) are unchanged. Nothing checks the block's function here:
+    see :class:`lowbit.algorithms.foldcheck.FoldCheck`.
     """
     prev = block.get_submodule(group.prev)
     s = s.detach().float().to(weight_2d(block.get_submodule(group.linears[0])).device)
@@ -87,7 +89,8 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
     else:
         raise ConfigError(f"group {group.linears}: prev_kind must be 'norm' or 'linear', got "
                           f"{group.prev_kind!r}")
-    for name in group.linears:
+    readers = list(getattr(group, "readers", None) or []) if group.prev_kind == "norm" else []
+    for name in [*group.linears, *readers]:
         m = block.get_submodule(name)
         w2 = weight_2d(m)
         w2.copy_((w2.float() * s[None, :]).to(w2.dtype))

@@ -59,6 +59,26 @@ GPTQ_ARGS = {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_gr
              "dtype": "float32", "true_sequential": True, "token_weight": "none"}
 
 
+def group_stats(stats: dict, group) -> "LinearStats | None":
+    """Statistics of the input ``group``'s linears share. Linears that saw different tokens
+    (the routed experts of an MoE block reading the norm's output, each from the tokens
+    routed to it) are merged: the largest ``absmax``, token-weighted means (exact when every
+    token reaches the same number of the group's linears, as top-k routing does) and every
+    sample. None when none of them saw a token."""
+    from lowbit.pipeline.blocks import LinearStats
+
+    have = [stats[n] for n in group.linears if n in stats]
+    if not have:
+        return None
+    if len(have) == len(group.linears) and len({st.n_tokens for st in have}) == 1:
+        return have[0]
+    n = sum(st.n_tokens for st in have)
+    return LinearStats(torch.stack([st.absmax for st in have]).amax(0),
+                       sum(st.absmean * st.n_tokens for st in have) / n,
+                       sum(st.nabsmean * st.n_tokens for st in have) / n, n,
+                       torch.cat([st.sample for st in have]))
+
+
 def _all(ctx, group, pred) -> bool:
     return all(ctx.selected(n) and pred(ctx.block.get_submodule(n)) for n in group.linears)
 
@@ -98,11 +118,15 @@ def smoothquant_step(ctx, args: dict) -> None:
     alphas = []
     for g in groups:
         probe = None
-        if grid is not None:
+        if grid is not None and group_stats(stats, g) is not None:
             probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
                                act_quant=True, reduce=ctx.comm.sum_float)
-        alpha, s, _ = smooth_group(ctx.block, g, stats[g.linears[0]].absmax,
-                                   float(args["alpha"]), probe, grid, fold=False)
+        st = group_stats(stats, g)
+        if st is None:  # an expert no token reached, without moe_calibrate_all_experts
+            _no_tokens(ctx, g, "smoothquant")
+            continue
+        alpha, s, _ = smooth_group(ctx.block, g, st.absmax, float(args["alpha"]), probe,
+                                   grid, fold=False)
         ctx.fold(g, s, what="smoothquant", tol=tol)
         alphas.append(round(alpha, 3))
     ctx.info["smoothquant_alpha"] = alphas
@@ -172,10 +196,14 @@ def awq_step(ctx, args: dict) -> None:
 def _awq(ctx, args, groups, stats, sample) -> None:
     alphas = []
     for g in groups:
+        st = group_stats(stats, g)
+        if st is None:  # an expert no token reached, without moe_calibrate_all_experts
+            _no_tokens(ctx, g, "awq")
+            alphas.append(None)
+            continue
         probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, args["loss"]), sample),
                            act_quant=bool(args["act_quant"]), token_weight=args["token_weight"],
                            reduce=ctx.comm.sum_float)
-        st = stats[g.linears[0]]
         xmean = st.absmean if args["token_weight"] == "none" else st.nabsmean
         alpha, s, _ = awq_search(ctx.block, g, probe, xmean,
                                  int(args["grid"]), bool(args["duo_scaling"]), fold=False)
@@ -196,11 +224,41 @@ def _awq(ctx, args, groups, stats, sample) -> None:
         ctx.info["awq_clip"] = ratios
 
 
+def _no_tokens(ctx, group, step: str) -> None:
+    """Note on the experts of ``group`` that ``step`` found no token to scale them by."""
+    from lowbit.pipeline.moe import expert_of, note
+
+    for n in group.linears:
+        found = expert_of(ctx.block, n)
+        if found is not None:
+            note(found[1], found[2], f"{step}: no per-expert scale (no token reached it)")
+
+
+def _rtn_experts(ctx, names: list[str]) -> set[str]:
+    """The expert linears among ``names`` that GPTQ leaves to RTN: without
+    ``moe_calibrate_all_experts``, those of experts routed fewer than ``moe_min_tokens``
+    tokens (noted on their experts module for the report)."""
+    from lowbit.pipeline.moe import GPTQ_RTN, expert_of, min_tokens, note
+
+    out = set()
+    if ctx.moe_all:
+        return out
+    for n in names:
+        found = expert_of(ctx.block, n)
+        if found is None:
+            continue
+        _, mod, e = found
+        if int(mod.routed_tokens[e]) < min_tokens(mod, ctx.moe_min_tokens):
+            out.add(n)
+            note(mod, e, GPTQ_RTN)
+    return out
+
+
 def _sequential_groups(ctx, names: list[str], true_sequential: bool) -> list[list[str]]:
     if not true_sequential:
         return [names]
     a, k = ctx.call(ctx.chunks[0].head(1))
-    with ctx.weights_fp():
+    with ctx.weights_fp(), ctx.all_experts():
         groups = groups_by_inspection(ctx.block, a, k)
     order = [[n for n in g.linears if n in names] for g in groups]
     seen = {n for g in order for n in g}
@@ -225,6 +283,10 @@ def gptq_step(ctx, args: dict) -> None:
         acc.add(x)
 
     names = [n for n in ctx.quantized_linears() if ctx.selected(n)]
+    rtn = _rtn_experts(ctx, names)
+    if rtn:
+        ctx.info["gptq_rtn"] = sorted(rtn)
+    names = [n for n in names if n not in rtn]
     if not names:
         return
     losses = {}
@@ -236,7 +298,7 @@ def gptq_step(ctx, args: dict) -> None:
         hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: add(accs[n], a[0]))
                  for n, m in zip(grp, mods)]
         try:  # this group and the later ones in full precision, the earlier ones quantized
-            with ctx.weights_fp(later):
+            with ctx.weights_fp(later), ctx.all_experts():
                 ctx.run(until=mods)
         finally:
             for h in hooks:
@@ -245,7 +307,8 @@ def gptq_step(ctx, args: dict) -> None:
             for n in grp:
                 accs[n].all_reduce(ctx.comm.group)
         for n, m in zip(grp, mods):
-            if accs[n].n_tokens == 0:
+            if accs[n].n_tokens == 0:  # never called on the block's inputs: RTN, stated
+                ctx.info.setdefault("gptq_no_tokens", []).append(n)
                 continue
             # the accumulator's H is handed over: GPTQ overwrites it and releases its memory
             # once inverted (one [in, in] matrix less at the peak)

@@ -19,6 +19,12 @@ YAML::
     strict: false            # true: a pattern that matches nothing, or a recipe that
                              # targets every linear but leaves > 2% of the non-embedding
                              # weights unquantized, is an error (else a warning)
+    moe_calibrate_all_experts: null  # MoE: during calibration every token also passes
+                             # through every expert (statistics only; the block's output
+                             # keeps the model's routing). null: on when the recipe has
+                             # algorithm steps (see Recipe.calibrate_all_experts)
+    moe_min_tokens: null     # MoE: an expert routed fewer calibration tokens is named in the
+                             # report with its fallback (null: the expert's input width)
 
 ``group_policy`` applies to group sizes written in the recipe: ``fallback`` uses the largest
 divisor of a layer's width below the group size (every such layer is listed in the report
@@ -99,6 +105,24 @@ class Recipe(BaseModel):
     algorithms: list[AlgorithmStep] = []
     group_policy: Literal["strict", "fallback"] = "fallback"
     strict: bool = False
+    moe_calibrate_all_experts: bool | None = None
+    moe_min_tokens: int | None = None
+
+    @field_validator("moe_min_tokens")
+    @classmethod
+    def _min_tokens(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"must be a token count >= 0 or null, got {v}")
+        return v
+
+    @property
+    def calibrate_all_experts(self) -> bool:
+        """Whether calibration passes run every token through every expert of MoE blocks:
+        ``moe_calibrate_all_experts`` when given, else whether the recipe has algorithm
+        steps (their statistics, Hessians and scale searches are per expert)."""
+        if self.moe_calibrate_all_experts is not None:
+            return bool(self.moe_calibrate_all_experts)
+        return bool(self.algorithms)
 
     @field_validator("algorithms", mode="before")
     @classmethod
@@ -156,6 +180,8 @@ class Recipe(BaseModel):
             "exclude": list(self.exclude), "kv_cache": spec(self.kv_cache),
             "algorithms": [a.model_dump(exclude_defaults=True) for a in self.algorithms],
             "group_policy": self.group_policy, "strict": self.strict,
+            **{k: getattr(self, k) for k in ("moe_calibrate_all_experts", "moe_min_tokens")
+               if getattr(self, k) is not None},
         }
 
     # --- matching -------------------------------------------------------------------------

@@ -145,6 +145,9 @@ class MoEExperts(nn.ModuleList):
         self.calibrate_all = False
         self.track_tokens = False
         self.routed_tokens = torch.zeros(len(experts), dtype=torch.int64)
+        self.counted = False  # routed_tokens hold a calibration count (set by the pipeline)
+        # expert index -> fallbacks taken in calibration (for the report; set by the pipeline)
+        self.calib_notes: dict[int, list[str]] = {}
         gate_fn = getattr(source, layout.gate_fn) if layout.gate_fn else None
         act = getattr(source, "act_fn", None)
         if gate_fn is None and act is None:
@@ -233,6 +236,19 @@ class MoEExperts(nn.ModuleList):
         return out
 
     # ------------------------------------------------------------------ forward
+    def count(self, top_k_index: torch.Tensor) -> torch.Tensor:
+        """Tokens routed to each expert by ``top_k_index [T, k]`` (int64 ``[E]``, on its
+        device); added to ``routed_tokens`` when ``track_tokens`` is on."""
+        n = self.num_experts
+        with torch.no_grad():
+            idx = top_k_index.long()
+            valid = (idx >= 0) & (idx < n)
+            counts = torch.bincount(idx[valid].reshape(-1), minlength=n)[:n]
+            if self.track_tokens:
+                self.routed_tokens += counts.cpu()
+                self.counted = True
+        return counts
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Weighted sum over each token's top-k experts; ``[T, H] -> [T, H]``."""
@@ -244,12 +260,8 @@ class MoEExperts(nn.ModuleList):
             raise TypeError(f"MoEExperts.forward: unexpected arguments {sorted(kwargs)}")
         n = self.num_experts
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            idx = top_k_index.long()
-            valid = (idx >= 0) & (idx < n)
-            counts = torch.bincount(idx[valid].reshape(-1), minlength=n)[:n]
-            if self.track_tokens:
-                self.routed_tokens += counts.cpu()
+        idx = top_k_index.long()
+        counts = self.count(idx)
         hit = counts.nonzero().flatten().tolist()
         todo = range(n) if self.calibrate_all else hit
         for e in todo:

@@ -72,10 +72,12 @@ def recipe_steps(recipe) -> tuple[list[tuple], list[tuple]]:
 
 
 def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
-                   chunk_size: int = 8, progress=None, comm=None) -> list[dict]:
+                   chunk_size: int = 8, progress=None, comm=None, moe_all: bool = False,
+                   moe_min_tokens: int | None = None) -> list[dict]:
     """Run the recipe's algorithm steps: model steps first, then the block steps with the
     block-by-block runner (which also calibrates each block). Returns the runner's rows.
-    ``comm``: data-parallel calibration (see :func:`lowbit.pipeline.blocks.run_blocks`)."""
+    ``comm``: data-parallel calibration; ``moe_all``/``moe_min_tokens``: MoE calibration
+    (see :func:`lowbit.pipeline.blocks.run_blocks`)."""
     from lowbit.pipeline.blocks import run_blocks
 
     model_steps, block_steps = recipe_steps(recipe)
@@ -84,4 +86,5 @@ def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
     if not block_steps:
         return []
     return run_blocks(model, block_steps, forward_loop, report, feed=feed,
-                      chunk_size=chunk_size, progress=progress, comm=comm)
+                      chunk_size=chunk_size, progress=progress, comm=comm, moe_all=moe_all,
+                      moe_min_tokens=moe_min_tokens)

@@ -109,6 +109,13 @@ class BlockContext:
     ``low_memory``: after every :meth:`run`, drop the cached fake-quantized weights and give
     freed heap pages back to the system (:func:`trim_heap`). Folds through :meth:`fold` are
     checked to keep the block's float function.
+
+    MoE blocks (:mod:`lowbit.pipeline.moe`): ``moe_all`` runs every token through every
+    expert in the statistics and calibration passes (:meth:`all_experts`: activation
+    statistics, :meth:`capture`, GPTQ Hessians, static quantizers), never in passes that
+    only compute outputs; ``moe_min_tokens``: the under-calibration threshold (None: each
+    expert's input width); ``routed``: ``{experts name: int64 [E]}`` routed tokens per
+    expert, counted by :func:`process_block` before the steps.
     """
 
     fold_check_tokens = 256
@@ -117,7 +124,8 @@ class BlockContext:
     def __init__(self, model, block, name, index, adapter, chunks, overrides,
                  sample_tokens: int = 512, comm: Collective | None = None,
                  layout: list[tuple[int, int]] | None = None, offset: int = 0,
-                 low_memory: bool = False):
+                 low_memory: bool = False, moe_all: bool = False,
+                 moe_min_tokens: int | None = None):
         self.model = model
         self.block = block
         self.name = name
@@ -134,6 +142,16 @@ class BlockContext:
         self.low_memory = low_memory
         self._stats: dict[str, LinearStats] | None = None
         self._fold_check = None  # see fold()
+        self.moe_all = bool(moe_all)
+        self.moe_min_tokens = moe_min_tokens
+        self.routed: dict[str, torch.Tensor] = {}
+
+    def all_experts(self):
+        """Context: every token through every expert of the block's MoE experts when
+        ``moe_all`` (statistics passes only; a no-op otherwise)."""
+        from lowbit.pipeline.moe import all_experts
+
+        return all_experts(self.block, self.moe_all)
 
     def global_layout(self) -> list[tuple[int, int]]:
         """``(samples, tokens)`` of every chunk of every rank, in global order."""
@@ -229,11 +247,12 @@ class BlockContext:
             lambda mod, a, k, n=n: got[n].append((_detach(tuple(a)), _detach(dict(k)))),
             with_kwargs=True) for n, m in zip(names, mods)]
         try:
-            if fp:
-                with self.weights_fp():
+            with self.all_experts():
+                if fp:
+                    with self.weights_fp():
+                        self.run(chunks, until=mods)
+                else:
                     self.run(chunks, until=mods)
-            else:
-                self.run(chunks, until=mods)
         finally:
             for h in hs:
                 h.remove()
@@ -274,7 +293,7 @@ class BlockContext:
         hs = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n))
               for n, m in zip(names, mods)]
         try:
-            with self.weights_fp():
+            with self.weights_fp(), self.all_experts():
                 self.run(until=mods)
         finally:
             for h in hs:
@@ -425,7 +444,12 @@ def calibrate_block(ctx: BlockContext) -> int:
     """Calibrate the block's static quantizers that have no statistics yet on its inputs
     (weights in full precision while activations are observed, as in whole-model
     calibration); returns how many. With ``ctx.comm``, the calibrators' states are
-    combined over the ranks before the statistics are computed (bit-exact)."""
+    combined over the ranks before the statistics are computed (bit-exact). MoE: every
+    token through every expert with ``ctx.moe_all``; else an expert's static input
+    quantizer that no token reached takes the largest amax of the other experts of its
+    block (:func:`lowbit.pipeline.moe.finish_calibration`, stated in the report)."""
+    from lowbit.pipeline.moe import finish_calibration
+
     todo = [q for _, q in quantizers(ctx.block) if q.needs_calibration and q.amax is None
             and q.is_enabled]
     if not todo:
@@ -433,14 +457,13 @@ def calibrate_block(ctx: BlockContext) -> int:
     for q in todo:
         q.start_calibration()
     try:
-        with ctx.weights_fp():
+        with ctx.weights_fp(), ctx.all_experts():
             ctx.run()
         if ctx.comm.enabled:
             for q in todo:
                 if q.calibrator is not None:
                     q.calibrator.all_reduce(ctx.comm.group)
-        for q in todo:
-            q.finish_calibration()
+        finish_calibration(todo, ctx.block)
     except BaseException:
         for q in todo:
             if q.mode == "calibrating":
@@ -512,6 +535,9 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
     for q in waiting:
         q.disable()
     try:
+        from lowbit.pipeline.moe import count_routed
+
+        ctx.routed = count_routed(ctx)  # MoE: routed tokens per expert ({} without experts)
         for step in steps:
             fn, args = step[0], step[1]
             ctx.targets = step[2] if len(step) > 2 else None
@@ -536,7 +562,8 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
 def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
                report=None, feed: str = "quantized", chunk_size: int = 8,
                progress: Callable[[int, int, str], None] | None = None,
-               adapter: Adapter | None = None, comm: Collective | None = None) -> list[dict]:
+               adapter: Adapter | None = None, comm: Collective | None = None,
+               moe_all: bool = False, moe_min_tokens: int | None = None) -> list[dict]:
     """Run algorithm ``steps`` and calibration block by block; returns one row per block
     (name, seconds, what the steps reported).
 
@@ -551,6 +578,9 @@ def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
     ``comm``: data-parallel calibration (:mod:`lowbit.pipeline.distributed`; default: the
     initialized process group if any): ``forward_loop`` runs this rank's share of the
     calibration set and the statistics are combined, so every rank ends with the same model.
+
+    ``moe_all`` / ``moe_min_tokens``: MoE calibration (see :class:`BlockContext`; the
+    recipe's ``calibrate_all_experts`` and ``moe_min_tokens``).
     """
     if feed not in ("quantized", "fp"):
         raise ConfigError(f"feed must be 'quantized' or 'fp', got {feed!r}")
@@ -579,7 +609,8 @@ def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
         for i, block in enumerate(blocks):
             name = f"{prefix}.{i}" if prefix else "(model)"
             ctx = BlockContext(model, block, name, i, adapter, chunks, captured.overrides[i],
-                               comm=comm, layout=layout, offset=offset)
+                               comm=comm, layout=layout, offset=offset, moe_all=moe_all,
+                               moe_min_tokens=moe_min_tokens)
             rows.append(process_block(ctx, steps, feed, last=i == len(blocks) - 1))
             del ctx
             if progress is not None:

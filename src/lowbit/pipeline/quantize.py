@@ -31,15 +31,22 @@ def _forward_loop_from(calib_data: Any) -> Callable[[nn.Module], None]:
     return forward_loop_from_batches(calib_data)
 
 
-def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=None) -> int:
+def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=None,
+              calibrate_all_experts: bool = False) -> int:
     """Run ``forward_loop(model)`` with every static quantizer observing; returns how many
     quantizers were calibrated. Weights stay in full precision while activations are observed.
 
     ``comm`` (default: the initialized ``torch.distributed`` group, if any): each rank's
     ``forward_loop`` runs its share of the data and the calibrators are combined (bit-exact,
     see :mod:`lowbit.pipeline.distributed`).
+
+    MoE experts (:mod:`lowbit.pipeline.moe`): the tokens routed to each expert are counted
+    (``routed_tokens``); ``calibrate_all_experts``: every token also passes through every
+    expert (statistics only); else an expert's static input quantizer that no token reached
+    takes the largest amax of the other experts of its block (stated in the report).
     """
     from lowbit.pipeline.distributed import current
+    from lowbit.pipeline.moe import all_experts, experts_modules, finish_calibration, tracking
 
     comm = comm if comm is not None else current()
     todo = [q for _, q in quantizers(model) if q.needs_calibration and q.mode != "disabled"
@@ -56,14 +63,15 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=N
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tracking(model), all_experts(model, calibrate_all_experts):
             forward_loop(model)
         if comm.enabled:
             for q in todo:
                 if q.calibrator is not None:
                     q.calibrator.all_reduce(comm.group)
-        for q in todo:
-            q.finish_calibration()
+            for m in experts_modules(model).values():
+                comm.sum_(m.routed_tokens)
+        finish_calibration(todo, model)
     finally:
         for q in saved.values():
             q.enable()
@@ -104,11 +112,16 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
             ``calib_data`` is then the whole set on every rank (each takes its share), a
             ``forward_loop`` runs this rank's share only; every rank ends with the same
             model. See :mod:`lowbit.pipeline.distributed` for what is exact.
-        **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...).
+        **overrides: recipe overrides (``group_size=64``, ``kv_cache="fp8"``...), and the
+            recipe's MoE options ``moe_calibrate_all_experts`` (True/False: every token also
+            through every expert in calibration passes; default: on when the recipe has
+            algorithm steps) and ``moe_min_tokens`` (an expert routed fewer calibration
+            tokens is named in the report with its fallback; default: its input width).
 
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
     modules, MoE routers left in float, group-size fallbacks, KV-cache attachment, times,
-    and ``coverage``: the quantized share of the weights and why every other weight
+    ``experts`` (MoE: tokens routed to each expert in calibration and the fallback of each
+    expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`) and ``coverage``: the quantized share of the weights and why every other weight
     parameter is not; :func:`lowbit.print_summary` prints it). Warnings (ConfigError with
     ``strict: true`` in the recipe): a recipe targeting every linear that leaves more than 2%
     of the non-embedding weights with no quantized class; recipe group sizes that fell back
@@ -119,7 +132,13 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
 
     t0 = time.perf_counter()
     comm = comm if comm is not None else current()
+    from lowbit.pipeline.moe import expert_rows, experts_modules, moe_report, split_overrides
+
+    overrides, moe_options = split_overrides(overrides)
     recipe = _recipes.load(recipe, **overrides)
+    if moe_options:
+        recipe = Recipe.parse({**recipe.to_dict(), **moe_options}, f"recipe {recipe.name}")
+    moe_all = recipe.calibrate_all_experts
     if forward_loop is None and calib_data is not None:
         if comm.enabled:
             calib_data = shard_batches(calib_data, chunk_size, comm)
@@ -129,6 +148,9 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     unfused = unfuse_experts(model)
     report = apply_recipe(model, recipe)
     report.unfused_experts = unfused
+    moe = bool(experts_modules(model))
+    if moe:
+        report = moe_report(report)
     if blockwise is False and recipe.algorithms:
         raise ConfigError(f"recipe {recipe.name} has algorithm steps, which run block by "
                           "block: blockwise=False is not possible")
@@ -136,13 +158,15 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         from lowbit.pipeline.algorithms import run_algorithms
 
         run_algorithms(model, recipe, forward_loop, report, feed=feed, chunk_size=chunk_size,
-                       progress=progress, comm=comm)
+                       progress=progress, comm=comm, moe_all=moe_all,
+                       moe_min_tokens=recipe.moe_min_tokens)
     elif blockwise and any(q.needs_calibration and q.amax is None and q.is_enabled
                            for _, q in quantizers(model)):
         from lowbit.pipeline.blocks import run_blocks
 
         run_blocks(model, [], forward_loop, report, feed=feed, chunk_size=chunk_size,
-                   progress=progress, comm=comm)
+                   progress=progress, comm=comm, moe_all=moe_all,
+                   moe_min_tokens=recipe.moe_min_tokens)
     needs = any(q.needs_calibration and q.amax is None for _, q in quantizers(model))
     if needs:
         if forward_loop is None:
@@ -150,7 +174,9 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
                 f"recipe {recipe.name} has static activation quantizers: pass forward_loop= "
                 "or calib_data= (or use a dynamic or weight-only recipe)"
             )
-        calibrate(model, forward_loop, comm)
+        calibrate(model, forward_loop, comm, calibrate_all_experts=moe_all)
+    if moe:
+        report.experts = expert_rows(model, moe_all, recipe.moe_min_tokens)
     report.seconds = time.perf_counter() - t0
     model.lowbit_report = report
     model.lowbit_recipe = recipe
