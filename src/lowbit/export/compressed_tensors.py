@@ -398,10 +398,11 @@ def _checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor],
     Mixtral's ``block_sparse_moe.experts.E.w1``); unchanged for a model without experts."""
     modules = [t for g in config_groups for t in g["targets"] if t != "Linear"] + ignore
     keys, mods = moe_names.checkpoint_names(model, tensors, modules)
-    if all(k == v for k, v in keys.items()) and all(k == v for k, v in mods.items()):
+    if not moe_names.moe_experts(model):
         return tensors, config_groups, ignore
     tensors = {keys[k]: v for k, v in tensors.items()}
-    groups = [dict(g, targets=[mods.get(t, t) for t in g["targets"]]) for g in config_groups]
+    groups = [dict(g, targets=moe_names.expert_targets(model, g["targets"], mods))
+              for g in config_groups]
     return tensors, groups, [mods[n] for n in ignore]
 
 

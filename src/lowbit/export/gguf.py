@@ -42,7 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.adapters.moe_export import GGUF_MOE_ARCHS
 from lowbit.errors import ConfigError
+from lowbit.export import gguf_moe
 from lowbit.export.base import weight_qtensor
 from lowbit.export.gguf_types import NotExact, ggml_type_for, to_blocks
 from lowbit.nn.modules import QuantMixin
@@ -126,10 +128,11 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "model_type"):
         raise ConfigError("GGUF export needs a transformers causal LM (a model with .config)")
-    arch = ARCHS.get(cfg.model_type)
+    moe = gguf_moe.moe_arch(model, cfg.model_type)
+    arch = ARCHS.get(cfg.model_type) if moe is None else _Arch(moe.arch, moe.permute_qk)
     if arch is None:
-        raise ConfigError(f"GGUF export supports model types {', '.join(ARCHS)}; got "
-                          f"{cfg.model_type!r}")
+        raise ConfigError(f"GGUF export supports model types {', '.join(ARCHS)} and the MoE "
+                          f"families {', '.join(GGUF_MOE_ARCHS)}; got {cfg.model_type!r}")
     _warn_activation_quantizers(model)
     tensors = _tensors(model, cfg, arch, float_type, emb_type, allow_requantize,
                        requantize_type)
@@ -137,6 +140,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
     writer = gguf.GGUFWriter(Path(out_dir) / FILENAME,
                              gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
     _write_hparams(writer, model, cfg, name, _file_type(tensors, float_type))
+    if moe is not None:
+        gguf_moe.write_moe_hparams(writer, model, cfg, moe)
     _write_vocab(writer, tokenizer, cfg, tokenizer_pre)
     for tname, arr, qtype in tensors:
         writer.add_tensor(tname, arr, raw_dtype=qtype)
@@ -172,9 +177,13 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     out, inexact, requantized, widened = [], [], [], []
-    seen = set()
+    experts = gguf_moe.moe_experts(model)
+    out += gguf_moe.expert_tensors(model, tmap, float_type, allow_requantize, requantize_type,
+                                   _encode, _decode, inexact, requantized, widened)
+    seen = {n for n, _, _ in out}
     for key, t in model.state_dict(keep_vars=False).items():
-        if "_quantizer." in key or key.endswith("inv_freq"):
+        if "_quantizer." in key or key.endswith("inv_freq") or \
+                gguf_moe.is_expert_key(key, experts):
             continue
         mod_name, pname = key.rsplit(".", 1)
         gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -217,6 +226,8 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
         if rows is not None:
             data = data[rows]
         if data.ndim < 2:
+            out.append((gname, data.numpy().astype(np.float32), None))
+        elif gname.split(".")[-2] in gguf_moe.ROUTER_TENSORS:  # routers: F32, as llama.cpp
             out.append((gname, data.numpy().astype(np.float32), None))
         else:
             kind = emb_type if gname == "token_embd.weight" else float_type

@@ -121,11 +121,15 @@ def ggml_type_for(qt: QTensor) -> str:
                    "256 steps; ggml's 8-bit type Q8_0 has no offset")
 
 
-def to_blocks(qt: QTensor, rows: torch.Tensor | None = None) -> tuple[np.ndarray, str]:
+def to_blocks(qt: QTensor, rows: torch.Tensor | None = None, widen: bool = False
+              ) -> tuple[np.ndarray, str]:
     """``qt`` (a 2-D weight ``[out, in]``) as ggml blocks: ``(uint8 [out, in/32*B], type)``.
 
     ``rows`` reorders the rows (codes and their scales together), e.g. llama.cpp's Q/K
-    permutation for rotary embeddings. Raises NotExact when no type holds it exactly.
+    permutation for rotary embeddings. ``widen``: store affine codes of <= 7 bits as Q8_0
+    (``q - zero_point``, exact) even where Q4_1/Q5_1 would hold them, so that tensors
+    stacked with one that needs Q8_0 (the experts of one MoE block) share its type. Raises
+    NotExact when no type holds it exactly.
     """
     kind = ggml_type_for(qt)
     fmt = qt.spec.element_format
@@ -146,8 +150,8 @@ def to_blocks(qt: QTensor, rows: torch.Tensor | None = None) -> tuple[np.ndarray
     q = fmt.code_to_int(codes).reshape(o, nb, QK)  # int32 code values
     if kind in ("Q4_1", "Q5_1", "Q8_0") and (zp is not None or fmt.qmin >= 0):
         zpv = zp if zp is not None else torch.zeros_like(d)
-        if kind == "Q8_0":  # affine codes of <= 7 bits: q - zp fits int8
-            return _q8_0(q - zpv.to(torch.int32).unsqueeze(-1), d, o, nb), kind
+        if kind == "Q8_0" or (widen and fmt.bits <= 7):  # q - zp fits int8
+            return _q8_0(q - zpv.to(torch.int32).unsqueeze(-1), d, o, nb), "Q8_0"
         m = d * (fmt.qmin - zpv)  # x = d*(q - qmin) + d*(qmin - zp)
         try:
             mh = _fp16_exact(m, "offset d*(qmin - zero_point)")

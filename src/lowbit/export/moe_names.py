@@ -25,6 +25,7 @@ otherwise it is a ConfigError naming the family.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -34,7 +35,7 @@ from torch import nn
 
 from lowbit.adapters.moe_export import FUSED_ORIGINAL_EXPERTS
 from lowbit.errors import ConfigError
-from lowbit.nn.experts import ExpertsLayout, MoEExperts
+from lowbit.nn.experts import ROLES, ExpertsLayout, MoEExperts
 
 
 @dataclass(frozen=True)
@@ -174,4 +175,46 @@ def checkpoint_names(model: nn.Module, keys: Iterable[str], modules: Iterable[st
     return {k: key_map[k] for k in keys}, mod_map
 
 
-__all__ = ["checkpoint_names", "moe_experts"]
+def expert_targets(model: nn.Module, targets: list[str], mod_map: dict[str, str]) -> list[str]:
+    r"""A config group's ``targets`` (lowbit module names) under checkpoint names, with the
+    experts it holds written as one ``re:`` target (Mixtral:
+    ``re:^(?:model\.layers\.0\.block_sparse_moe\.experts\.\d+\.(?:w1|w3|w2)|...)$``)
+    instead of one name per expert: transformers fuses the experts on load and finds their
+    scheme by such a target (``get_experts_scheme``: a ``re:`` target that mentions
+    ``experts``); vLLM matches it against each expert's name.
+
+    A group must hold all the experts of a block and projection or none of them (engines
+    quantize one MoE layer with one scheme): ConfigError naming the block otherwise."""
+    experts = moe_experts(model)
+    rest: list[str] = []
+    held: dict[str, set[str]] = {}
+    for t in targets:
+        p = next((p for p in experts if t.startswith(p + ".")), None)
+        if p is None:
+            rest.append(mod_map.get(t, t))
+        else:
+            held.setdefault(p, set()).add(t)
+    alts = []
+    for p, names in held.items():
+        ex = experts[p]
+        roles = [r for r in ROLES if any(n.endswith("." + r) for n in names)]
+        want = {f"{p}.{e}.{r}" for e in range(len(ex)) for r in roles}
+        if names != want:
+            miss = sorted(want - names)[0]
+            raise ConfigError(f"{p}: the experts of one projection are quantized with "
+                              f"different schemes ({miss} differs); compressed-tensors engines "
+                              "(vLLM, transformers) read one scheme per MoE layer")
+        first = [mod_map.get(f"{p}.0.{r}", f"{p}.0.{r}") for r in roles]
+        cp = first[0].rsplit(".0.", 1)[0]
+        crs = [f.rsplit(".0.", 1)[1] if f.startswith(cp + ".0.") else None for f in first]
+        ok = None not in crs and all(
+            mod_map.get(f"{p}.{e}.{r}", f"{p}.{e}.{r}") == f"{cp}.{e}.{c}"
+            for e in range(len(ex)) for r, c in zip(roles, crs))
+        if not ok:  # names that do not follow <prefix>.E.<projection>: listed one by one
+            rest += [mod_map.get(n, n) for n in sorted(names)]
+            continue
+        alts.append(re.escape(cp) + r"\.\d+\.(?:" + "|".join(map(re.escape, crs)) + ")")
+    return rest + ([f"re:^(?:{'|'.join(alts)})$"] if alts else [])
+
+
+__all__ = ["checkpoint_names", "expert_targets", "moe_experts"]
