@@ -75,8 +75,9 @@ def test_unknown_experts_class_is_refused_by_name():
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("recipe", ["int4-weight-only", "fp8"])
+@pytest.mark.parametrize("recipe", ["int4-weight-only", "int4-gptq", "fp8"])
 def test_every_expert_is_quantized_routers_float(family, recipe):
+    """(int4-awq and int8-smoothquant: tests/algorithms/test_moe_folds.py)"""
     m = build_moe(family)
     kw = {"group_size": 16} if recipe.startswith("int4") else {}
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
