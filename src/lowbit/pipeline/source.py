@@ -10,6 +10,22 @@
 * :func:`materialize` loads the parameters (and stored buffers) of one submodule from the
   source; :func:`release` sends them back to the meta device. Tied parameters (an
   ``lm_head`` sharing ``embed_tokens``) stay tied.
+
+MoE experts (split per expert by :func:`lowbit.adapters.experts.unfuse_experts`, names
+``mlp.experts.E.gate_proj.weight``) are read from whichever layout the checkpoint has:
+
+1. per expert under the same names (Qwen-MoE, OLMoE, DeepSeek, GLM-4-MoE hub checkpoints,
+   and what transformers 5's ``save_pretrained`` writes for them);
+2. Mixtral's names: ``block_sparse_moe.experts.E.w1`` (gate) / ``w3`` (up) / ``w2`` (down),
+   router ``block_sparse_moe.gate`` (Mixtral and PhiMoE checkpoints);
+3. stacked over experts as the family's ``*Experts`` module holds them
+   (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj``, transposed/interleaved/biased
+   per its :class:`~lowbit.nn.experts.ExpertsLayout`: gpt-oss, a ``state_dict`` saved as
+   it is): only expert E's slab ``[E]`` is read from the file, so a block's experts never
+   sit in memory twice.
+
+Anything else (e.g. gpt-oss's original MXFP4 ``mlp1_weight.blocks``) is a CheckpointError
+naming the parameter and the names looked for.
 """
 
 from __future__ import annotations
@@ -17,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -127,6 +144,32 @@ class SafetensorsSource:
         if name not in self.entries:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         f, off, nbytes, stored, shape = self.entries[name]
+        t = self._read(f, off, nbytes, name).view(stored).reshape(shape)
+        return self._cast(t, dtype, device)
+
+    def read_index(self, name: str, index: int, dtype: torch.dtype | None = None,
+                   device: "str | torch.device" = "cpu") -> torch.Tensor:
+        """``tensor[index]`` of the stored tensor ``name`` (``shape[1:]``), reading only
+        that slab of the file (one expert of a stacked ``[E, ...]`` tensor)."""
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+        f, off, nbytes, stored, shape = self.entries[name]
+        if not shape or not 0 <= index < shape[0]:
+            raise CheckpointError(f"{self.path}: tensor {name!r} {list(shape)} has no "
+                                  f"index {index} along its first dimension")
+        slab = nbytes // shape[0]
+        t = self._read(f, off + index * slab, slab, name).view(stored).reshape(shape[1:])
+        return self._cast(t, dtype, device)
+
+    @staticmethod
+    def _cast(t: torch.Tensor, dtype, device) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t.to(device) if torch.device(device).type != "cpu" else t
+
+    @staticmethod
+    def _read(f: Path, off: int, nbytes: int, name: str) -> torch.Tensor:
+        """``nbytes`` bytes of file ``f`` from ``off`` into a fresh uint8 buffer."""
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
@@ -138,10 +181,7 @@ class SafetensorsSource:
                     if not k:
                         raise CheckpointError(f"{f}: tensor {name!r} is truncated")
                     got += k
-        t = buf.view(stored).reshape(shape)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        return t.to(device) if torch.device(device).type != "cpu" else t
+        return buf
 
     def fingerprint(self) -> list[list]:
         """``[name, size, mtime_ns]`` of every file: a changed source fails to resume."""
@@ -247,6 +287,72 @@ def _candidates(name: str, prefix: str) -> list[str]:
     return out
 
 
+# Mixtral/PhiMoE checkpoint names of the parts transformers 5 calls mlp.experts.E.* / mlp.gate
+_MIXTRAL_ROLES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.")
+
+
+def _aliases(name: str) -> list[str]:
+    """Other checkpoint names of model parameter ``name`` (Mixtral's ``block_sparse_moe``
+    naming of the router and the experts), tried when ``name`` itself is not stored."""
+    if ".mlp." not in name:
+        return []
+    alt = _EXPERT_RE.sub(lambda m: f".block_sparse_moe.experts.{m.group(1)}."
+                         f"{_MIXTRAL_ROLES[m.group(2)]}.", name)
+    if alt == name:
+        alt = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    return [alt] if alt != name else []
+
+
+def _expert_params(root: nn.Module, part: str) -> dict[str, tuple]:
+    """``{full parameter name: (experts module name, layout, expert, role, attr)}`` for the
+    split MoE experts under ``root``."""
+    from lowbit.nn.experts import ROLES, MoEExperts
+
+    out: dict[str, tuple] = {}
+    for n, m in root.named_modules():
+        if not isinstance(m, MoEExperts):
+            continue
+        full = f"{part}.{n}" if part and n else (part or n)
+        for e, ex in enumerate(m):
+            for role in ROLES:
+                lin = getattr(ex, role, None)
+                for attr in ("weight", "bias"):
+                    if lin is not None and getattr(lin, attr, None) is not None:
+                        out[f"{full}.{e}.{role}.{attr}"] = (full, m.layout, e, role, attr)
+    return out
+
+
+class _FusedReader:
+    """Reads one expert's weight or bias out of stacked ``[E, ...]`` tensors (layout 3 of
+    the module doc), keeping the last slab so gate and up share one read."""
+
+    def __init__(self, source: "SafetensorsSource", prefix: str):
+        self.source, self.prefix, self._last = source, prefix, (None, None)
+
+    def key(self, info: tuple) -> str | None:
+        """The stored name of the stacked tensor holding ``info``'s expert, or None."""
+        full, lay, _, role, attr = info
+        base = lay.down if role == "down_proj" else (lay.gate_up or lay.up)
+        name = f"{full}.{base}" + ("_bias" if attr == "bias" else "")
+        return next((c for c in _candidates(name, self.prefix) if c in self.source), None)
+
+    def read(self, key: str, info: tuple, dtype, device) -> torch.Tensor:
+        """Expert ``info[2]``'s ``[out, in]`` weight (or ``[out]`` bias) from ``key``."""
+        from lowbit.nn.experts import _split_gate_up
+
+        _, lay, e, role, attr = info
+        if self._last[0] != (key, e):
+            self._last = ((key, e), self.source.read_index(key, e, dtype, device))
+        t = self._last[1]
+        if attr == "weight" and lay.transposed:
+            t = t.t()
+        if role != "down_proj" and lay.has_gate:
+            g, u = _split_gate_up(t, lay.concatenated)
+            t = g if role == "gate_proj" else u
+        return t.contiguous()
+
+
 def _skipped(full: str, skip: str | None) -> bool:
     return bool(skip) and (full == skip or full.startswith(skip + "."))
 
@@ -266,19 +372,34 @@ def materialize(model: nn.Module, part: str, source: SafetensorsSource, dtype: t
     for n, p in model.named_parameters(remove_duplicate=False):
         all_names.setdefault(id(p), []).append(n)
     loaded = 0
+    experts = _expert_params(root, part)
+    fused = _FusedReader(source, prefix)
     for local, p in list(root.named_parameters()):
         full = f"{part}.{local}" if part else local
         if p.device.type != "meta" or _skipped(full, skip):
             continue
         key = None
         for n in [full, *[x for x in all_names.get(id(p), []) if x != full]]:
-            key = next((c for c in _candidates(n, prefix) if c in source), None)
+            cands = _candidates(n, prefix)
+            key = next((c for c in cands + [a for c in cands for a in _aliases(c)]
+                        if c in source), None)
             if key is not None:
                 break
-        if key is None:
+        info = experts.get(full) if key is None else None
+        fkey = fused.key(info) if info is not None else None
+        if key is None and fkey is None:
+            tried = [full, *_aliases(full)]
+            if info is not None:
+                lay = info[1]
+                base = lay.down if info[3] == "down_proj" else (lay.gate_up or lay.up)
+                tried.append(f"{info[0]}.{base} (stacked [E, ...])")
             raise CheckpointError(f"{source.path}: parameter {full!r} is missing from the "
-                                  "checkpoint")
-        t = source.read(key, dtype if p.is_floating_point() else None, device)
+                                  f"checkpoint (looked for {', '.join(map(repr, tried))})")
+        if key is not None:
+            t = source.read(key, dtype if p.is_floating_point() else None, device)
+        else:
+            key = f"{fkey}[{info[2]}]"
+            t = fused.read(fkey, info, dtype if p.is_floating_point() else None, device)
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"{source.path}: tensor {key!r} has shape {list(t.shape)}, "
                                   f"the model's parameter {full!r} expects {list(p.shape)}")

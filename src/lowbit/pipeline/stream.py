@@ -29,6 +29,11 @@ the final export. Every finished block is saved, so an interrupted run resumes
 (:mod:`lowbit.pipeline.resume`); under ``torchrun`` the calibration is data-parallel
 (:mod:`lowbit.pipeline.distributed`).
 
+MoE models: the experts are split per expert on the meta device (as
+:func:`lowbit.quantize` does), so a block holds its own experts only, and each expert's
+weights are read from the checkpoint's layout (per-expert names, Mixtral's ``w1/w2/w3``, or
+stacked ``[E, ...]`` tensors read one expert slab at a time: :mod:`lowbit.pipeline.source`).
+
 The result equals ``lowbit.save(lowbit.quantize(model, recipe, calib_data=...))`` of the
 same model loaded in the same dtype (tensor for tensor); recipes without algorithm steps
 calibrate block by block, as ``lowbit.quantize(..., blockwise=True)``.
@@ -49,6 +54,7 @@ from torch import nn
 
 from lowbit import recipes as _recipes
 from lowbit.adapters import get_adapter
+from lowbit.adapters.experts import unfuse_experts
 from lowbit.errors import CalibrationError, CheckpointError, ConfigError
 from lowbit.nn.swap import apply_recipe
 from lowbit.nn.utils import quantizers
@@ -182,7 +188,13 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
     t0 = time.perf_counter()
     return_large_frees()  # a long run must not creep up through heap fragmentation
     comm = comm if comm is not None else current()
+    from lowbit.config import Recipe
+    from lowbit.pipeline.moe import split_overrides
+
+    overrides, moe_options = split_overrides(overrides)
     recipe = _recipes.load(recipe, **overrides)
+    if moe_options:  # moe_calibrate_all_experts / moe_min_tokens, as lowbit.quantize takes
+        recipe = Recipe.parse({**recipe.to_dict(), **moe_options}, f"recipe {recipe.name}")
     if feed not in ("quantized", "fp"):
         raise ConfigError(f"feed must be 'quantized' or 'fp', got {feed!r}")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -192,6 +204,7 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
     model = build_skeleton(src_dir, dtype)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     device = torch.device(device)
+    unfuse_experts(model)  # MoE: per-expert linears on meta, read per expert (see source)
     apply_recipe(model, recipe)
     model.lowbit_recipe = recipe
     model_steps, steps = recipe_steps(recipe)
@@ -248,7 +261,9 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
         load_s = time.perf_counter() - t1 + (load0 if i == 0 else 0.0)
         if chunks is not None:
             ctx = BlockContext(model, blocks[i], name, i, adapter, chunks, overrides_[i],
-                               comm=comm, layout=layout, offset=offset, low_memory=True)
+                               comm=comm, layout=layout, offset=offset, low_memory=True,
+                               moe_all=recipe.calibrate_all_experts,
+                               moe_min_tokens=recipe.moe_min_tokens)
             row = dict(process_block(ctx, steps, feed, last=i == n - 1))
             row["compute_seconds"] = row.pop("seconds")
             del ctx
@@ -323,6 +338,10 @@ def merge_metas(rest: dict, parts: list[dict], order: dict[str, int]) -> dict:
                                              if m["kv_cache"]["spec"]), None)
     out["kv_cache"] = {"spec": spec, "quantizers": kv_names}
     out["disabled"] = sorted({n for m in (*parts, rest) for n in m.get("disabled", [])}, key=pos)
+    experts: dict = {}
+    for m in (*parts, rest):
+        experts.update(m.get("moe_experts") or {})
+    out["moe_experts"] = dict(sorted(experts.items(), key=lambda kv: pos(kv[0])))
     return out
 
 
