@@ -36,6 +36,7 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -47,6 +48,9 @@ from lowbit.algorithms.smoothquant import smooth_group
 from lowbit.config.recipe import match
 from lowbit.errors import ConfigError
 from lowbit.pipeline.algorithms import register_algorithm
+
+if TYPE_CHECKING:
+    from lowbit.pipeline.blocks import LinearStats
 
 SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "pairs": True,
                     "max_tokens": 2048, "amax_from_stats": True, "fold_tol": None}

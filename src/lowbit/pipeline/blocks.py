@@ -35,10 +35,10 @@ from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import disabled, quantizers
 from lowbit.pipeline.capture import (Captured, Chunk, _capture_model_inputs, _detach, _Stop,
-                                     capture_block_inputs)
+                                     capture_block_inputs, chunk_layout, sample_plan)
 from lowbit.pipeline.distributed import LOCAL, Collective, current
 
-__all__ = ["BlockContext", "Captured", "Chunk", "LinearStats", "calibrate_block",
+__all__ = ["BlockContext", "Captured", "Chunk", "LinearStats", "calibrate_block", "sample_plan",
            "capture_block_inputs", "chunk_layout", "process_block", "run_blocks", "trim_heap"]
 
 
@@ -398,45 +398,6 @@ class BlockContext:
         """Drop the statistics (and the fold check's reference outputs)."""
         self._stats = None
         self._fold_check = None
-
-
-def sample_plan(layout: list[tuple[int, int]], max_tokens: int) \
-        -> list[tuple[int, int]] | None:
-    """Which samples make about ``max_tokens`` tokens, spread over the chunks: ``[(chunk
-    index, first k samples)]``, or None for all of them. ``layout``: ``(samples, tokens)``
-    per chunk."""
-    total = sum(t for _, t in layout)
-    if total <= max_tokens:
-        return None
-    per_sample = max(1, total // max(1, sum(s for s, _ in layout)))
-    need = max(1, max_tokens // per_sample)
-    step = max(1, len(layout) // need) if need < len(layout) else 1
-    picked = list(range(0, len(layout), step))
-    out, got = [], 0
-    take = max(1, math.ceil(need / len(picked)))
-    for i in picked:
-        if got >= need:
-            break
-        k = min(take, need - got, layout[i][0])
-        out.append((i, k))
-        got += k
-    return out
-
-
-def chunk_layout(chunks: list[Chunk], comm: Collective | None = None) \
-        -> tuple[list[tuple[int, int]], int]:
-    """``(layout, offset)``: ``(samples, tokens)`` of every rank's chunks in rank order, and
-    the global index of this rank's first chunk (one process: its own chunks, 0)."""
-    comm = comm if comm is not None else LOCAL
-    mine = torch.tensor([[c.n_samples, c.n_tokens] for c in chunks], dtype=torch.int64)
-    if not comm.enabled:
-        return [tuple(r) for r in mine.tolist()], 0
-    if not chunks:
-        raise CalibrationError(f"rank {comm.rank} has no calibration chunk: every rank needs "
-                               "at least one (see lowbit.pipeline.distributed.shard_batches)")
-    counts = comm.gather_cat(torch.tensor([len(chunks)], dtype=torch.int64)).tolist()
-    every = comm.gather_cat(mine.reshape(-1, 2))
-    return [tuple(r) for r in every.tolist()], int(sum(counts[:comm.rank]))
 
 
 # --- calibration and the loop -----------------------------------------------------------------

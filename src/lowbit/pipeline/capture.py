@@ -10,6 +10,7 @@ arguments are equal are concatenated into chunks. KV caches are never replayed.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from torch import nn
 
 from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.utils import quantizers
+from lowbit.pipeline.distributed import LOCAL, Collective
 
 _CACHE_KW = ("past_key_values", "past_key_value", "layer_past")
 
@@ -318,3 +320,42 @@ def _capture_model_inputs(model: nn.Module, forward_loop) -> Captured:
     if not got:
         raise CalibrationError("the forward loop never called the model")
     return Captured(got, [{}])
+
+
+def sample_plan(layout: list[tuple[int, int]], max_tokens: int) \
+        -> list[tuple[int, int]] | None:
+    """Which samples make about ``max_tokens`` tokens, spread over the chunks: ``[(chunk
+    index, first k samples)]``, or None for all of them. ``layout``: ``(samples, tokens)``
+    per chunk."""
+    total = sum(t for _, t in layout)
+    if total <= max_tokens:
+        return None
+    per_sample = max(1, total // max(1, sum(s for s, _ in layout)))
+    need = max(1, max_tokens // per_sample)
+    step = max(1, len(layout) // need) if need < len(layout) else 1
+    picked = list(range(0, len(layout), step))
+    out, got = [], 0
+    take = max(1, math.ceil(need / len(picked)))
+    for i in picked:
+        if got >= need:
+            break
+        k = min(take, need - got, layout[i][0])
+        out.append((i, k))
+        got += k
+    return out
+
+
+def chunk_layout(chunks: list[Chunk], comm: Collective | None = None) \
+        -> tuple[list[tuple[int, int]], int]:
+    """``(layout, offset)``: ``(samples, tokens)`` of every rank's chunks in rank order, and
+    the global index of this rank's first chunk (one process: its own chunks, 0)."""
+    comm = comm if comm is not None else LOCAL
+    mine = torch.tensor([[c.n_samples, c.n_tokens] for c in chunks], dtype=torch.int64)
+    if not comm.enabled:
+        return [tuple(r) for r in mine.tolist()], 0
+    if not chunks:
+        raise CalibrationError(f"rank {comm.rank} has no calibration chunk: every rank needs "
+                               "at least one (see lowbit.pipeline.distributed.shard_batches)")
+    counts = comm.gather_cat(torch.tensor([len(chunks)], dtype=torch.int64)).tolist()
+    every = comm.gather_cat(mine.reshape(-1, 2))
+    return [tuple(r) for r in every.tolist()], int(sum(counts[:comm.rank]))
