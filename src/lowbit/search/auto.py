@@ -96,23 +96,37 @@ def _quantizable_names(model: nn.Module) -> list[str]:
             if quant_class_for(m) is not None or isinstance(m, QuantMixin)]
 
 
+def _star(name: str, which: str) -> str:
+    """``name`` with its numeric parts (``which="all"``) or its last one (``"last"``: the
+    expert index of ``...experts.3.down_proj``) replaced by ``*``."""
+    parts = name.split(".")
+    digits = [i for i, p in enumerate(parts) if p.isdigit()]
+    for i in (digits if which == "all" else digits[-1:]):
+        parts[i] = "*"
+    return ".".join(parts)
+
+
 def compress_patterns(chosen: Sequence[str], names: Sequence[str]) -> list[str]:
     """Patterns selecting exactly ``chosen`` among ``names``: ``model.layers.*.mlp.up_proj``
-    where every layer of that kind is chosen, exact names otherwise."""
+    where every layer of that kind is chosen, else ``model.layers.3.mlp.experts.*.up_proj``
+    where every expert of that block's projection is, exact names otherwise."""
     chosen_set = set(chosen)
-    kinds: dict[str, list[str]] = {}
-    for n in chosen:
-        key = ".".join("*" if p.isdigit() else p for p in n.split("."))
-        kinds.setdefault(key, []).append(n)
+    left = list(chosen)
     out = []
-    for key, members in kinds.items():
-        hit = {n for n in names if match(key, n)}
-        if len(members) > 1 and key != members[0] and hit == set(members) and \
-                hit <= chosen_set:
-            out.append(key)
-        else:
-            out.extend(members)
-    return out
+    for which in ("all", "last"):
+        kinds: dict[str, list[str]] = {}
+        for n in left:
+            kinds.setdefault(_star(n, which), []).append(n)
+        done: set[str] = set()
+        for key, members in kinds.items():
+            if len(members) < 2 or key == members[0]:
+                continue
+            hit = {n for n in names if match(key, n)}
+            if hit == set(members) and hit <= chosen_set:
+                out.append(key)
+                done.update(members)
+        left = [n for n in left if n not in done]
+    return out + left
 
 
 def build_recipe(sens: Sensitivity, choice: Mapping[str, str], model: nn.Module,
@@ -127,7 +141,7 @@ def build_recipe(sens: Sensitivity, choice: Mapping[str, str], model: nn.Module,
     targets, steps = [], []
     for cand in sens.candidates:
         recipe = sens.recipes.get(cand)
-        layers = [n for n in sens.layers if choice.get(n) == cand]
+        layers = [m for n in sens.layers if choice.get(n) == cand for m in sens.members(n)]
         if recipe is None or not layers:
             continue
         by_spec: dict[tuple, list[str]] = {}
@@ -149,7 +163,8 @@ def build_recipe(sens: Sensitivity, choice: Mapping[str, str], model: nn.Module,
                 steps.append((STEP_ORDER.get(step.name, 9), len(steps),
                               {"name": step.name, "args": dict(step.args),
                                "targets": compress_patterns(sel, names)}))
-    chosen = [n for n in sens.layers if sens.recipes.get(choice.get(n)) is not None]
+    chosen = [m for n in sens.layers if sens.recipes.get(choice.get(n)) is not None
+              for m in sens.members(n)]
     exclude = [p for p in DEFAULT_EXCLUDE if not any(match(p, n) for n in chosen)]
     d = {"name": name, "description": description, "targets": targets, "exclude": exclude,
          "algorithms": [s for _, _, s in sorted(steps, key=lambda s: s[:2])],
@@ -182,7 +197,8 @@ def auto_recipe(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
 
     Returns:
         ``(recipe, report)``; report keys: ``target_bits``, ``effective_bits``,
-        ``params`` (searched weights), ``layers``, ``predicted_loss_increase`` (nats/token),
+        ``params`` (searched weights), ``layers`` (searched units), ``groups`` (MoE: unit
+        ``<experts>.*.<role>`` -> its expert linears), ``predicted_loss_increase`` (nats/token),
         ``base_loss``, ``method``, ``counts`` and ``weight_share`` per candidate, ``choice``
         (``{layer: candidate}``), ``uniform`` (bits and predicted loss of each candidate used
         everywhere it can be), ``rank_correlation`` (of the measured check, if any).
@@ -215,7 +231,7 @@ def auto_recipe(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
               "base_loss": sens.base_loss, "method": sens.method,
               "counts": {c: k for c, k in counts.items() if k},
               "weight_share": {c: s for c, s in share.items() if s},
-              "choice": dict(choice), "uniform": uniform,
+              "choice": dict(choice), "uniform": uniform, "groups": dict(sens.groups),
               "rank_correlation": sens.rank_correlation() if sens.measured else None,
               "float_bits": next((sens.bits[n][c] / sens.numel[n] for n in sens.layers[:1]
                                   for c in sens.candidates if sens.recipes.get(c) is None
@@ -240,11 +256,13 @@ def auto_quantize(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, An
     recipe, report = auto_recipe(model, candidates, target_bits, forward_loop, **kwargs)
     quantize(model, recipe, forward_loop)
     mods = dict(model.named_modules())
+    groups = report.get("groups", {})
     total = 0
     for n in report["choice"]:
-        m = mods[n]
-        total += weight_bits(m) if isinstance(m, QuantMixin) and \
-            m.weight_quantizer.is_enabled else m.weight.numel() * report["float_bits"]
+        for name in groups.get(n, [n]):
+            m = mods[name]
+            total += weight_bits(m) if isinstance(m, QuantMixin) and \
+                m.weight_quantizer.is_enabled else m.weight.numel() * report["float_bits"]
     report["actual_bits"] = total / report["params"]
     model.lowbit_auto_report = report
     return model, recipe

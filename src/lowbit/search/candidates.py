@@ -166,6 +166,41 @@ class LayerSwitch:
         self.module.invalidate_weight_cache()
 
 
+class GroupSwitch:
+    """Several :class:`LayerSwitch` es switched together (all experts of one MoE block's
+    projection, searched as one unit); same interface."""
+
+    def __init__(self, switches: list[LayerSwitch]):
+        self.switches = list(switches)
+        self.module = None  # no single module: estimates go member by member
+        self.bits = sum(s.bits for s in self.switches)
+
+    def on(self) -> None:
+        """Quantize every member."""
+        for s in self.switches:
+            s.on()
+
+    def off(self) -> None:
+        """Every member back to full precision."""
+        for s in self.switches:
+            s.off()
+
+    @property
+    def weight_only(self) -> bool:
+        """Whether every member is weight-only."""
+        return all(s.weight_only for s in self.switches)
+
+    @contextmanager
+    def mirrored(self):
+        """Every member mirrored at once (see :meth:`LayerSwitch.mirrored`)."""
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            for s in self.switches:
+                stack.enter_context(s.mirrored())
+            yield
+
+
 @dataclass
 class Prepared:
     """A candidate applied to a copy of the model, every quantizer off."""

@@ -25,6 +25,22 @@ Two methods:
 
 Losses: the causal-LM loss of the token ids the forward loop feeds (``labels`` when given,
 positions with ``attention_mask == 0`` ignored), from ``output.logits`` ``[b, L, vocab]``.
+
+Mixture-of-experts models: the stacked experts are first split per expert in place
+(:func:`lowbit.adapters.experts.unfuse_experts`, same function, as :func:`lowbit.quantize`
+does). An expert's linear sees only the tokens routed to it; its rows are mapped back to
+token positions, so the estimate counts exactly the sampled tokens that reach it. The
+searched unit is chosen by ``experts=``:
+
+* ``"group"`` (default): all experts of one block's projection are one unit
+  (``model.layers.3.mlp.experts.*.down_proj``): its loss is the Fisher estimate of their
+  joint output error (per token, the sum over the experts it is routed to), its bits the
+  sum. Default because MoE engines (vLLM's fused-MoE kernels, llama.cpp's ``*_exps``
+  tensors) run one format for all experts of a layer, because a single expert sees
+  ``top_k / E`` of the tokens (64 experts, top-4: 1/16), too few for a stable estimate,
+  and because it keeps the search the size of a dense model's (3 units per MoE block, not
+  ``3 x E``; the ``measured`` method would otherwise need one pass per expert projection);
+* ``"each"``: every expert projection is its own unit.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.modules import quant_class_for
 from lowbit.pipeline.capture import _patched_forward
 from lowbit.search.candidates import Candidate, Prepared, parse_candidates, prepare
+from lowbit.search.moe import EXPERT_MODES, expert_map, unit_switches, units_of
 
 METHODS = ("fisher", "measured")
 
@@ -79,6 +96,12 @@ class Sensitivity:
     curvature: dict[str, dict[str, float]] = field(default_factory=dict)
     estimates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     seconds: float = 0.0
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def members(self, unit: str) -> list[str]:
+        """The module names of searched unit ``unit`` (a group of MoE experts' projections,
+        ``experts="group"``, or the module itself)."""
+        return self.groups.get(unit, [unit])
 
     def rank_correlation(self, estimate: str | None = None,
                          against: str = "measured") -> float | None:
@@ -105,7 +128,7 @@ class Sensitivity:
                             for k, r in self.recipes.items()},
                 "measured": self.measured, "curvature": self.curvature,
                 "estimates": self.estimates,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "groups": self.groups}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
@@ -163,6 +186,7 @@ class _Probe:
         self.total = 0.0
         self.count = 0
         self.idx: torch.Tensor | None = None
+        self.base = 0                            # sampled tokens of the calls before
         self.weights: list[torch.Tensor] = []   # per call: weight of each sampled token
 
     def run(self, model: nn.Module, forward_loop: Callable, backward: bool) -> float:
@@ -180,6 +204,7 @@ class _Probe:
             n_pos = ids.numel()
             if backward:
                 k = min(self.tokens_per_call or n_pos, n_pos)
+                self.base = sum(int(w.numel()) for w in self.weights)
                 self.idx = torch.randperm(n_pos, generator=self.gen)[:k].sort().values
                 self.weights.append(torch.full((k,), n_pos / k, dtype=torch.float64))
             with torch.set_grad_enabled(backward):
@@ -231,30 +256,57 @@ def _no_param_grads(models: Sequence[nn.Module]):
 
 def _collect(model: nn.Module, names: list[str], forward_loop: Callable, seed: int,
              tokens_per_call: int, dtype: torch.dtype):
-    """One forward/backward pass: per layer, sampled inputs ``[T, in]`` and output
-    gradients ``[T, out]``; returns ``(xs, gs, token weights [T], n_scored, mean loss)``."""
+    """One forward/backward pass: per layer, sampled inputs ``[T, in]``, output gradients
+    ``[T, out]`` and the sampled-token index of each row ``[T]`` (a routed expert's linear
+    has a row for each sampled token routed to it); returns ``(xs, gs, positions, token
+    weights [T_all], n_scored, mean loss)``."""
     probe = _Probe(tokens_per_call, seed)
     mods = dict(model.named_modules())
     xs: dict[str, list] = {n: [] for n in names}
     gs: dict[str, list] = {n: [] for n in names}
+    ps: dict[str, list] = {n: [] for n in names}
+    experts = expert_map(model, names)
+    routing: dict[int, torch.Tensor] = {}  # id(MoEExperts) -> top_k_index of this call
+
+    def route_hook(mod, args, kwargs):
+        idx = args[1] if len(args) > 1 else kwargs.get("top_k_index",
+                                                        kwargs.get("router_indices"))
+        routing[id(mod)] = idx.detach()
+
+    def rows_of(name: str, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of this call's input to keep, their sampled-token indices)."""
+        idx = probe.idx
+        if name not in experts:
+            return idx, probe.base + torch.arange(idx.numel())
+        mod, e = experts[name]
+        tok = torch.where(routing[id(mod)].cpu() == e)[0]
+        if tok.numel() != n_rows:
+            raise CalibrationError(f"layer {name}: {n_rows} rows but {tok.numel()} tokens "
+                                   "routed to its expert")
+        keep = torch.isin(tok, idx)
+        return keep.nonzero().flatten(), probe.base + torch.searchsorted(idx, tok[keep])
 
     def fwd_hook(name):
         def hook(mod, args, out):
             if not torch.is_grad_enabled():
                 return None
-            idx = probe.idx
-            x = args[0]
-            xs[name].append(x.reshape(-1, x.shape[-1])[idx].detach().to(dtype))
+            x = args[0].reshape(-1, args[0].shape[-1])
+            rows, pos = rows_of(name, x.shape[0])
+            rows = rows.to(x.device)
+            xs[name].append(x[rows].detach().to(dtype))
+            ps[name].append(pos)
             y = out if out.requires_grad else out.detach().requires_grad_()
 
             def keep(g):
-                gs[name].append(g.reshape(-1, g.shape[-1])[idx].detach().to(dtype))
+                gs[name].append(g.reshape(-1, g.shape[-1])[rows].detach().to(dtype))
 
             y.register_hook(keep)
             return y
         return hook
 
     hooks = [mods[n].register_forward_hook(fwd_hook(n)) for n in names]
+    hooks += [m.register_forward_pre_hook(route_hook, with_kwargs=True)
+              for m in {id(m): m for m, _ in experts.values()}.values()]
     try:
         with _no_param_grads([model]):
             loss = probe.run(model, forward_loop, backward=True)
@@ -262,41 +314,59 @@ def _collect(model: nn.Module, names: list[str], forward_loop: Callable, seed: i
         for h in hooks:
             h.remove()
     for n in names:
-        if len(xs[n]) != len(gs[n]) or not xs[n]:
+        if len(xs[n]) != len(gs[n]) or (not xs[n] and n not in experts):
             raise CalibrationError(f"layer {n}: saw {len(xs[n])} inputs but {len(gs[n])} "
                                    "gradients (called twice per step, or never)")
-    return xs, gs, torch.cat(probe.weights), probe.count, loss
+    return xs, gs, ps, torch.cat(probe.weights), probe.count, loss
 
 
-def _estimate(ref: nn.Module, switches: list[tuple[str, Any]], x: torch.Tensor,
-              g: torch.Tensor, w: torch.Tensor, n: int) -> dict[str, dict[str, float]]:
-    """Fisher, first-order and diagonal estimates for one layer, one entry per candidate."""
-    out = {}
+def _estimate(members: list[tuple[nn.Module, list[tuple[str, Any]], torch.Tensor,
+                                    torch.Tensor, torch.Tensor]],
+              w: torch.Tensor, n: int) -> dict[str, dict[str, float]]:
+    """Fisher, first-order and diagonal estimates for one unit, one entry per candidate.
+
+    ``members``: per module of the unit ``(reference module, [(candidate, switch)], x [T,
+    in], g [T, out], sampled-token index of each row [T])``; the output errors of the
+    members reaching one token add up before they are squared (a dense layer is a unit of
+    one module with a row per sampled token)."""
+    s_tok: dict[str, torch.Tensor] = {}
+    diag: dict[str, float] = {}
     with torch.no_grad():
-        y0 = ref(x).float()
-        for cand, sw in switches:
-            sw.on()
-            try:
-                d = sw.module(x).float() - y0
-            finally:
-                sw.off()
-            gd = (g * d).double()
-            s = gd.sum(-1)
+        for ref, switches, x, g, pos in members:
+            if x is None or not x.shape[0]:  # an expert no sampled token reached
+                continue
+            y0 = ref(x).float()
+            for cand, sw in switches:
+                sw.on()
+                try:
+                    d = sw.module(x).float() - y0
+                finally:
+                    sw.off()
+                gd = (g * d).double()
+                acc = s_tok.setdefault(cand, torch.zeros(w.numel(), dtype=torch.float64))
+                acc.index_add_(0, pos.to(acc.device), gd.sum(-1).cpu())
+                diag[cand] = diag.get(cand, 0.0) + float(
+                    0.5 * (w[pos] * gd.square().sum(-1).cpu()).sum() / n)
+        cands = {c for _, sws, *_ in members for c, _ in sws}
+        out = {}
+        for cand in sorted(cands):
+            s = s_tok.get(cand, torch.zeros(w.numel(), dtype=torch.float64))
             out[cand] = {"fisher": float(0.5 * (w * s * s).sum() / n),
                          "first_order": float((w * s).sum() / n),
-                         "diag": float(0.5 * (w * gd.square().sum(-1)).sum() / n)}
+                         "diag": diag.get(cand, 0.0)}
     return out
 
 
-def _measure(p: Prepared, names: list[str], loop: Callable, base: float, antithetic: bool,
-             sens: Sensitivity, say: Callable[[str], None]) -> None:
-    """Measured loss increase (and curvature term) of each of ``names`` quantized alone."""
+def _measure(p: Prepared, switches: dict, names: list[str], loop: Callable, base: float,
+             antithetic: bool, sens: Sensitivity, say: Callable[[str], None]) -> None:
+    """Measured loss increase (and curvature term) of each of ``names`` (units) quantized
+    alone; ``switches``: the units' switches in ``p``."""
     cand = p.candidate.name
     for n in names:
-        if n not in p.layers:
+        if n not in switches:
             continue
         say(f"measuring {n} with {cand}")
-        sw = p.layers[n]
+        sw = switches[n]
         sw.on()
         try:
             d = mean_loss(p.model, loop) - base
@@ -350,12 +420,14 @@ def sensitivity(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
                 check_loop: Callable[[nn.Module], Any] | None = None,
                 antithetic: bool | None = None, tokens_per_call: int = 64,
                 float_bits: int = 16, seed: int = 0,
-                store_dtype: torch.dtype = torch.bfloat16,
+                store_dtype: torch.dtype = torch.bfloat16, experts: str = "group",
                 progress: Callable[[str], None] | None = None) -> Sensitivity:
     """Loss increase of each quantizable layer quantized alone with each candidate.
 
     Args:
-        model: an unquantized causal LM (not modified; candidates are applied to copies).
+        model: an unquantized causal LM (not modified, but for stacked MoE experts, which
+            are split per expert in place: same function; candidates are applied to
+            copies).
         candidates: preset names (``"int4-awq"``, ``"nvfp4-weight-only"``...), YAML paths,
             dicts, Recipes or ``"fp16"``/``"bf16"`` (left unquantized, loss 0, 16 bits per
             weight), or a mapping ``name -> recipe``.
@@ -377,10 +449,14 @@ def sensitivity(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
         float_bits: bits per weight counted for ``fp16``/``bf16`` candidates.
         store_dtype: dtype of the kept inputs and gradients (memory: ``tokens x (in + out)``
             per layer).
+        experts: MoE models: ``"group"`` (default: all experts of a block's projection are
+            one unit, ``<experts>.*.down_proj``) or ``"each"`` (one unit per expert
+            projection); see the module doc for why.
         progress: ``callable(message)``.
 
     Returns:
-        :class:`Sensitivity`; ``loss`` in nats per token, ``bits`` per layer and candidate.
+        :class:`Sensitivity`; ``loss`` in nats per token, ``bits`` per unit (layer, or group
+        of experts: ``Sensitivity.members``) and candidate.
     """
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -391,14 +467,18 @@ def sensitivity(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     cands = parse_candidates(candidates, group_size)
-    layers = searchable_layers(model, cands)
-    if not layers:
+    from lowbit.adapters.experts import unfuse_experts
+
+    unfuse_experts(model)  # MoE: one linear per expert projection (same function)
+    modules = searchable_layers(model, cands)
+    if not modules:
         raise ConfigError("no candidate quantizes any linear layer of the model")
+    layers, groups = units_of(model, modules, experts)
     mods = dict(model.named_modules())
-    numel = {n: int(mods[n].weight.numel()) for n in layers}
+    numel = {u: sum(int(mods[m].weight.numel()) for m in groups.get(u, [u])) for u in layers}
     sens = Sensitivity(layers, numel, [c.name for c in cands], {n: {} for n in layers},
                        {n: {} for n in layers}, method, float("nan"), 0,
-                       recipes={c.name: c.recipe for c in cands})
+                       recipes={c.name: c.recipe for c in cands}, groups=groups)
     for c in cands:
         if c.is_float:
             for n in layers:
@@ -426,22 +506,28 @@ def sensitivity(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
                 preps.append(prepare(model, c, forward_loop))
                 preps[-1].model.eval()
             run_model = preps[0].model if preps[0].own_pass else model
-            for p in preps:
-                for n, sw in p.layers.items():
-                    if n in sens.bits:
-                        sens.bits[n][p.candidate.name] = sw.bits
+            unit_sw = [unit_switches(p, sens) for p in preps]
+            for p, usw in zip(preps, unit_sw):
+                for n, sw in usw.items():
+                    sens.bits[n][p.candidate.name] = sw.bits
             if method == "fisher":
                 say(f"fisher pass for {', '.join(c.name for c in group)}")
-                xs, gs, w, n_tok, base = _collect(run_model, layers, forward_loop, seed,
-                                                  tokens_per_call, store_dtype)
+                xs, gs, ps, w, n_tok, base = _collect(run_model, modules, forward_loop,
+                                                      seed, tokens_per_call, store_dtype)
                 if math.isnan(sens.base_loss):
                     sens.base_loss, sens.tokens, sens.sampled = base, n_tok, int(w.numel())
                 run_mods = dict(run_model.named_modules())
                 for n in layers:
-                    sw = [(p.candidate.name, p.layers[n]) for p in preps if n in p.layers]
-                    x = torch.cat(xs.pop(n)).float()
-                    g = torch.cat(gs.pop(n)).float()
-                    res = _estimate(run_mods[n], sw, x, g, w.to(x.device), n_tok) if sw else {}
+                    parts = []
+                    for m in sens.members(n):
+                        sw = [(p.candidate.name, p.layers[m]) for p in preps if m in p.layers]
+                        x, g, pos = xs.pop(m), gs.pop(m), ps.pop(m)
+                        if sw and x:
+                            parts.append((run_mods[m], sw, torch.cat(x).float(),
+                                          torch.cat(g).float(), torch.cat(pos)))
+                        elif sw:
+                            parts.append((run_mods[m], sw, None, None, None))
+                    res = _estimate(parts, w, n_tok) if parts else {}
                     for cand, r in res.items():
                         sens.loss[n][cand] = r["fisher"]
                         for k in est_names:
@@ -451,8 +537,8 @@ def sensitivity(model: nn.Module, candidates: "Sequence[Any] | Mapping[str, Any]
                 base = mean_loss(run_model, loop)
                 if method == "measured" and math.isnan(sens.base_loss):
                     sens.base_loss = base
-                for p in preps:
-                    _measure(p, to_measure, loop, base, anti, sens, say)
+                for p, usw in zip(preps, unit_sw):
+                    _measure(p, usw, to_measure, loop, base, anti, sens, say)
             del preps
     finally:
         model.train(was_training)
