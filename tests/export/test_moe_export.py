@@ -119,7 +119,6 @@ EXPERT0 = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1",
 @pytest.mark.parametrize("family", [f for f in MOE_FAMILIES if f != "gpt_oss"])
 def test_ct_reloads_in_transformers_equal_to_fake_quant(family, tmp_path):
     pytest.importorskip("compressed_tensors")
-    from lowbit.export.moe_names import checkpoint_names
     from lowbit.nn.routers import find_routers
 
     m = _quantized(family, _recipe(G16))

@@ -24,6 +24,11 @@ activations), ``naive-quantized``int8), ``input_scale`` [1] for static activatio
 ``mxfp8-quantized``              ``weight`` float8_e4m3fn, ``weight_scale`` uint8 (E8M0)
 ================================ ==========================================================
 
+Mixture-of-experts models: each expert's tensors are named as the family's original
+checkpoints name them (Mixtral: ``block_sparse_moe.experts.E.w1``), read from transformers'
+own conversion mapping (:mod:`lowbit.export.moe_names`); routers and shared-expert gates are
+listed in ``ignore``; with several config groups, a group's experts are one ``re:`` target.
+
 KV-cache scales are ``k_scale``/``v_scale`` [1] (``KVCacheScaleType``) on the attention
 module (``model.layers.N.self_attn.k_scale``; vLLM remaps them to ``self_attn.attn.k_scale``)
 with ``kv_cache_scheme`` in the config: static per-tensor scales of the keys after RoPE and

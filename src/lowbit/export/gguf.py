@@ -4,6 +4,10 @@
 
 What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` writes them):
 
+* mixture-of-experts models (Mixtral as ``llama`` with experts, Qwen2-MoE, Qwen3-MoE,
+  OLMoE; other MoE families are refused by name): experts stacked into
+  ``blk.N.ffn_{gate,up,down}_exps``, routers F32, expert metadata (see
+  :mod:`lowbit.export.gguf_moe`);
 * tensors named by ``gguf.TensorNameMap`` (``blk.N.attn_q.weight`` ...); the rows of
   ``q_proj``/``k_proj`` (weights and biases) permuted for llama.cpp's rotary layout on the
   ``llama`` architecture (Llama, Mistral; not Qwen2/Qwen3), codes and scales together;
@@ -110,7 +114,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
            embedding_type: str | None = None, allow_requantize: bool = False,
            requantize_type: str = "q8_0", tokenizer_pre: str | None = None,
            name: str | None = None, **unknown) -> None:
-    """Write ``model`` (a transformers Llama/Mistral/Qwen2/Qwen3 causal LM) as
+    """Write ``model`` (a transformers Llama/Mistral/Qwen2/Qwen3 causal LM, or a Mixtral/
+    Qwen2-MoE/Qwen3-MoE/OLMoE one with its experts split by lowbit.quantize) as
     ``out_dir/model.gguf``. See the module documentation for the options; any other option
     is a ConfigError naming it."""
     reject_unknown(unknown, "export format 'gguf'", accepted_options(export, ("model", "out_dir")))
