@@ -121,8 +121,8 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
     modules, MoE routers left in float, group-size fallbacks, KV-cache attachment, times,
     ``experts`` (MoE: tokens routed to each expert in calibration and the fallback of each
-    expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`) and ``coverage``: the quantized share of the weights and why every other weight
-    parameter is not; :func:`lowbit.print_summary` prints it). Warnings (ConfigError with
+    expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`) and ``coverage``: the
+    quantized share of the weights and why every other weight parameter is not; :func:`lowbit.print_summary` prints it). Warnings (ConfigError with
     ``strict: true`` in the recipe): a recipe targeting every linear that leaves more than 2%
     of the non-embedding weights with no quantized class; recipe group sizes that fell back
     (one line for all layers). A ``group_size`` override that does not divide a layer's
