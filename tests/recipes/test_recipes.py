@@ -37,6 +37,13 @@ def test_group_size_and_kv_override():
             recipes.load(name, group_size=64)
 
 
+def test_moe_calibration_overrides():
+    assert recipes.load("int4-gptq").calibrate_all_experts  # on with algorithm steps
+    assert not recipes.load("int4-weight-only").calibrate_all_experts
+    r = recipes.load("int4-gptq", moe_calibrate_all_experts=False, moe_min_tokens=5)
+    assert not r.calibrate_all_experts and r.moe_min_tokens == 5
+
+
 def test_later_entries_win_role_by_role():
     r = Recipe.parse({"targets": [
         {"pattern": "*", "weight": "int8", "input": {"format": "int8"}},

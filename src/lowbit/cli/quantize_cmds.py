@@ -108,6 +108,10 @@ def quantize_cmd(
     force: bool = typer.Option(False, help="replace --out if it exists"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help=ALLOW_REQUANTIZE),
     no_vocab: bool = typer.Option(False, "--no-vocab", help=NO_VOCAB),
+    moe_calibrate_all_experts: Optional[bool] = typer.Option(
+        None, "--moe-calibrate-all-experts/--no-moe-calibrate-all-experts",
+        help="MoE models: every calibration token also passes through every expert, for "
+             "statistics only (default: on when the recipe has algorithm steps)"),
 ) -> None:
     """Quantize a model with a recipe (or --auto BITS) and write a checkpoint (exit 0 ok, 2 bad
     input, 1 failure). Under torchrun (torchrun --nproc-per-node N -m lowbit quantize ...)
@@ -147,6 +151,8 @@ def quantize_cmd(
         over["group_size"] = group_size
     if kv_cache is not None:
         over["kv_cache"] = kv_cache
+    if moe_calibrate_all_experts is not None:
+        over["moe_calibrate_all_experts"] = moe_calibrate_all_experts
     rec = None
     if recipe is not None:
         with one_line_errors("loading the recipe"):

@@ -23,7 +23,7 @@ from lowbit.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 OVERRIDES = ("group_size", "kv_cache", "calibrator", "strict", "group_policy", "exclude",
-             "algorithms")
+             "algorithms", "moe_calibrate_all_experts", "moe_min_tokens")
 
 
 def names() -> list[str]:
@@ -49,7 +49,8 @@ def load(name_or_path: "str | os.PathLike | Recipe | dict", **overrides: Any) ->
     given too — a recipe's own group size falls back, see :class:`lowbit.config.Recipe`),
     ``kv_cache`` (``"fp8"``, ``"int8"``, a spec dict or None), ``calibrator`` (every static
     activation spec), ``strict``, ``group_policy``, ``exclude`` (replaces the list),
-    ``algorithms`` (replaces the steps).
+    ``algorithms`` (replaces the steps), ``moe_calibrate_all_experts`` and
+    ``moe_min_tokens`` (MoE calibration, see :class:`lowbit.config.Recipe`).
     """
     if isinstance(name_or_path, Recipe):
         recipe = name_or_path
@@ -110,7 +111,8 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
         d["kv_cache"] = kv_cache_spec(overrides["kv_cache"])
     if gs is not None and "group_policy" not in overrides:
         d["group_policy"] = "strict"  # the user asked for this group size: no fallback
-    for k in ("strict", "group_policy", "exclude", "algorithms"):
+    for k in ("strict", "group_policy", "exclude", "algorithms", "moe_calibrate_all_experts",
+              "moe_min_tokens"):
         if k in overrides:
             d[k] = overrides[k]
     if overrides:
