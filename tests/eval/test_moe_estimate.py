@@ -59,6 +59,15 @@ def test_realistic_sizes(name, tmp_path):
     assert rows["fp16"]["active_total"] == pytest.approx(2 * a.active_params())
 
 
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_known_moe_names_match_their_configs(name, tmp_path):
+    from lowbit.eval.memory import KNOWN
+
+    a = _arch(REAL[name][0](), tmp_path)
+    assert (KNOWN[name].params(), KNOWN[name].active_params()) == \
+        (a.params(), a.active_params())
+
+
 def test_dense_config_has_no_moe_section(tmp_path):
     a = _arch(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, vocab_size=100), tmp_path)

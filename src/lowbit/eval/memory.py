@@ -97,6 +97,10 @@ KNOWN: dict[str, Arch] = {a.name: a for a in [
     Arch("mistral-7b", 32000, 4096, 32, 32, 8, 14336),
     Arch("qwen2.5-7b", 152064, 3584, 28, 28, 4, 18944),
     Arch("smollm2-135m", 49152, 576, 30, 9, 3, 1536, tied=True),
+    Arch("mixtral-8x7b", 32000, 4096, 32, 32, 8, 14336, experts=8, top_k=2,
+         moe_intermediate=14336, moe_layers=32),
+    Arch("qwen3-30b-a3b", 151936, 2048, 48, 32, 4, 6144, head_dim=128, experts=128, top_k=8,
+         moe_intermediate=768, moe_layers=48),
 ]}
 
 # name -> (bits per value, scale bits, values per scale); scale 0 = per-tensor/channel
