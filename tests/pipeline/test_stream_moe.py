@@ -26,10 +26,13 @@ IDS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_stream_moe_equals_in_memory(family, tmp_path):
     src = save_src(build_moe(family), tmp_path / "src")
-    quantize_checkpoint(src, "int4-gptq", IDS, tmp_path / "stream", group_size=16,
-                        chunk_size=4)
-    in_memory(src, "int4-gptq", IDS, tmp_path / "mem", group_size=16, chunk_size=4)
+    res = quantize_checkpoint(src, "int4-gptq", IDS, tmp_path / "stream", group_size=16,
+                              chunk_size=4)
+    mem = in_memory(src, "int4-gptq", IDS, tmp_path / "mem", group_size=16, chunk_size=4)
     assert_same_checkpoint(tmp_path / "stream", tmp_path / "mem")
+    # the routed tokens per expert are reported as lowbit.quantize reports them
+    assert res.experts and res.experts == mem.lowbit_report.experts
+    assert res.lines()[0].startswith("MoE experts: routed calibration tokens per expert")
     a, b = lowbit.load(tmp_path / "stream"), lowbit.load(tmp_path / "mem")
     with torch.no_grad():
         assert torch.equal(a(IDS).logits, b(IDS).logits)

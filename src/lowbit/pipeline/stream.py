@@ -83,6 +83,20 @@ class StreamResult:
     seconds: float = 0.0
     source_bytes: int = 0
 
+    @property
+    def experts(self) -> list[dict]:
+        """MoE: the routed calibration tokens of every expert, as ``lowbit.quantize``'s
+        ``report.experts`` (``{block, expert, name, routed_tokens, min_tokens,
+        fallback}``), gathered from the block rows."""
+        return [r for b in self.blocks for r in b.get("experts", [])]
+
+    def lines(self) -> list[str]:
+        """Report lines: routed tokens per expert and the under-calibrated experts with
+        their fallback (MoE; empty for a dense model)."""
+        from lowbit.pipeline.moe import expert_lines
+
+        return expert_lines(self.experts)
+
 
 def _calls(batches: Any) -> list:
     """Calibration batches as model calls: ``[1, seq]`` tensors or dicts of inputs."""
@@ -189,7 +203,7 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
     return_large_frees()  # a long run must not creep up through heap fragmentation
     comm = comm if comm is not None else current()
     from lowbit.config import Recipe
-    from lowbit.pipeline.moe import split_overrides
+    from lowbit.pipeline.moe import expert_rows, split_overrides
 
     overrides, moe_options = split_overrides(overrides)
     recipe = _recipes.load(recipe, **overrides)
@@ -266,6 +280,11 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
                                moe_min_tokens=recipe.moe_min_tokens)
             row = dict(process_block(ctx, steps, feed, last=i == n - 1))
             row["compute_seconds"] = row.pop("seconds")
+            experts = expert_rows(blocks[i], recipe.calibrate_all_experts,
+                                  recipe.moe_min_tokens)
+            if experts:  # names relative to the block -> full names
+                row["experts"] = [{**r, "block": f"{name}.{r['block']}".rstrip("."),
+                                   "name": f"{name}.{r['name']}"} for r in experts]
             del ctx
         else:
             row = {"block": name, "calibrated": 0, "compute_seconds": 0.0}
