@@ -74,7 +74,7 @@ class ExpertsLayout:
         return names + [f"{n}_bias" for n in names] if self.bias else names
 
 
-def _split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``[2I, ...]`` -> gate ``[I, ...]``, up ``[I, ...]``."""
     if concatenated:
         half = t.shape[0] // 2
@@ -82,8 +82,8 @@ def _split_gate_up(t: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, t
     return t[0::2], t[1::2]
 
 
-def _join_gate_up(g: torch.Tensor, u: torch.Tensor, concatenated: bool) -> torch.Tensor:
-    """Inverse of :func:`_split_gate_up` along dim 0."""
+def join_gate_up(g: torch.Tensor, u: torch.Tensor, concatenated: bool) -> torch.Tensor:
+    """Inverse of :func:`split_gate_up` along dim 0."""
     if concatenated:
         return torch.cat([g, u], 0)
     return torch.stack([g, u], 1).reshape(2 * g.shape[0], *g.shape[1:])
@@ -154,7 +154,7 @@ class MoEExperts(nn.ModuleList):
                               "its layout cannot be computed")
         if gate_fn is not None:
             def gate(g, u):
-                return gate_fn(_join_gate_up(g.t(), u.t(), layout.concatenated).t())
+                return gate_fn(join_gate_up(g.t(), u.t(), layout.concatenated).t())
         elif layout.has_gate:
             def gate(g, u):
                 return act(g) * u
@@ -200,8 +200,8 @@ class MoEExperts(nn.ModuleList):
                         raise ConfigError(f"{name}: {first} {list(gu.shape)} and "
                                           f"{layout.down} {list(down.shape)} do not fit "
                                           "a fused gate/up layout")
-                    wg, wu = _split_gate_up(w, layout.concatenated)
-                    bg, bu = _split_gate_up(b, layout.concatenated) if b is not None \
+                    wg, wu = split_gate_up(w, layout.concatenated)
+                    bg, bu = split_gate_up(b, layout.concatenated) if b is not None \
                         else (None, None)
                     gate = _linear(wg, bg)
                 else:
@@ -219,9 +219,9 @@ class MoEExperts(nn.ModuleList):
         for ex in self:
             u, ub = ex.up_proj.weight, ex.up_proj.bias
             if lay.has_gate:
-                u = _join_gate_up(ex.gate_proj.weight, u, lay.concatenated)
+                u = join_gate_up(ex.gate_proj.weight, u, lay.concatenated)
                 if ub is not None:
-                    ub = _join_gate_up(ex.gate_proj.bias, ub, lay.concatenated)
+                    ub = join_gate_up(ex.gate_proj.bias, ub, lay.concatenated)
             d = ex.down_proj.weight
             ups.append(u.t() if lay.transposed else u)
             downs.append(d.t() if lay.transposed else d)
@@ -278,4 +278,4 @@ class MoEExperts(nn.ModuleList):
         return f"num_experts={self.num_experts}, source={self.source_class}"
 
 
-__all__ = ["ExpertMLP", "ExpertsLayout", "MoEExperts", "ROLES"]
+__all__ = ["ExpertMLP", "ExpertsLayout", "MoEExperts", "ROLES", "join_gate_up", "split_gate_up"]

@@ -339,7 +339,7 @@ class _FusedReader:
 
     def read(self, key: str, info: tuple, dtype, device) -> torch.Tensor:
         """Expert ``info[2]``'s ``[out, in]`` weight (or ``[out]`` bias) from ``key``."""
-        from lowbit.nn.experts import _split_gate_up
+        from lowbit.nn.experts import split_gate_up
 
         _, lay, e, role, attr = info
         if self._last[0] != (key, e):
@@ -348,7 +348,7 @@ class _FusedReader:
         if attr == "weight" and lay.transposed:
             t = t.t()
         if role != "down_proj" and lay.has_gate:
-            g, u = _split_gate_up(t, lay.concatenated)
+            g, u = split_gate_up(t, lay.concatenated)
             t = g if role == "gate_proj" else u
         return t.contiguous()
 
