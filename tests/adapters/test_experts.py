@@ -9,7 +9,9 @@ from lowbit.adapters.experts import LAYOUTS, layout_of, unfuse_experts
 from lowbit.errors import ConfigError
 from lowbit.nn.experts import MoEExperts
 from lowbit.nn.routers import find_routers
-from tests.moe_models import MOE_FAMILIES, VOCAB, build_moe
+from tests.moe_models import EXTRA_MOE_FAMILIES, MOE_FAMILIES, VOCAB, build_moe
+
+ALL = MOE_FAMILIES + EXTRA_MOE_FAMILIES
 
 pytest.importorskip("transformers")
 
@@ -19,7 +21,7 @@ def _logits(m, x):
         return m(x).logits
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("family", ALL)
 def test_split_experts_compute_the_same_function(family):
     m = build_moe(family)
     x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -40,7 +42,15 @@ def test_split_experts_compute_the_same_function(family):
     assert unfuse_experts(m) == []  # nothing left to split
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_declared_layout_is_tested():
+    """No experts class is declared without a tiny model of its family in these tests."""
+    seen = set()
+    for family in ALL:
+        seen |= {type(mod).__name__ for mod in build_moe(family).modules()}
+    assert set(LAYOUTS) <= seen, sorted(set(LAYOUTS) - seen)
+
+
+@pytest.mark.parametrize("family", ALL)
 def test_declared_layout_agrees_with_transformers(family):
     """The decorator transformers puts on its experts classes states the layout too."""
     m = build_moe(family)
@@ -104,3 +114,13 @@ def test_expert_recipe_patterns_read_like_dense_ones():
     q = m.lowbit_report.quantized
     assert q and all(n.endswith("down_proj") and ".experts." in n for n in q)
     assert len(q) == 2 * 4  # two layers, four experts each
+
+
+@pytest.mark.parametrize("family", EXTRA_MOE_FAMILIES)
+def test_other_declared_families_are_quantized_whole(family):
+    """Families with a declared layout but no MoE adapter: experts split and quantized."""
+    m = build_moe(family)
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    lowbit.quantize(m, "int4-weight-only", group_size=16)
+    assert m.lowbit_report.coverage.body_share >= 0.99, m.lowbit_report.coverage.line()
+    assert torch.isfinite(_logits(m, x)).all()
