@@ -34,6 +34,41 @@ def build(family: str, dtype=torch.float32):
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   sliding_window=8, **common)
         m = tf.Gemma3ForCausalLM(cfg)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              sliding_window=8, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0, **common)
+        m = tf.Gemma2ForCausalLM(cfg)
+    elif family == "gemma3_mm":
+        # the multimodal class (model_type "gemma3"): a tiny SigLIP tower beside the text one
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    sliding_window=8, **common)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=32, patch_size=8)
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                              image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                              eoi_token_index=VOCAB - 2)
+        m = tf.Gemma3ForConditionalGeneration(cfg)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2, **common)
+        m = tf.Phi3ForCausalLM(cfg)
+    elif family == "olmo2":
+        cfg = tf.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2,
+                             **common)
+        m = tf.Olmo2ForCausalLM(cfg)
+    elif family == "granite":
+        cfg = tf.GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2,
+                               embedding_multiplier=4.0, residual_multiplier=0.5,
+                               attention_multiplier=0.1, logits_scaling=2.0, **common)
+        m = tf.GraniteForCausalLM(cfg)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common)
         m = tf.GPT2LMHeadModel(cfg)
@@ -48,6 +83,9 @@ def build(family: str, dtype=torch.float32):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2", "opt"]
+# every dense family lowbit declares (the family matrix, tests/families): FAMILIES plus
+# Gemma-2, the multimodal Gemma-3 class, Phi-3 (Phi-4 shares its model type), OLMo-2, Granite
+DENSE_FAMILIES = FAMILIES + ["gemma2", "gemma3_mm", "phi3", "olmo2", "granite"]
 
 
 class SmallCNN(nn.Module):
