@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +46,13 @@ class InputGroup:
     # for a linear ``prev`` with fewer outputs than the group has inputs (grouped-query
     # attention's v_proj -> o_proj): the output channel of ``prev`` behind each input channel
     channel_map: torch.Tensor | None = None
+    # a linear ``prev`` that is one part of a fused projection (Phi-3's ``qkv_proj`` value
+    # rows, GPT-2's ``c_attn`` value columns): the part's name; ``channel_map`` then points
+    # into that part's rows of the fused weight, and its other rows keep scale 1
+    prev_part: str | None = None
+    # the module whose output scores a candidate scale (AWQ, searched SmoothQuant); None:
+    # :attr:`parent`'s default (a fused projection's group is scored on its attention or MLP)
+    target: str | None = None
 
     def tie(self, v: torch.Tensor, reduce: str = "amax") -> torch.Tensor:
         """A per-input-channel vector made equal on channels fed by one output of ``prev``
@@ -61,7 +68,10 @@ class InputGroup:
     @property
     def parent(self) -> str:
         """The smallest module of the block holding every linear of the group (``self_attn``
-        for q/k/v, ``mlp`` for gate/up, the linear itself for a group of one)."""
+        for q/k/v, ``mlp`` for gate/up, the linear itself for a group of one), or the declared
+        :attr:`target` (a fused ``qkv_proj``'s group is scored on ``self_attn``)."""
+        if self.target is not None:
+            return self.target
         if len(self.linears) == 1:
             return self.linears[0]
         parts = [n.split(".") for n in self.linears]
@@ -145,6 +155,64 @@ def expand(block: nn.Module, pattern: str) -> list[str]:
     return [n for n, _ in block.named_modules() if n and rx.match(n)]
 
 
+def block_config(block: nn.Module):
+    """The transformers config that a decoder block's modules hold (``self_attn.config`` in
+    Phi-3, GPT-2, Llama...: the text model's config, also inside a multimodal model), or
+    None when no submodule keeps one."""
+    for m in block.modules():
+        c = getattr(m, "config", None)
+        if c is not None and hasattr(c, "to_dict"):
+            return c
+    return None
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One linear that computes several projections in one matmul: Phi-3's
+    ``self_attn.qkv_proj`` (``q, k, v``) and ``mlp.gate_up_proj`` (``gate, up``), GPT-2's
+    ``attn.c_attn`` (``q, k, v``, a Conv1D).
+
+    ``name``: the linear's path inside a decoder block. ``parts``: the projections' names in
+    output order. ``sizes(config) -> [int, ...]``: output features of each part (from the
+    text model's config: :func:`block_config`); they must add up to the linear's output
+    features. ``target``: the module whose output scores a scale of the linear's input
+    group (AWQ, searched SmoothQuant); default: the linear's parent (``self_attn``, ``mlp``).
+
+    Slices index *output features*: rows of the ``[out, in]`` weight (``weight_2d``), i.e.
+    columns of a Conv1D's stored ``[in, out]`` weight, and the last dimension of the output.
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    sizes: Callable[[Any], "list[int]"]
+    target: str | None = None
+
+    def slices(self, config, module: nn.Module | None = None) -> list[tuple[str, slice]]:
+        """``[(part, slice of output features), ...]`` in output order; checked against
+        ``module``'s output features when given (a :class:`ConfigError` names the linear)."""
+        if config is None:
+            raise ConfigError(f"fused projection {self.name}: no model config to size its "
+                              f"parts {', '.join(self.parts)}")
+        sizes = [int(n) for n in self.sizes(config)]
+        if len(sizes) != len(self.parts) or any(n <= 0 for n in sizes):
+            raise ConfigError(f"fused projection {self.name}: sizes {sizes} do not give one "
+                              f"positive size per part {self.parts}")
+        if module is not None and sum(sizes) != out_features(module):
+            raise ConfigError(f"fused projection {self.name}: parts {dict(zip(self.parts, sizes))}"
+                              f" add up to {sum(sizes)} outputs, the module has "
+                              f"{out_features(module)}")
+        out, start = [], 0
+        for p, n in zip(self.parts, sizes):
+            out.append((p, slice(start, start + n)))
+            start += n
+        return out
+
+    @property
+    def scored_on(self) -> str:
+        """:attr:`target`, or the linear's parent module."""
+        return self.target or (self.name.rsplit(".", 1)[0] if "." in self.name else self.name)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Declarative description of one model family (see the module doc).
@@ -168,6 +236,12 @@ class Adapter:
     float modules that read the norm's output beside the group (MoE routers, shared-expert
     gates); a scale folded into the norm is multiplied into their weight columns
     (:attr:`InputGroup.readers`).
+
+    ``fused``: the block's fused projections (:class:`Fused`). A pair's ``prev`` may name
+    one part of one, ``"self_attn.qkv_proj:v"``: the scale is folded into that part's rows
+    only (its other rows keep 1), with ``pair_map`` mapping ``next``'s input channels to
+    the part's rows where the sizes differ (grouped-query attention). Read them with
+    :meth:`fused_parts` (or :func:`lowbit.adapters.fused_parts` for a model).
     """
 
     name: str
@@ -179,6 +253,7 @@ class Adapter:
     pair_map: Callable[[nn.Module, str, str], "torch.Tensor | None"] | None = None
     norm: str | None = None
     readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    fused: tuple[Fused, ...] = ()
 
     def __post_init__(self):
         if self.norm is not None and self.norm not in NORM_KINDS:
@@ -207,17 +282,42 @@ class Adapter:
                 return prefix, m
         return None
 
+    def fused_decl(self, name: str) -> Fused | None:
+        """The declared :class:`Fused` projection at block path ``name``, or None."""
+        return next((f for f in self.fused if f.name == name), None)
+
+    def fused_parts(self, block: nn.Module, name: str, config=None) \
+            -> list[tuple[str, slice]]:
+        """``[(part, slice of output features), ...]`` of the fused linear ``name`` of
+        ``block`` (e.g. ``"self_attn.qkv_proj"`` -> ``[("q", slice(0, 64)), ("k", slice(64,
+        96)), ("v", slice(96, 128))]``), sized by ``config`` (default: the block's own,
+        :func:`block_config`) and checked against the module. :class:`ConfigError` when the
+        family declares no such fused projection or the block lacks it."""
+        f = self.fused_decl(name)
+        if f is None:
+            known = ", ".join(x.name for x in self.fused) or "none"
+            raise ConfigError(f"adapter {self.name}: {name!r} is not a declared fused "
+                              f"projection (declared: {known})")
+        m = _get(block, name)
+        if m is None:
+            raise ConfigError(f"adapter {self.name}: the block has no module {name!r}")
+        return f.slices(config if config is not None else block_config(block), m)
+
     def input_groups(self, block: nn.Module, args: tuple = (), kwargs: dict | None = None) \
             -> list[InputGroup]:
-        """The declared groups present in ``block`` (linears missing from it are dropped)."""
+        """The declared groups present in ``block`` (linears missing from it are dropped).
+        A group that is one fused projection is scored on its :attr:`Fused.scored_on`."""
         out = []
         readers = dict(self.readers)
         for prev, lins in self.groups:
             present = [n for p in lins for n in expand(block, p)]
             if present:
                 has_prev = _get(block, prev) is not None
+                f = self.fused_decl(present[0]) if len(present) == 1 else None
+                target = f.scored_on if f is not None and \
+                    _get(block, f.scored_on) is not None else None
                 out.append(InputGroup(linears=present, prev=prev if has_prev else None,
-                                      norm=self.norm,
+                                      norm=self.norm, target=target,
                                       readers=[n for p in readers.get(prev, ())
                                                for n in expand(block, p)] if has_prev
                                       else []))
@@ -227,6 +327,11 @@ class Adapter:
         """Declared ``prev -> next`` pairs whose shapes allow folding a scale across."""
         out = []
         for prev, nxt in self._expanded_pairs(block):
+            if ":" in prev:
+                g = self._part_pair(block, prev, nxt)
+                if g is not None:
+                    out.append(g)
+                continue
             p, n = _get(block, prev), _get(block, nxt)
             if p is None or n is None:
                 continue
@@ -239,6 +344,30 @@ class Adapter:
                     out.append(InputGroup(linears=[nxt], prev=prev, prev_kind="linear",
                                           channel_map=idx))
         return out
+
+    def _part_pair(self, block: nn.Module, prev: str, nxt: str) -> InputGroup | None:
+        """The pair ``fused:part -> next`` (see the class doc), or None when the block lacks
+        either module or the shapes do not fit."""
+        name, part = prev.split(":", 1)
+        p, n = _get(block, name), _get(block, nxt)
+        if p is None or n is None:
+            return None
+        parts = dict(self.fused_parts(block, name))
+        if part not in parts:
+            raise ConfigError(f"adapter {self.name}: pair {prev} -> {nxt}: {name} has no part "
+                              f"{part!r} (parts: {', '.join(parts)})")
+        sl = parts[part]
+        size, n_in = sl.stop - sl.start, in_features(n)
+        if size == n_in:
+            idx = torch.arange(n_in)
+        elif self.pair_map is not None:
+            idx = self.pair_map(block, name, nxt)
+            if idx is None or idx.numel() != n_in or int(idx.max()) >= size:
+                return None
+        else:
+            return None
+        return InputGroup(linears=[nxt], prev=name, prev_kind="linear",
+                          channel_map=idx + sl.start, prev_part=part)
 
     def _expanded_pairs(self, block: nn.Module) -> list[tuple[str, str]]:
         """The declared pairs with their ``*`` parts expanded (see the class doc)."""
@@ -262,7 +391,11 @@ class Adapter:
             return groups
         order = {n: i for i, (n, _) in enumerate(block.named_modules())}
         allg = groups + self.linear_pairs(block)
-        return sorted(allg, key=lambda g: order.get(g.linears[0], 0))
+
+        def key(g):  # a pair comes after its prev's group even when next is declared first
+            k = order.get(g.linears[0], 0)
+            return max(k, order.get(g.prev, 0)) if g.prev_kind == "linear" else k
+        return sorted(allg, key=key)
 
 
 _REGISTRY: list[Adapter] = []
