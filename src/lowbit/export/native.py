@@ -20,7 +20,14 @@ Layout of the folder:
   ones once;
 * ``config.json``, ``generation_config.json`` (+ tokenizer files) for transformers models.
 
-:func:`load` rebuilds the model from ``config.json`` (no weight initialisation), inserts the
+The metadata also names the saved model's class (``model_class``, ``model_module``), the
+un-quantized class of every quantized module (``module_classes``: ``Conv2d``, ``Linear``
+...) and each quantized weight's own shape (``quantized[name]["weight_shape"]``), so that a
+model given to :func:`load` is checked module by module.
+
+:func:`load` rebuilds the model from ``config.json`` (no weight initialisation; the saved
+transformers class, any head), or takes the un-quantized model the caller gives
+(``model=``: any ``nn.Module``, or a function building one), inserts the
 quantizers with the stored specs, and installs the dequantized weights with their fixed
 scales: its outputs equal the exported model's bit for bit. Nothing but safetensors and JSON
 is read (see :mod:`lowbit.export.safe_read`).
@@ -30,8 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -90,22 +99,26 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     qmeta: dict[str, dict] = {}
     modules: dict[str, dict] = {}
     skip: set[str] = set()
+    classes: dict[str, str] = {}
     for name, m in quantized_modules(model):
         modules[name] = {r: _spec_dict(q.spec) for r, q in m.quantizers()}
+        classes[name] = float_class(m).__name__
         qt = weight_qtensor(m)
         if qt is None:
             continue
-        key = f"{name}.weight"
-        skip.add(key)
+        key = f"{name}.weight"  # the stored name, whatever the parameter is called
+        skip.add(f"{name}.{weight_name(m)}")
+        wt = weight_param(m)
         tensors[f"{key}.codes"] = qt.packed_codes().contiguous()
         tensors[f"{key}.scale"] = _scale_tensor(qt)
         if qt.zero_point is not None:
             tensors[f"{key}.zero_point"] = _zero_point_codes(qt)
         if qt.global_scale is not None:
             tensors[f"{key}.global_scale"] = qt.global_scale.reshape(1).float()
-        qmeta[name] = {"shape": list(qt.shape), "dtype": str(m.weight.dtype).split(".")[-1],
+        qmeta[name] = {"shape": list(qt.shape), "dtype": str(wt.dtype).split(".")[-1],
                        "spec": qt.spec.model_dump(exclude_defaults=True),
-                       "fixed": m.weight_quantizer.scale is not None}
+                       "fixed": m.weight_quantizer.scale is not None,
+                       "weight_shape": list(wt.shape)}
     kv_spec = None
     kv_names = []
     disabled = []
@@ -128,11 +141,13 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     tensors.update(plain)
     meta = {"format": "lowbit", "version": VERSION,
             "model_class": type(model).__name__,
+            "model_module": type(model).__module__,
             "dtype": str(_model_dtype(model)).split(".")[-1],
             "recipe": recipe.to_dict() if recipe is not None else None,
             "modules": modules, "quantized": qmeta, "tied": tied,
             "kv_cache": {"spec": _spec_dict(kv_spec), "quantizers": kv_names},
-            "disabled": disabled, "moe_experts": _split_experts(model)}
+            "disabled": disabled, "moe_experts": _split_experts(model),
+            "module_classes": classes}
     write_shards(tensors, out_dir, max_shard_size, {"format": "lowbit"})
     (out_dir / META).write_text(json.dumps(meta, indent=1))
     write_hf_files(model, out_dir, tokenizer)
@@ -146,7 +161,8 @@ def _split_experts(model: nn.Module) -> dict[str, str]:
     return {n: m.source_class for n, m in model.named_modules() if isinstance(m, MoEExperts)}
 
 
-def _split_like_checkpoint(model: nn.Module, meta: dict, where: str) -> None:
+def _split_like_checkpoint(model: nn.Module, meta: dict, where: str,
+                           src: str = "the model built from config.json") -> None:
     """Split the freshly built model's stacked MoE experts as the exported model's were
     (``meta["moe_experts"]``), so that the per-expert tensor names exist; a mismatch (a
     checkpoint's experts module the model does not have, or of another class) is a
@@ -160,7 +176,7 @@ def _split_like_checkpoint(model: nn.Module, meta: dict, where: str) -> None:
     for name, cls in want.items():
         if have.get(name) != cls:
             raise CheckpointError(f"{where}: MoE experts {name!r} ({cls}) of the checkpoint "
-                                  f"are not in the model built from config.json (it has "
+                                  f"are not in {src} (it has "
                                   f"{have.get(name, 'no such module')})")
     try:
         unfuse_experts(model)
@@ -188,6 +204,32 @@ def qtensor_from(meta: dict, tensors: dict[str, torch.Tensor], key: str) -> QTen
                    None if gs is None else gs.reshape(()))
 
 
+def weight_name(m: nn.Module) -> str:
+    """The name of the parameter a (quantized, or quantizable) module's weight quantizer
+    quantizes: ``weight``, or ``in_proj_weight`` (``nn.MultiheadAttention``), as its
+    quantized class declares (``weight_name``)."""
+    from lowbit.nn import QuantMixin, quant_class_for
+
+    cls = type(m) if isinstance(m, QuantMixin) else quant_class_for(m)
+    return getattr(cls, "weight_name", "weight") if cls is not None else "weight"
+
+
+def weight_param(m: nn.Module) -> torch.Tensor:
+    """The quantized weight parameter of module ``m`` (see :func:`weight_name`)."""
+    return getattr(m, weight_name(m))
+
+
+def float_class(m: nn.Module) -> type:
+    """The class a quantized module was made from (``QuantConv2d`` -> ``nn.Conv2d``): the
+    first class of its MRO that is not one of lowbit's quantized classes."""
+    from lowbit.nn.modules import QuantMixin
+
+    for c in type(m).__mro__:
+        if not issubclass(c, QuantMixin):
+            return c
+    return type(m)
+
+
 def _no_init():
     try:
         from transformers.initialization import no_init_weights
@@ -200,51 +242,81 @@ def _spec(d: dict | None, where: str) -> QuantSpec | None:
     return None if d is None else QuantSpec.parse(d, where)
 
 
-def _insert_quantizers(model: nn.Module, meta: dict, where: str) -> None:
+def _insert_quantizers(model: nn.Module, meta: dict, where: str, src: str) -> None:
     from lowbit.nn import attach_kv_quantizers, quantize_module
 
     try:
-        _insert(model, meta, where, attach_kv_quantizers, quantize_module)
+        _insert(model, meta, where, src, attach_kv_quantizers, quantize_module)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
 
-def _insert(model, meta, where, attach_kv_quantizers, quantize_module) -> None:
+def check_modules(model: nn.Module, meta: dict, where: str, src: str) -> None:
+    """Every quantized module of the checkpoint exists in ``model`` (described by ``src``)
+    with its un-quantized class and weight shape; a CheckpointError names the first that
+    does not. Nothing is changed, so a failed check leaves ``model`` as it was."""
+    from lowbit.nn import quant_class_for
+
+    mods = dict(model.named_modules())
+    classes = meta.get("module_classes") or {}
+    for name in meta.get("modules", {}):
+        m = mods.get(name)
+        want = classes.get(name)
+        if m is None:
+            raise CheckpointError(f"{where}: quantized module {name!r}"
+                                  + (f" ({want})" if want else "") + f" does not exist in "
+                                  f"{src}")
+        if want is not None and type(m).__name__ != want:
+            raise CheckpointError(f"{where}: module {name!r} is a {type(m).__name__} in "
+                                  f"{src}; the checkpoint quantized a {want} there")
+        if quant_class_for(m) is None:
+            raise CheckpointError(f"{where}: module {name!r} of {src} is a "
+                                  f"{type(m).__name__}, which lowbit cannot quantize")
+        qm = meta["quantized"].get(name)
+        w = getattr(m, quant_class_for(m).weight_name, None)
+        if qm is None or not isinstance(w, torch.Tensor):
+            continue
+        shape = qm.get("weight_shape")
+        if shape is not None and list(w.shape) != list(shape):
+            raise CheckpointError(f"{where}: module {name!r} has a weight of shape "
+                                  f"{list(w.shape)} in {src}; the checkpoint's is "
+                                  f"{list(shape)}")
+        if w.numel() != math.prod(qm["shape"]):
+            raise CheckpointError(f"{where}: module {name!r} has a weight of "
+                                  f"{w.numel()} values in {src}; the checkpoint's [out, in] "
+                                  f"weight is {qm['shape']}")
+
+
+def _insert(model, meta, where, src, attach_kv_quantizers, quantize_module) -> None:
+    check_modules(model, meta, where, src)
     mods = dict(model.named_modules())
     for name, specs in meta.get("modules", {}).items():
-        m = mods.get(name)
-        if m is None:
-            raise CheckpointError(f"{where}: quantized module {name!r} does not exist in the "
-                                  f"model built from config.json")
+        m = mods[name]
         quantize_module(m, _spec(specs.get("weight"), f"{where}: {name}.weight"),
                         _spec(specs.get("input"), f"{where}: {name}.input"),
                         _spec(specs.get("output"), f"{where}: {name}.output"), name)
+        qm = meta["quantized"].get(name)
+        if qm is not None and tuple(m.weight_2d().shape) != tuple(qm["shape"]):
+            raise CheckpointError(f"{where}: module {name!r} has a [out, in] weight of shape "
+                                  f"{list(m.weight_2d().shape)} in {src}; the checkpoint's "
+                                  f"is {qm['shape']}")
     kv = meta.get("kv_cache") or {}
     if kv.get("spec") is not None:
         attach_kv_quantizers(model, _spec(kv["spec"], f"{where}: kv_cache"))
 
 
-def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False
-         ) -> nn.Module:
-    """Rebuild a quantized transformers model from a native lowbit checkpoint folder.
-
-    The FP checkpoint is not needed: the model is built from ``config.json`` without weight
-    initialisation, quantizers are inserted with the stored specs (no calibration), quantized
-    weights are installed as ``dequantize(codes, scales)`` with those scales fixed, calibrated
-    statistics and every other tensor are loaded as stored. Raises
-    :class:`~lowbit.errors.CheckpointError` for a missing, truncated or inconsistent file.
-
-    ``packed=True`` (or a dict of :func:`lowbit.runtime.convert` options: ``fast``,
-    ``act_dtype``) gives the model :func:`lowbit.runtime.convert` would make of it, built
-    from the stored codes directly: quantized linear layers never get float weights (see
-    :mod:`lowbit.runtime.loading`); ``device`` also picks their kernels.
-    """
-    from lowbit.config import Recipe
-    from lowbit.export.safe_read import check_against_model, read_checkpoint
-
-    path = Path(path)
-    meta, tensors, where = read_checkpoint(path)
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _transformers_model(path: Path, meta: dict, meta_file: str) -> nn.Module:
+    """The model of the checkpoint's transformers class (``meta["model_class"]``; a causal
+    LM for checkpoints that name none) built from ``config.json`` without initialisation."""
+    hint = ("pass the un-quantized model to load into: lowbit.load(path, model=<instance, "
+            "or a function returning one>)")
+    cls_name = meta.get("model_class")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json, the checkpoint holds a "
+                              f"{cls_name or 'model'} that is not a transformers model; "
+                              f"{hint}")
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -252,15 +324,115 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False
         raise CheckpointError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") \
             from None
     dtype = getattr(torch, meta.get("dtype", "float32"))
+    cls = None
+    if cls_name is not None:
+        try:
+            cls = getattr(transformers, cls_name)
+        except Exception as e:  # noqa: BLE001 - unknown name, or its module fails to import
+            raise CheckpointError(f"{meta_file}: model class {cls_name!r} is not a class of "
+                                  f"the installed transformers ({str(e).splitlines()[0]}); "
+                                  f"{hint}") from None
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+            raise CheckpointError(f"{meta_file}: model class {cls_name!r} is not a "
+                                  f"transformers model class; {hint}")
     with _no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
+        model = cls._from_config(config, dtype=dtype) if cls is not None else \
+            AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _given_model(model, meta: dict) -> nn.Module:
+    """The user's un-quantized model to load into: ``model`` itself, or what calling it
+    returns; a ConfigError when it is neither, or is already quantized by lowbit."""
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise ConfigError(f"model: expected an un-quantized nn.Module or a function "
+                              f"returning one; got a {type(model).__name__}")
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise ConfigError(f"model: {getattr(model, '__name__', model)!r} returned a "
+                              f"{type(built).__name__}; expected an nn.Module")
+        model = built
+    for name, m in model.named_modules():
+        if type(m).__module__.split(".")[0] == "lowbit":
+            raise ConfigError(f"model: module {name or '<root>'!r} is a {type(m).__name__} "
+                              f"of lowbit: the model is already quantized or converted; pass "
+                              f"the un-quantized {meta.get('model_class') or 'model'}")
+    if getattr(model, "lowbit_recipe", None) is not None:
+        raise ConfigError("model: already quantized (it has a lowbit_recipe); pass the "
+                          "un-quantized model")
+    return model
+
+
+def _match_dtypes(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Cast the given model's floating parameters and buffers to the checkpoint's dtypes
+    (quantized weights: their recorded dtype), so the loaded model computes as the saved
+    one did."""
+    mods = dict(model.named_modules())
+    want = {f"{n}.{weight_name(mods[n])}": getattr(torch, q.get("dtype", "float32"))
+            for n, q in meta["quantized"].items()}
+    want.update({k: t.dtype for k, t in tensors.items() if t.is_floating_point()})
+    for mod_name, mod in model.named_modules():
+        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is None:
+                continue
+            key = f"{mod_name}.{attr}" if mod_name else attr
+            dt = want.get(key)
+            if dt is not None and t.is_floating_point() and t.dtype != dt:
+                t.data = t.data.to(dt)
+
+
+def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False,
+         model: "nn.Module | Callable[[], nn.Module] | None" = None) -> nn.Module:
+    """Rebuild a quantized model from a native lowbit checkpoint folder.
+
+    ``model=None``: a transformers model of the class that was saved (any head: causal LM,
+    sequence classification, ``Gemma3ForConditionalGeneration`` ...; checkpoints of older
+    versions: a causal LM), built from ``config.json`` without weight initialisation.
+    ``model=`` an un-quantized ``nn.Module`` (a CNN, a ViT, a transformers model ...), or a
+    function (a class, a constructor) returning one: the checkpoint is loaded into it, in
+    place, and it is returned (cast to the checkpoint's dtypes, in eval mode). A model that
+    is already quantized is a ConfigError. Modules, classes and shapes are checked before the
+    given model is changed; an error found later (a tensor missing from the file) may leave
+    it partly loaded (pass a function to get a fresh one each time). The FP checkpoint is
+    never needed.
+
+    Quantizers are inserted with the stored specs (no calibration), quantized weights are
+    installed as ``dequantize(codes, scales)`` with those scales fixed, calibrated
+    statistics and every other tensor are loaded as stored: the outputs equal the saved
+    model's bit for bit. A module of the checkpoint missing from the model, of another
+    class, or with a weight of another shape, a tensor missing or left over, a missing,
+    truncated or inconsistent file: :class:`~lowbit.errors.CheckpointError` naming it.
+
+    ``packed=True`` (or a dict of :func:`lowbit.runtime.convert` options: ``fast``,
+    ``act_dtype``) gives the model :func:`lowbit.runtime.convert` would make of it, built
+    from the stored codes directly: quantized linear layers (and int8 Conv2d) never get
+    float weights (see :mod:`lowbit.runtime.loading`); ``device`` also picks their kernels.
+    """
+    from lowbit.config import Recipe
+    from lowbit.export.safe_read import check_against_model, read_checkpoint
+
+    path = Path(path)
+    meta, tensors, where = read_checkpoint(path)
     meta_file = str(path / META)
+    given = model is not None
+    if not given:
+        model = _transformers_model(path, meta, meta_file)
+        src = "the model built from config.json"
+    else:
+        model = _given_model(model, meta)
+        src = f"the given model ({type(model).__name__})"
+        if not meta.get("moe_experts"):  # else checked once the experts are split
+            check_modules(model, meta, meta_file, src)
+    model.eval()
     recipe = Recipe.parse(meta["recipe"], f"{meta_file}: recipe") if meta["recipe"] else None
-    _split_like_checkpoint(model, meta, meta_file)
+    _split_like_checkpoint(model, meta, meta_file, src)
+    if given:
+        check_modules(model, meta, meta_file, src)
+        _match_dtypes(model, meta, tensors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _insert_quantizers(model, meta, meta_file)
+        _insert_quantizers(model, meta, meta_file, src)
     qkeys = {f"{n}.weight{s}" for n in meta["quantized"] for s in WEIGHT_SUFFIXES}
     with torch.no_grad():
         # statistics first: packed kernels fuse static activation scales at build time
@@ -286,28 +458,30 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False
             key = f"{name}.weight"
             qt = qtensor_from(qm, tensors, key)
             m = mods[name]
-            w = m.weight_from_2d(dequantize(qt, torch.float32)).to(m.weight.dtype).contiguous()
+            w = m.weight_from_2d(dequantize(qt, torch.float32)).to(qt.dtype).contiguous()
             # a quantized weight tied to another parameter gets its own
-            m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+            setattr(m, weight_name(m), nn.Parameter(
+                w, requires_grad=weight_param(m).requires_grad))
             m.weight_quantizer.set_fixed_scale(qt.scale, qt.zero_point, qt.global_scale)
             m.invalidate_weight_cache()
         rest = {k: v for k, v in tensors.items() if k not in qkeys and "_quantizer." not in k}
         check_against_model(rest, where, model.state_dict())
         missing, unexpected = model.load_state_dict(rest, strict=False)
-        allowed = set(meta["tied"]) | {f"{n}.weight" for n in meta["quantized"]}
+        allowed = set(meta["tied"]) | {f"{n}.{weight_name(mods[n])}"
+                                       for n in meta["quantized"] if n in mods}
         bad = [k for k in missing if k not in allowed and "_quantizer." not in k and
                not (packed_names and allowed_missing(k, packed_names))]
         if bad:
-            raise CheckpointError(f"{path}: tensor {bad[0]!r} is missing from the checkpoint "
-                                  f"({len(bad)} missing in all)")
+            raise CheckpointError(f"{path}: tensor {bad[0]!r} of {src} is missing from the "
+                                  f"checkpoint ({len(bad)} missing in all)")
         if unexpected:
             raise CheckpointError(f"{path}: tensor {unexpected[0]!r} of the checkpoint is not "
-                                  f"in the model built from config.json")
-        for k, src in meta["tied"].items():
+                                  f"in {src} ({len(unexpected)} in all)")
+        for k, src_key in meta["tied"].items():
             mod_name, _, attr = k.rpartition(".")
             owner = mods.get(mod_name)
             if owner is not None and mod_name not in meta["quantized"]:
-                s_mod, _, s_attr = src.rpartition(".")
+                s_mod, _, s_attr = src_key.rpartition(".")
                 setattr(owner, attr, getattr(mods[s_mod], s_attr))
     model.lowbit_recipe = recipe
     model = model.to(device)

@@ -10,7 +10,10 @@ Counter({'int4_weight_only': 210})
 Every quantized ``nn.Linear`` becomes a :class:`PackedLinear` that keeps its weight as codes
 and scales (int8, packed int4, float8, packed e2m1 + e4m3/e8m0 block scales ...) and runs the
 best kernel for its recipe and device (:mod:`lowbit.runtime.kernels`,
-:mod:`lowbit.runtime.cuda`), or the reference path (dequantize at each call). See
+:mod:`lowbit.runtime.cuda`), or the reference path (dequantize at each call). Every quantized
+``nn.Conv2d`` with int8 weights becomes a :class:`~lowbit.runtime.conv.PackedConv2d` (int8
+codes, dequantized into the convolution; exact); other quantized convs stay fake-quantized,
+each named with why in the :class:`ConvertReport`. See
 ``docs/runtime.md`` for the table of kernels and tolerances. A chosen kernel that fails at
 conversion falls back to the reference path with a warning;
 :func:`hardware_path_report` (from :mod:`lowbit.hardware`) says which paths ran.
@@ -28,11 +31,12 @@ from torch import nn
 from lowbit.core import QTensor
 from lowbit.export.base import weight_qtensor
 from lowbit.hardware import hardware_path_report
-from lowbit.nn.modules import QuantLinear
+from lowbit.nn.modules import QuantLinear, QuantMixin
 from lowbit.runtime.kernels import (Kernel, LayerInfo, check_act_dtype, get_kernel,
                                     kernel_names, register_kernel, select_kernel)
 from lowbit.runtime.decode import FastDecoder, fuse_linears, generate
 from lowbit.runtime.packed import PackedLinear
+from lowbit.runtime.conv import PackedConv2d, conv_refusal, packed_conv
 
 
 def layer_info(m: QuantLinear, device=None, act_dtype: torch.dtype | None = None
@@ -110,7 +114,8 @@ class ConvertReport(Counter):
     plus what it left unpacked, so nothing stays float silently:
 
     - ``kept``: ``{name: why}`` quantized layers left fake-quantized (output quantizer,
-      weight quantizer off);
+      weight quantizer off, a Conv2d whose weights are not int8, a quantized module type
+      with no packed path: Conv1d, GPT-2 ``Conv1D`` ...);
     - ``float``: ``{name: why}`` layers with a weight matrix that stay in float
       (not quantized by the recipe: LM head, MoE routers and shared-expert gates, ...);
     - ``fused_experts``: stacked MoE experts modules never split per expert (float 3-D
@@ -145,7 +150,7 @@ def _unpacked(model: nn.Module, report: ConvertReport) -> None:
 
     routers = find_routers(model)
     for name, m in model.named_modules():
-        if isinstance(m, (PackedLinear, QuantLinear)) or name in report.kept:
+        if isinstance(m, (PackedLinear, PackedConv2d, QuantMixin)) or name in report.kept:
             continue
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or isinstance(m, nn.Embedding):
@@ -161,16 +166,20 @@ def _unpacked(model: nn.Module, report: ConvertReport) -> None:
 
 def convert(model: nn.Module, fast: bool = True, act_dtype: torch.dtype | None = None
             ) -> ConvertReport:
-    """Replace every quantized ``nn.Linear`` of ``model`` by a :class:`PackedLinear` (in
-    place) and return how many layers got each kernel, as a :class:`ConvertReport` (which
-    also names the layers left fake-quantized or float).
+    """Replace every quantized ``nn.Linear`` of ``model`` by a :class:`PackedLinear` and
+    every quantized ``nn.Conv2d`` with int8 weights by a
+    :class:`~lowbit.runtime.conv.PackedConv2d` (kernel ``conv_int8``: int8 codes resident,
+    dequantized into ``F.conv2d`` at each call, outputs equal to the fake-quantized conv), in
+    place, and return how many layers got each kernel, as a :class:`ConvertReport` (which
+    also names the layers left fake-quantized, each with why, and those left float).
 
     MoE models: each expert's ``gate_proj``/``up_proj``/``down_proj`` (split by
     :func:`lowbit.quantize`) becomes its own packed layer, and
     :class:`lowbit.nn.experts.MoEExperts` runs only the experts tokens are routed to;
     routers stay float and are listed in ``report.float``.
 
-    ``fast=False`` uses the reference (dequantize-then-matmul) path for all layers.
+    ``fast=False`` uses the reference (dequantize-then-matmul) path for all linear layers
+    (convs always take ``conv_int8``, itself dequantize-then-convolve).
     ``act_dtype``: dtype of activations and scales in the CPU weight-only kernels (default
     bfloat16, the only dtype torch vectorizes them for; ``torch.float32`` reproduces the
     fake-quantized model to ~1e-6 but runs 20-100x slower). The float weights of converted
@@ -179,6 +188,14 @@ def convert(model: nn.Module, fast: bool = True, act_dtype: torch.dtype | None =
     check_act_dtype(act_dtype)
     counts = ConvertReport()
     for name, m in list(model.named_modules()):
+        if isinstance(m, QuantMixin) and not isinstance(m, QuantLinear):
+            new = packed_conv(m)
+            if new is None:
+                counts.kept[name] = conv_refusal(m)
+                continue
+            replace_module(model, name, new)
+            counts[new.kernel] += 1
+            continue
         if not isinstance(m, QuantLinear):
             continue
         new = packed_module(m, None, fast, act_dtype)
@@ -244,7 +261,7 @@ def memory_report(model: nn.Module) -> dict:
     kernels: dict[str, dict] = {}
     own = packed = 0
     for m in model.modules():
-        if isinstance(m, PackedLinear):
+        if isinstance(m, (PackedLinear, PackedConv2d)):
             r = m.resident_nbytes()
             k = kernels.setdefault(m.kernel, {"layers": 0, "resident": 0, "packed": 0})
             k["layers"] += 1
@@ -271,7 +288,8 @@ def load_packed(path, device: str = "cpu", fast: bool = True,
     return load(path, device, packed={"fast": fast, "act_dtype": act_dtype})
 
 
-__all__ = ["ConvertReport", "FastDecoder", "Kernel", "LayerInfo", "PackedLinear", "convert",
+__all__ = ["ConvertReport", "FastDecoder", "Kernel", "LayerInfo", "PackedConv2d", "PackedLinear",
+           "convert",
            "fuse_linears", "generate", "get_kernel", "hardware_path_report", "kernel_names",
            "layer_info", "load_packed", "memory_report", "packed_bytes", "packed_module",
            "register_kernel", "release_memory", "replace_module", "select_kernel", "weight_bytes"]
