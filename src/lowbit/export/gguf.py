@@ -4,6 +4,12 @@
 
 What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` writes them):
 
+* dense families Llama, Mistral (``llama``), Qwen2, Qwen3, Gemma-2, Gemma-3 (the text class
+  and the text tower of the multimodal class; llama.cpp reads the vision tower from a
+  separate mmproj file, which is not written: a warning says so), Phi-3/Phi-4; each
+  family's facts (rotary row order, ``1 + w`` norms written as ``w + 1``, soft-capping,
+  sliding window, fused ``attn_qkv``/``ffn_up``, what llama.cpp hard-codes and a config must
+  agree with) are declared in :mod:`lowbit.adapters.gguf_archs`;
 * mixture-of-experts models (Mixtral as ``llama`` with experts, Qwen2-MoE, Qwen3-MoE,
   OLMoE; other MoE families are refused by name): experts stacked into
   ``blk.N.ffn_{gate,up,down}_exps``, routers F32, expert metadata (see
@@ -13,18 +19,20 @@ What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` write
   ``llama`` architecture (Llama, Mistral; not Qwen2/Qwen3), codes and scales together;
 * quantized weights in the ggml type that holds lowbit's codes and scales exactly (see
   :mod:`lowbit.export.gguf_types`: Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, MXFP4), so that
-  ``gguf.quants.dequantize`` of the file gives the fake-quantized weights bit for bit;
+  ``gguf.quants.dequantize`` of the file gives the fake-quantized weights bit for bit
+  (fused projections too: their codes and scales are written as they are);
   a weight with no exact type is a ConfigError naming it, unless ``allow_requantize=True``
   (then ``gguf.quants`` requantizes the fake-quantized weight to ``requantize_type`` and a
   warning says which layers and how much they moved);
 * norms and biases in F32, other unquantized matrices in ``float_type`` (``"f32"``, exact;
   ``"f16"`` or ``"bf16"``), the token embedding in ``embedding_type`` (default
   ``float_type``; ``"q8_0"``... quantizes it with ``gguf.quants``, which lowbit's own model
-  does not do); tied embeddings give no ``output.weight`` unless ``lm_head`` is quantized;
+  does not do); tied embeddings give no ``output.weight`` unless ``lm_head`` is quantized
+  (refused for Gemma, whose llama.cpp architecture has no output layer);
 * hyperparameters (context length, heads, KV heads, head size, rope theta and scaling,
-  RMS-norm epsilon) from ``model.config``; the tokenizer (GPT-2-style byte-level BPE:
-  tokens, token types, merges, pre-tokenizer name, special ids, add-BOS/EOS flags, chat
-  template) from a transformers tokenizer. Without one, a vocabulary-less file
+  RMS-norm epsilon, the family's soft-caps and sliding window) from ``model.config``; the
+  tokenizer (byte-level BPE or SentencePiece, see :mod:`lowbit.export.gguf_vocab`) from a
+  transformers tokenizer. Without one, a vocabulary-less file
   (``tokenizer.ggml.model = "none"``) is written: llama.cpp runs it on token ids.
 
 GGUF stores weights only: activation and KV-cache quantizers are not exported (a warning
@@ -34,23 +42,22 @@ matmuls on CPU), so its outputs differ slightly from lowbit's fake-quantized mod
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass
-from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from lowbit.adapters.gguf_archs import GGUF_ARCHS, GgufArch
 from lowbit.adapters.moe_export import GGUF_MOE_ARCHS
 from lowbit.errors import ConfigError
 from lowbit.export import gguf_moe
 from lowbit.export.base import weight_qtensor
 from lowbit.export.gguf_types import NotExact, ggml_type_for, to_blocks
+from lowbit.export.gguf_vocab import write_vocab
 from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import quantizers
 from lowbit.options import accepted_options, reject_unknown
@@ -66,37 +73,8 @@ SUPPORTED = (
 )
 
 
-@dataclass(frozen=True)
-class _Arch:
-    name: str  # gguf.MODEL_ARCH member name
-    permute_qk: bool
-
-
-# transformers model_type -> llama.cpp architecture (convert_hf_to_gguf.py's choices)
-ARCHS = {
-    "llama": _Arch("LLAMA", True),
-    "mistral": _Arch("LLAMA", True),
-    "qwen2": _Arch("QWEN2", False),
-    "qwen3": _Arch("QWEN3", False),
-}
-
-# sha256 of str(tokenizer.encode(CHKTXT)) -> llama.cpp pre-tokenizer (convert_hf_to_gguf.py)
-CHKTXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis "
-    "concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
-    "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български "
-    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not "
-    "sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
-PRE_TOKENIZERS = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
-    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
-    "a8594e3edff7c29c003940395316294b2c623e09894deebbc65f33f1515df79e": "dbrx",
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
-}
+#: transformers model_type -> llama.cpp architecture (see lowbit.adapters.gguf_archs)
+ARCHS = GGUF_ARCHS
 
 
 def qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
@@ -114,8 +92,9 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
            embedding_type: str | None = None, allow_requantize: bool = False,
            requantize_type: str = "q8_0", tokenizer_pre: str | None = None,
            name: str | None = None, **unknown) -> None:
-    """Write ``model`` (a transformers Llama/Mistral/Qwen2/Qwen3 causal LM, or a Mixtral/
-    Qwen2-MoE/Qwen3-MoE/OLMoE one with its experts split by lowbit.quantize) as
+    """Write ``model`` (a transformers causal LM of a family in
+    :data:`lowbit.adapters.gguf_archs.GGUF_ARCHS`, the multimodal Gemma-3's text tower, or a
+    Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE one with its experts split by lowbit.quantize) as
     ``out_dir/model.gguf``. See the module documentation for the options; any other option
     is a ConfigError naming it."""
     reject_unknown(unknown, "export format 'gguf'", accepted_options(export, ("model", "out_dir")))
@@ -134,26 +113,67 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
     if cfg is None or not hasattr(cfg, "model_type"):
         raise ConfigError("GGUF export needs a transformers causal LM (a model with .config)")
     moe = gguf_moe.moe_arch(model, cfg.model_type)
-    arch = ARCHS.get(cfg.model_type) if moe is None else _Arch(moe.arch, moe.permute_qk)
+    arch = ARCHS.get(cfg.model_type) if moe is None else \
+        GgufArch(moe.arch, permute_qk=moe.permute_qk)
     if arch is None:
         raise ConfigError(f"GGUF export supports model types {', '.join(ARCHS)} and the MoE "
                           f"families {', '.join(GGUF_MOE_ARCHS)}; got {cfg.model_type!r}")
+    mcfg = cfg
+    if arch.text_prefix is not None:  # a multimodal class: its text tower, as llama.cpp runs it
+        cfg = cfg.text_config
+    _check_family(arch, cfg)
     _warn_activation_quantizers(model)
     tensors = _tensors(model, cfg, arch, float_type, emb_type, allow_requantize,
                        requantize_type)
     tensors += _rope_tensors(cfg)
     writer = gguf.GGUFWriter(Path(out_dir) / FILENAME,
-                             gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
-    _write_hparams(writer, model, cfg, name, _file_type(tensors, float_type))
+                             gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.arch)])
+    _write_hparams(writer, model, mcfg, cfg, arch, name, _file_type(tensors, float_type))
     if moe is not None:
         gguf_moe.write_moe_hparams(writer, model, cfg, moe)
-    _write_vocab(writer, tokenizer, cfg, tokenizer_pre)
+    write_vocab(writer, tokenizer, cfg.vocab_size, tokenizer_pre)
     for tname, arr, qtype in tensors:
         writer.add_tensor(tname, arr, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _check_family(arch: GgufArch, cfg) -> None:
+    """ConfigError when ``cfg`` contradicts what llama.cpp hard-codes for ``arch`` (it would
+    run a different model)."""
+    where = f"GGUF export ({arch.arch.lower()})"
+    for f in arch.no_softcaps:
+        if getattr(cfg, f, None) is not None:
+            raise ConfigError(f"{where}: config.{f} = {getattr(cfg, f)}; llama.cpp's "
+                              f"{arch.arch.lower()} architecture has no such soft-capping")
+    if arch.gemma_attn_scale:
+        hd = _head_dim(cfg)
+        want = cfg.hidden_size // cfg.num_attention_heads \
+            if cfg.num_hidden_layers in arch.big_layers else hd
+        got = getattr(cfg, "query_pre_attn_scalar", None)
+        if got is not None and got != want:
+            raise ConfigError(f"{where}: config.query_pre_attn_scalar = {got}, but llama.cpp "
+                              f"scales attention by 1/sqrt({want}) for this shape (head_dim "
+                              f"{hd}, {cfg.num_hidden_layers} layers); expected {want}")
+    if arch.swa_period is not None and getattr(cfg, "sliding_window", None):
+        p = arch.swa_period
+        want = ["sliding_attention" if i % p < p - 1 else "full_attention"
+                for i in range(cfg.num_hidden_layers)]
+        got = list(getattr(cfg, "layer_types", None) or want)
+        if got != want:
+            raise ConfigError(f"{where}: config.layer_types {got} differ from llama.cpp's "
+                              f"fixed pattern (sliding except every {p}th layer): {want}")
+        rp = getattr(cfg, "rope_parameters", None) or {}
+        local = rp.get("sliding_attention") if isinstance(rp, dict) else None
+        if arch.swa_rope_theta is not None and local is not None:
+            kind = str(local.get("rope_type", "default"))
+            theta = float(local.get("rope_theta", arch.swa_rope_theta))
+            if kind != "default" or theta != arch.swa_rope_theta:
+                raise ConfigError(f"{where}: sliding-window layers use rope {kind} with base "
+                                  f"{theta}; llama.cpp fixes them at default rope, base "
+                                  f"{arch.swa_rope_theta}")
 
 
 def _warn_activation_quantizers(model: nn.Module) -> None:
@@ -176,7 +196,7 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
     import gguf
 
     n_layers = cfg.num_hidden_layers
-    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.name), n_layers)
+    tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.arch), n_layers)
     modules = dict(model.named_modules())
     tied = _is_tied(model, cfg)
     n_head = cfg.num_attention_heads
@@ -186,20 +206,38 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
     out += gguf_moe.expert_tensors(model, tmap, float_type, allow_requantize, requantize_type,
                                    _encode, _decode, inexact, requantized, widened)
     seen = {n for n, _, _ in out}
+    towers, tower_q = Counter(), Counter()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, mod in modules.items() if mod is head), None)
     for key, t in model.state_dict(keep_vars=False).items():
         if "_quantizer." in key or key.endswith("inv_freq") or \
                 gguf_moe.is_expert_key(key, experts):
             continue
         mod_name, pname = key.rsplit(".", 1)
-        gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise ConfigError(f"GGUF export: no llama.cpp tensor name for {key!r} "
-                              f"(architecture {arch.name.lower()})")
         m = modules.get(mod_name)
         quantized = isinstance(m, QuantMixin) and pname == "weight" and \
             m.weight_quantizer.is_enabled
+        tower = next((p for p in arch.other_towers if key.startswith(p)), None)
+        if tower is not None:  # llama.cpp reads it from a separate mmproj file
+            towers[tower.rstrip(".")] += 1
+            tower_q[tower.rstrip(".")] += int(quantized)
+            continue
+        hf_key = key
+        if arch.text_prefix is not None and key.startswith(arch.text_prefix):
+            hf_key = "model." + key[len(arch.text_prefix):]
+        gname = tmap.get_name(hf_key, try_suffixes=(".weight", ".bias"))
+        if gname is None and mod_name == head_name:  # an arch with no output tensor
+            gname = "output.weight"
+        if gname is None:
+            raise ConfigError(f"GGUF export: no llama.cpp tensor name for {key!r} "
+                              f"(architecture {arch.arch.lower()})")
         if gname == "output.weight" and tied and not quantized:
             continue  # llama.cpp falls back to token_embd
+        if gname == "output.weight" and arch.output_is_embedding:
+            raise ConfigError(f"GGUF export: llama.cpp's {arch.arch.lower()} computes the "
+                              f"logits with the token embedding, but {key} is "
+                              f"{'quantized' if quantized else 'not tied to it'}; exclude "
+                              "lm_head from quantization (e.g. exclude: ['lm_head'])")
         if gname in seen:
             raise ConfigError(f"GGUF export: two tensors map to {gname!r} (second: {key})")
         seen.add(gname)
@@ -230,6 +268,8 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
         data = t.detach().float().cpu()
         if rows is not None:
             data = data[rows]
+        if arch.norm_plus_one and hf_key.endswith("norm.weight"):
+            data = data + 1.0  # the model computes x * (1 + w); llama.cpp x * w
         if data.ndim < 2:
             out.append((gname, data.numpy().astype(np.float32), None))
         elif gname.split(".")[-2] in gguf_moe.ROUTER_TENSORS:  # routers: F32, as llama.cpp
@@ -238,6 +278,12 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
             kind = emb_type if gname == "token_embd.weight" else float_type
             arr, qtype = _encode(data, kind, gname)
             out.append((gname, arr, qtype))
+    if towers:
+        warnings.warn("GGUF export wrote the text model only: llama.cpp reads "
+                      + ", ".join(f"{p} ({n} tensors, {tower_q[p]} quantized)"
+                                  for p, n in towers.items())
+                      + " from a separate mmproj file, which lowbit does not write",
+                      stacklevel=3)
     if inexact:
         raise ConfigError(
             f"GGUF export: layer {inexact[0]}"
@@ -285,6 +331,8 @@ def _decode(arr: np.ndarray, qtype) -> torch.Tensor:
 
 def _rope_parameters(cfg) -> dict:
     rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict) and isinstance(rp.get("full_attention"), dict):
+        return dict(rp["full_attention"])  # per layer type (Gemma-3): llama.cpp's global rope
     if isinstance(rp, dict) and rp:
         return dict(rp)
     rp = dict(getattr(cfg, "rope_scaling", None) or {})
@@ -336,11 +384,13 @@ def _file_type(tensors, float_type: str) -> int:
             "MXFP4": LFT.MOSTLY_MXFP4_MOE}.get(top, LFT.ALL_F32)
 
 
-def _write_hparams(w, model, cfg, name, file_type) -> None:
+def _write_hparams(w, model, mcfg, cfg, arch: GgufArch, name, file_type) -> None:
+    """Hyperparameters of text config ``cfg`` (``mcfg``: the model's own config, for its
+    name) as llama.cpp's converter writes them for ``arch``."""
     import gguf
 
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name or Path(str(getattr(cfg, "_name_or_path", "") or "")).name or
+    w.add_name(name or Path(str(getattr(mcfg, "_name_or_path", "") or "")).name or
                type(model).__name__)
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.max_position_embeddings)
@@ -352,8 +402,9 @@ def _write_hparams(w, model, cfg, name, file_type) -> None:
     hd = _head_dim(cfg)
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
     rp = _rope_parameters(cfg)
+    partial = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
+    w.add_rope_dimension_count(int(hd * float(partial)) if partial is not None else hd)
     w.add_rope_freq_base(float(rp.get("rope_theta", 10000.0)))
     rtype = str(rp.get("rope_type", rp.get("type", "default"))).lower()
     if rtype == "linear":
@@ -367,110 +418,16 @@ def _write_hparams(w, model, cfg, name, file_type) -> None:
         raise ConfigError(f"GGUF export: rope type {rtype!r} is not supported (default, "
                           "linear, yarn, llama3 are)")
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    for f in arch.softcaps:
+        if getattr(cfg, f, None) is not None:
+            getattr(w, f"add_{f}")(float(getattr(cfg, f)))
+    sw = getattr(cfg, "sliding_window", None)
+    if sw is not None and arch.swa_period is not None:
+        w.add_sliding_window(int(sw))
+    elif arch.sliding_window_always:
+        w.add_sliding_window(int(sw or 0))
+    if arch.rope_orig_ctx and rtype != "yarn" and \
+            getattr(cfg, "original_max_position_embeddings", None):
+        w.add_rope_scaling_orig_ctx_len(int(cfg.original_max_position_embeddings))
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-# --- tokenizer ---------------------------------------------------------------------------
-def _load_tokenizer(tok):
-    if isinstance(tok, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(tok, local_files_only=True)
-    return tok
-
-
-def _byte_level(node) -> bool:
-    if not isinstance(node, dict):
-        return False
-    if node.get("type") == "ByteLevel":
-        return True
-    return any(_byte_level(p) for p in node.get("pretokenizers", []) or [])
-
-
-def _add_prefix_space(node):
-    if not isinstance(node, dict):
-        return None
-    if node.get("type") == "ByteLevel":
-        return node.get("add_prefix_space")
-    for p in node.get("pretokenizers", []) or []:
-        v = _add_prefix_space(p)
-        if v is not None:
-            return v
-    return None
-
-
-def _looks_special(text: str) -> bool:
-    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
-
-
-def _write_vocab(w, tokenizer, cfg, tokenizer_pre: str | None) -> None:
-    import gguf
-
-    if tokenizer is None:
-        w.add_tokenizer_model("none")
-        return
-    tok = _load_tokenizer(tokenizer)
-    backend = getattr(tok, "backend_tokenizer", None)
-    tj = json.loads(backend.to_str()) if backend is not None else None
-    if tj is None or tj.get("model", {}).get("type") != "BPE" or \
-            not _byte_level(tj.get("pre_tokenizer")):
-        raise ConfigError("GGUF export writes GPT-2-style byte-level BPE tokenizers (Llama 3, "
-                          "SmolLM, Qwen2); this tokenizer is not one. Pass tokenizer=None to "
-                          "write the weights with no vocabulary")
-    vocab = tok.get_vocab()
-    n_vocab = cfg.vocab_size
-    if max(vocab.values()) >= n_vocab:
-        raise ConfigError(f"GGUF export: the tokenizer has token id {max(vocab.values())}, "
-                          f"beyond the model's vocab_size {n_vocab}")
-    rev = {i: t for t, i in vocab.items()}
-    added = dict(getattr(tok, "added_tokens_decoder", {}) or {})
-    tokens, types = [], []
-    for i in range(n_vocab):
-        if i not in rev:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        text = rev[i]
-        if i in added:
-            if getattr(added[i], "special", False) or _looks_special(text):
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                text = text.replace("\u2581", " ")
-                types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(text)
-    if tokenizer_pre is None:
-        chk = sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
-        tokenizer_pre = PRE_TOKENIZERS.get(chk)
-        if tokenizer_pre is None:
-            warnings.warn(f"GGUF export: unknown BPE pre-tokenizer (hash {chk[:12]}...); "
-                          "writing 'default' (pass tokenizer_pre=... to choose llama.cpp's)",
-                          stacklevel=4)
-            tokenizer_pre = "default"
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tokenizer_pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    aps = _add_prefix_space(tj.get("pre_tokenizer"))
-    if aps is not None:
-        w.add_add_space_prefix(bool(aps))
-    for what, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
-                      ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id)):
-        tid = getattr(tok, f"{what}_token_id", None)
-        if isinstance(tid, int) and 0 <= tid < n_vocab:
-            add(tid)
-    for what, add in (("bos", w.add_add_bos_token), ("eos", w.add_add_eos_token)):
-        flag = getattr(tok, f"add_{what}_token", None)
-        if not isinstance(flag, bool):
-            tid = getattr(tok, f"{what}_token_id", None)
-            ids = tok("a")["input_ids"]
-            flag = tid is not None and bool(ids) and \
-                (ids[0] == tid if what == "bos" else ids[-1] == tid)
-        add(flag)
-    tmpl = getattr(tok, "chat_template", None)
-    if isinstance(tmpl, str) and tmpl:
-        w.add_chat_template(tmpl)
