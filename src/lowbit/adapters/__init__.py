@@ -8,6 +8,11 @@ same facts by inspection (a forward pass of one block with hooks). Whether a nor
 ``w`` or ``1 + w`` is measured by running it (:mod:`.norms`); an adapter may declare it too,
 and a declaration the module does not follow is an error.
 
+A family's other facts (fused projections, text config of a multimodal model, rotary
+width, embedding scale and multipliers, soft-caps, modules text calibration never runs) are
+declared in its adapter too and read through :mod:`.facts`; nothing else in lowbit should
+test ``model_type`` or class names.
+
 >>> from lowbit.adapters import get_adapter
 >>> get_adapter(model).name                     # doctest: +SKIP
 'llama'
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.adapters import facts  # noqa: F401  (family facts: lowbit.adapters.facts.*)
 from lowbit.adapters import gpt2, llama, moe, opt, phi3  # noqa: F401  (register the families)
 from lowbit.adapters.base import (Adapter, Fused, InputGroup, block_config, in_features,
                                   is_linear, is_norm, out_features, register_adapter,
@@ -80,13 +86,14 @@ def fused_parts(model: nn.Module, block: nn.Module, name: str) -> list[tuple[str
 
 
 def family(model: nn.Module) -> str:
-    """Name of ``model``'s adapter (``"llama"``, ``"gpt2"``, ``"opt"``, ``"generic"``), or
+    """Name of ``model``'s adapter (``"llama"``, ``"gemma2"``, ``"phi3"``, ``"gpt2"``,
+    ``"generic"``...), or
     ``"unknown"``."""
     a = get_adapter(model)
     return a.name if a is not None else "unknown"
 
 
-__all__ = ["Adapter", "Fused", "GENERIC", "block_config", "fused_parts", "fused_projections", "GenericAdapter", "InputGroup", "NORM_KINDS", "family",
+__all__ = ["Adapter", "Fused", "GENERIC", "block_config", "fused_parts", "fused_projections", "GenericAdapter", "InputGroup", "NORM_KINDS", "facts", "family",
            "find_blocks", "get_adapter", "groups_by_inspection", "in_features", "input_groups",
            "is_linear", "is_norm", "linear_pairs", "norm_kind", "norm_offset", "out_features",
            "register_adapter", "registered"]

@@ -237,6 +237,9 @@ class Adapter:
     gates); a scale folded into the norm is multiplied into their weight columns
     (:attr:`InputGroup.readers`).
 
+    ``text_config``, ``scalars``, ``unreached``: family facts, read through
+    :mod:`lowbit.adapters.facts` (never guessed from class names elsewhere).
+
     ``fused``: the block's fused projections (:class:`Fused`). A pair's ``prev`` may name
     one part of one, ``"self_attn.qkv_proj:v"``: the scale is folded into that part's rows
     only (its other rows keep 1), with ``pair_map`` mapping ``next``'s input channels to
@@ -254,6 +257,13 @@ class Adapter:
     norm: str | None = None
     readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     fused: tuple[Fused, ...] = ()
+    # family facts read through lowbit.adapters.facts (see there): the attribute path of the
+    # config describing the blocks (``"text_config"`` in a multimodal model), the family's
+    # scalars (embedding scale, multipliers, soft-caps) from that config, and the modules
+    # that text-only calibration never runs, with why
+    text_config: str | None = None
+    scalars: Callable[[Any], dict] | None = None
+    unreached: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.norm is not None and self.norm not in NORM_KINDS:

@@ -10,6 +10,7 @@ stream, not the MLP): no norm can absorb a scale, only the linear pairs.
 """
 
 from lowbit.adapters.base import Adapter, gqa_channel_map, register_adapter
+from lowbit.adapters.facts import gemma_scalars, granite_scalars
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj")
@@ -17,12 +18,23 @@ _PAIRS = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_pr
 
 LLAMA = register_adapter(Adapter(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "granite"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     blocks=("model.layers", "layers"),
     groups=(("input_layernorm", _ATTN), ("post_attention_layernorm", _MLP)),
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
     norm="w",
+))
+
+GRANITE = register_adapter(Adapter(
+    name="granite",
+    model_types=("granite",),
+    blocks=("model.layers", "layers"),
+    groups=(("input_layernorm", _ATTN), ("post_attention_layernorm", _MLP)),
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+    norm="w",
+    scalars=granite_scalars,
 ))
 
 GEMMA = register_adapter(Adapter(
@@ -33,6 +45,7 @@ GEMMA = register_adapter(Adapter(
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
     norm="1+w",
+    scalars=gemma_scalars,
 ))
 
 GEMMA2 = register_adapter(Adapter(
@@ -43,6 +56,27 @@ GEMMA2 = register_adapter(Adapter(
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
     norm="1+w",
+    scalars=gemma_scalars,
+))
+
+GEMMA3_MM = register_adapter(Adapter(
+    name="gemma3_mm",
+    model_types=("gemma3",),
+    # Gemma3ForConditionalGeneration (transformers 5): model.language_model is the text tower
+    # (Gemma3TextModel); model.vision_tower (SigLIP) and model.multi_modal_projector see no
+    # activations when calibration feeds text only (lowbit.adapters.facts.side_towers)
+    blocks=("model.language_model.layers", "language_model.layers",
+            "language_model.model.layers"),
+    groups=GEMMA2.groups,
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+    norm="1+w",
+    scalars=gemma_scalars,
+    text_config="text_config",
+    unreached=(("model.vision_tower", "vision tower: calibration feeds text only, so it sees "
+                "no activations"),
+               ("model.multi_modal_projector", "multimodal projector: calibration feeds text "
+                "only, so it sees no activations")),
 ))
 
 OLMO2 = register_adapter(Adapter(

@@ -1,0 +1,141 @@
+"""A family's facts, declared once in its adapter and read here by every other layer.
+
+Export (GGUF), the runtime (FastDecoder) and the pipeline ask these functions instead of
+testing ``model_type`` or class names themselves:
+
+* :func:`text_config`: the config that describes the decoder blocks (``config.text_config``
+  in Gemma-3's multimodal class, else ``config``);
+* :func:`head_dim`, :func:`rotary_dim`: per-head width, and how many of its dimensions the
+  rotary embedding turns (``partial_rotary_factor``: Phi-3 variants, ...);
+* :func:`norm_offset`: the offset the family's norms add to their weight (0 for ``w``, 1 for
+  ``1 + w``: Gemma), as declared (:func:`lowbit.adapters.norm_kind` measures a module);
+* :func:`scalars`: embedding scale, residual / attention / logits multipliers, soft-caps;
+* :func:`fused` (re-exported as :func:`lowbit.adapters.fused_projections`): fused linears;
+* :func:`unreached_modules`: submodules that text-only calibration never runs (the vision
+  tower and projector of a multimodal model), with a one-line reason each.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from lowbit.adapters.norms import NORM_KINDS
+
+DEFAULT_SCALARS = {
+    "embedding_scale": 1.0,       # input embeddings are multiplied by it
+    "residual_multiplier": 1.0,   # each block's attention / MLP output, before the residual add
+    "attention_scale": None,      # query-key scale; None: head_dim ** -0.5
+    "logits_scale": 1.0,          # final logits are multiplied by it
+    "attn_logit_softcap": None,   # tanh soft-cap of attention scores (Gemma-2)
+    "final_logit_softcap": None,  # tanh soft-cap of the final logits (Gemma-2)
+}
+"""Keys of :func:`scalars` and the value of a family that declares none."""
+
+
+def _adapter(model: nn.Module):
+    from lowbit.adapters import get_adapter
+
+    return get_adapter(model)
+
+
+def text_config(model: nn.Module):
+    """The config of ``model``'s decoder blocks: the adapter's ``text_config`` attribute of
+    ``model.config`` (multimodal classes), else ``model.config`` (None without one)."""
+    cfg = getattr(model, "config", None)
+    a = _adapter(model)
+    if cfg is not None and a is not None and a.text_config:
+        return getattr(cfg, a.text_config)
+    return cfg
+
+
+def head_dim(config) -> int:
+    """``config.head_dim`` when set, else ``hidden_size // num_attention_heads``."""
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+def rotary_dim(config) -> int:
+    """Dimensions of each head that the rotary embedding turns: ``head_dim *
+    partial_rotary_factor`` (from ``config.rope_parameters``, else the config attribute;
+    1.0 when neither says)."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    f = rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return int(head_dim(config) * (1.0 if f is None else float(f)))
+
+
+def norm_offset(model: nn.Module) -> float | None:
+    """0.0 (norms scale by ``w``) or 1.0 (``1 + w``) as ``model``'s family declares it; None
+    when the family does not declare it (measure a module with
+    :func:`lowbit.adapters.norm_offset`)."""
+    a = _adapter(model)
+    return NORM_KINDS[a.norm] if a is not None and a.norm is not None else None
+
+
+def scalars(model: nn.Module) -> dict:
+    """The family's scalars (keys of :data:`DEFAULT_SCALARS`), from :func:`text_config`:
+    e.g. Gemma ``embedding_scale = sqrt(hidden_size)``; Granite its embedding, residual and
+    attention multipliers and ``logits_scale = 1 / logits_scaling``."""
+    out = dict(DEFAULT_SCALARS)
+    a = _adapter(model)
+    if a is not None and a.scalars is not None:
+        out.update(a.scalars(text_config(model)))
+    return out
+
+
+def fused(model: nn.Module):
+    """The family's fused projections (:class:`lowbit.adapters.Fused`), ``()`` if none."""
+    a = _adapter(model)
+    return a.fused if a is not None else ()
+
+
+def unreached_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(module path, reason)]``: submodules of ``model`` outside its decoder blocks that
+    calibration feeding text only never runs (Gemma-3's ``model.vision_tower`` and
+    ``model.multi_modal_projector``). A recipe whose steps or static activation quantizers
+    need data must exclude them (or quantize their weights without data) and say so."""
+    a = _adapter(model)
+    if a is None:
+        return []
+    out = []
+    for path, reason in a.unreached:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            continue
+        out.append((path, reason))
+    return out
+
+
+def unreached_patterns(model: nn.Module) -> list[str]:
+    """Recipe ``exclude`` patterns (``"model.vision_tower*"``...) for
+    :func:`unreached_modules`, e.g. ``recipes.load("int8-smoothquant", exclude=[*recipe.exclude,
+    *unreached_patterns(model)])``."""
+    return [f"{path}*" for path, _ in unreached_modules(model)]
+
+
+def gemma_scalars(config) -> dict:
+    """Gemma 1-3: embeddings times ``sqrt(hidden_size)``, ``query_pre_attn_scalar ** -0.5``
+    (when set), Gemma-2's soft-caps (when set)."""
+    q = getattr(config, "query_pre_attn_scalar", None)
+    return {"embedding_scale": math.sqrt(config.hidden_size),
+            "attention_scale": None if q is None else float(q) ** -0.5,
+            "attn_logit_softcap": getattr(config, "attn_logit_softcapping", None),
+            "final_logit_softcap": getattr(config, "final_logit_softcapping", None)}
+
+
+def granite_scalars(config) -> dict:
+    """Granite: embedding, residual and attention multipliers; logits divided by
+    ``logits_scaling``. Llama-like configs without them get the defaults."""
+    out = {}
+    for key, attr in (("embedding_scale", "embedding_multiplier"),
+                      ("residual_multiplier", "residual_multiplier"),
+                      ("attention_scale", "attention_multiplier")):
+        v = getattr(config, attr, None)
+        if v is not None:
+            out[key] = float(v)
+    ls = getattr(config, "logits_scaling", None)
+    if ls is not None:
+        out["logits_scale"] = 1.0 / float(ls)
+    return out

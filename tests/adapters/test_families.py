@@ -1,0 +1,151 @@
+"""Every dense family is recognised by its declared adapter, and its declared facts are
+what the tiny model does (issue 18, item 3).
+
+The multimodal Gemma-3 class: the text tower's blocks, Gemma-2's groups and ``1 + w``
+norms; its vision tower and projector see no activations when calibration feeds text, so
+a recipe with static activation quantizers refuses them by name unless they are excluded
+(:func:`lowbit.adapters.facts.unreached_patterns`), and weight-only recipes quantize them.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import recipes
+from lowbit.adapters import facts, get_adapter
+from lowbit.errors import CalibrationError
+from tests.tiny_models import DENSE_FAMILIES, build, calib_ids, loop_over
+
+ADAPTERS = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+            "gemma3": "gemma2", "gpt2": "gpt2", "opt": "opt", "gemma2": "gemma2",
+            "gemma3_mm": "gemma3_mm", "phi3": "phi3", "olmo2": "olmo2", "granite": "granite"}
+
+
+def test_every_dense_family_has_its_declared_adapter():
+    assert set(ADAPTERS) == set(DENSE_FAMILIES)
+    for fam in DENSE_FAMILIES:
+        assert get_adapter(build(fam)).name == ADAPTERS[fam], fam
+
+
+@pytest.mark.parametrize("family,offset", [("llama", 0.0), ("phi3", 0.0), ("gpt2", 0.0),
+                                           ("gemma2", 1.0), ("gemma3", 1.0),
+                                           ("gemma3_mm", 1.0), ("olmo2", None)])
+def test_declared_norm_offset_is_what_the_norms_do(family, offset):
+    from lowbit.adapters import norm_offset
+
+    model = build(family)
+    assert facts.norm_offset(model) == offset
+    if offset is not None:
+        a = get_adapter(model)
+        block = a.find_blocks(model)[1][0]
+        for g in a.input_groups(block):
+            assert norm_offset(block.get_submodule(g.prev)) == offset
+
+
+def test_gemma_scalars_are_the_models():
+    m = build("gemma2")
+    sc = facts.scalars(m)
+    assert sc["embedding_scale"] == math.sqrt(64) == float(m.model.embed_tokens.embed_scale)
+    assert sc["attn_logit_softcap"] == 50.0 and sc["final_logit_softcap"] == 30.0
+    assert sc["attention_scale"] == m.model.layers[0].self_attn.scaling
+    mm = build("gemma3_mm")
+    assert facts.text_config(mm) is mm.config.text_config
+    assert facts.scalars(mm)["embedding_scale"] == \
+        float(mm.model.language_model.embed_tokens.embed_scale)
+
+
+def test_granite_scalars_are_the_models():
+    m = build("granite")
+    sc = facts.scalars(m)
+    assert sc["embedding_scale"] == m.model.embedding_multiplier == 4.0
+    assert sc["residual_multiplier"] == m.model.layers[0].residual_multiplier == 0.5
+    assert sc["attention_scale"] == m.model.layers[0].self_attn.scaling == 0.1
+    assert sc["logits_scale"] == 0.5
+    assert facts.scalars(build("llama")) == facts.DEFAULT_SCALARS
+
+
+def test_rotary_dim_reads_partial_rotary_factor():
+    import transformers as tf
+
+    cfg = tf.Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        partial_rotary_factor=0.5)
+    assert facts.head_dim(cfg) == 16 and facts.rotary_dim(cfg) == 8
+    m = build("phi3")
+    assert facts.rotary_dim(m.config) == 16
+    # what the model's rotary embedding produces: cos/sin of rotary_dim per position
+    x = torch.zeros(1, 3, 64)
+    cos, _ = m.model.rotary_emb(x, torch.arange(3)[None])
+    assert cos.shape[-1] == facts.rotary_dim(m.config)
+    p = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=64, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=32,
+                                         partial_rotary_factor=0.5, pad_token_id=0))
+    cos, _ = p.model.rotary_emb(x, torch.arange(3)[None])
+    assert cos.shape[-1] == facts.rotary_dim(p.config) == 8
+
+
+def test_fused_projections_declared():
+    assert [(f.name, f.parts) for f in facts.fused(build("phi3"))] == [
+        ("self_attn.qkv_proj", ("q", "k", "v")), ("mlp.gate_up_proj", ("gate", "up"))]
+    assert [(f.name, f.parts) for f in facts.fused(build("gpt2"))] == [
+        ("attn.c_attn", ("q", "k", "v"))]
+    assert facts.fused(build("llama")) == ()
+
+
+# --- the multimodal Gemma-3 class -------------------------------------------------------------
+
+
+def _quantize(model, recipe):
+    ids = calib_ids(4, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(model, recipe, loop_over(ids))
+    with torch.no_grad():
+        out = model(ids).logits
+    return float((out - ref).norm() / ref.norm())
+
+
+def test_gemma3_mm_text_tower_and_unreached_modules():
+    m = build("gemma3_mm")
+    path, blocks = get_adapter(m).find_blocks(m)
+    assert path == "model.language_model.layers" and len(blocks) == 2
+    assert [p for p, _ in facts.unreached_modules(m)] == ["model.vision_tower",
+                                                          "model.multi_modal_projector"]
+    assert facts.unreached_patterns(m) == ["model.vision_tower*",
+                                           "model.multi_modal_projector*"]
+    assert facts.unreached_modules(build("llama")) == []
+
+
+@pytest.mark.parametrize("recipe", ["int4-gptq", "int4-awq"])
+def test_gemma3_mm_weight_only_recipes(recipe):
+    """The text blocks run the algorithm (AWQ folds its 4 groups per block); the vision
+    tower's linears get their weights quantized without data (round to nearest)."""
+    m = build("gemma3_mm")
+    err = _quantize(m, recipe)
+    assert err < 0.5
+    rep = m.lowbit_report
+    assert len(rep.blocks) == 2
+    if recipe == "int4-awq":
+        assert all(len(b["awq_alpha"]) == 4 and b["fold_error"] < 1e-5 for b in rep.blocks)
+    vq = m.model.vision_tower.encoder.layers[0].self_attn.q_proj
+    assert vq.weight_quantizer.is_enabled
+
+
+def test_gemma3_mm_smoothquant_refuses_the_vision_tower_unless_excluded():
+    m = build("gemma3_mm")
+    with pytest.raises(CalibrationError, match=r"model\.vision_tower\..*saw no data"):
+        _quantize(m, "int8-smoothquant")
+    m = build("gemma3_mm")
+    base = recipes.load("int8-smoothquant")
+    r = recipes.load(base, exclude=[*base.exclude, *facts.unreached_patterns(m)])
+    err = _quantize(m, r)
+    assert err < 0.1
+    rep = m.lowbit_report
+    assert all(len(b["smoothquant_alpha"]) == 4 and b["fold_error"] < 1e-5 for b in rep.blocks)
+    reasons = {reason for kind, reason, *_ in rep.coverage.kinds() if kind == "excluded"}
+    assert "excluded by recipe pattern 'model.vision_tower*'" in reasons
