@@ -10,6 +10,8 @@ import lowbit.runtime as rt
 from lowbit.nn import QuantConv2d
 from lowbit.runtime import PackedConv2d
 
+pytestmark = pytest.mark.filterwarnings("ignore:recipe .*group size fallback")
+
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
@@ -168,6 +170,23 @@ def test_native_load_packed_convs(recipe, tmp_path):
     if recipe == "int8":
         assert packed.c1.input_quantizer is not None and \
             torch.equal(packed.c1.input_quantizer.amax, fake.c1.input_quantizer.amax)
+
+
+def test_converted_model_is_not_saved_natively(tmp_path):
+    from lowbit.errors import ConfigError
+
+    m = quantized("int8")
+    rt.convert(m)
+    with pytest.raises(ConfigError, match="module 'c1' is a PackedConv2d made by "
+                       "lowbit.runtime.convert: save the fake-quantized model before"):
+        lowbit.save(m, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    fake = quantized("int8")
+    lowbit.save(fake, tmp_path / "ok")
+    packed = rt.load_packed(tmp_path / "ok", model=ConvNet)
+    assert isinstance(packed.c1, PackedConv2d)
+    with torch.no_grad():
+        assert torch.equal(packed(X), fake(X))
 
 
 @pytest.mark.gpu

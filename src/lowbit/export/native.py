@@ -94,6 +94,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     """
     reject_unknown(unknown, "export format 'lowbit'",
                    accepted_options(export, ("model", "out_dir")))
+    _refuse_packed(model)
     recipe = getattr(model, "lowbit_recipe", None)
     tensors: dict[str, torch.Tensor] = {}
     qmeta: dict[str, dict] = {}
@@ -151,6 +152,21 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     write_shards(tensors, out_dir, max_shard_size, {"format": "lowbit"})
     (out_dir / META).write_text(json.dumps(meta, indent=1))
     write_hf_files(model, out_dir, tokenizer)
+
+
+def _refuse_packed(model: nn.Module) -> None:
+    """ConfigError naming the first layer packed by :func:`lowbit.runtime.convert`: a native
+    checkpoint is written from the fake-quantized model (codes from its weights and
+    quantizers), which a converted model no longer has."""
+    from lowbit.runtime.conv import PackedConv2d
+    from lowbit.runtime.packed import PackedLinear
+
+    for name, m in model.named_modules():
+        if isinstance(m, (PackedLinear, PackedConv2d)):
+            raise ConfigError(f"module {name!r} is a {type(m).__name__} made by "
+                              f"lowbit.runtime.convert: save the fake-quantized model before "
+                              f"converting it, and load it with lowbit.load(path, "
+                              f"packed=True) to get packed layers")
 
 
 def _split_experts(model: nn.Module) -> dict[str, str]:

@@ -280,12 +280,14 @@ def packed_bytes(model: nn.Module) -> int:
 
 
 def load_packed(path, device: str = "cpu", fast: bool = True,
-                act_dtype: torch.dtype | None = None) -> nn.Module:
+                act_dtype: torch.dtype | None = None, model=None) -> nn.Module:
     """A native lowbit checkpoint loaded straight into packed layers (no float weights of
-    quantized layers are built): ``lowbit.load(path, device, packed=...)``."""
+    quantized layers are built): ``lowbit.load(path, device, packed=..., model=model)``
+    (``model``: the un-quantized model, or a function building one, for checkpoints that are
+    not transformers models; see :func:`lowbit.export.native.load`)."""
     from lowbit.export.native import load
 
-    return load(path, device, packed={"fast": fast, "act_dtype": act_dtype})
+    return load(path, device, packed={"fast": fast, "act_dtype": act_dtype}, model=model)
 
 
 __all__ = ["ConvertReport", "FastDecoder", "Kernel", "LayerInfo", "PackedConv2d", "PackedLinear",
