@@ -175,6 +175,8 @@ def spm_pieces(tok, tj: dict, n_vocab: int) -> tuple[list[str], list[float], lis
             made.setdefault(a + b, -float(r))
         base = [(p, made.get(p, 0.0), i) for p, i in model["vocab"].items()]
         unk = model["vocab"].get(model.get("unk_token")) if model.get("unk_token") else None
+    if isinstance(getattr(tok, "unk_token_id", None), int):
+        unk = tok.unk_token_id
     for piece, score, i in base:
         if i >= n_vocab:
             raise ConfigError(f"GGUF export: the tokenizer has token id {i}, beyond the "

@@ -1,0 +1,280 @@
+"""GGUF export of Gemma-2, Gemma-3 (text class and the multimodal class's text tower) and
+Phi-3, and SentencePiece vocabularies (Llama-2's and Gemma's shapes).
+
+Each file is read back with the ``gguf`` package (weights equal to lowbit's fake-quantized
+ones after llama.cpp's ``w + 1`` norms, metadata as llama.cpp's converter writes it) and
+loaded by transformers' own GGUF loader (logits equal to lowbit's fake-quantized model).
+llama.cpp itself is not run here.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import ConfigError
+from lowbit.export.base import quantized_modules
+from tests.export.tiny_tokenizers import SAMPLE, gemma_tokenizer, llama2_tokenizer
+from tests.tiny_models import build
+
+gguf = pytest.importorskip("gguf")
+
+ARCH = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_mm": "gemma3", "phi3": "phi3"}
+TEXT_PREFIX = {"gemma3_mm": "model.language_model."}
+
+
+def _text_cfg(m):
+    return getattr(m.config, "text_config", m.config)
+
+
+def _llama_cpp_attention_scale(m) -> None:
+    """llama.cpp's Gemma scales attention by 1/sqrt(head_dim) (no GGUF key says otherwise);
+    the tiny configs keep transformers' default query_pre_attn_scalar 256 (head_dim 16), so
+    set it and the modules built from it to head_dim, as every released Gemma has it."""
+    cfg = _text_cfg(m)
+    if getattr(cfg, "query_pre_attn_scalar", None) is None:
+        return
+    cfg.query_pre_attn_scalar = cfg.head_dim
+    for mod in m.modules():
+        if hasattr(mod, "q_proj") and hasattr(mod, "scaling"):
+            mod.scaling = cfg.head_dim ** -0.5
+
+
+def _model(family, preset="gguf-q4_0"):
+    m = build(family)
+    _llama_cpp_attention_scale(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the vision tower's coverage line (gemma3_mm)
+        lowbit.quantize(m, preset)
+    return m
+
+
+def _deq(t) -> torch.Tensor:
+    return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type),
+                                     dtype=np.float32))
+
+
+def _field(r, key):
+    return r.fields[key].contents()
+
+
+def _save(m, path, **kw):
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        out = lowbit.save(m, path, format="gguf", **kw)
+    return gguf.GGUFReader(out / "model.gguf"), [str(w.message) for w in got], out
+
+
+def _gguf_names(family, n_layers):
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == ARCH[family])
+    tmap = gguf.get_tensor_name_map(arch, n_layers)
+    prefix = TEXT_PREFIX.get(family)
+
+    def name(key):
+        if prefix and key.startswith(prefix):
+            key = "model." + key[len(prefix):]
+        return tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+    return name
+
+
+@pytest.mark.parametrize("family,preset,kind", [
+    ("gemma2", "gguf-q4_0", "Q4_0"), ("gemma3", "gguf-q8_0", "Q8_0"),
+    ("gemma3_mm", "gguf-q4_0", "Q4_0"), ("phi3", "gguf-q8_0", "Q8_0"),
+])
+def test_family_reads_back_exactly(tmp_path, family, preset, kind):
+    m = _model(family, preset)
+    cfg = _text_cfg(m)
+    r, warned, _ = _save(m, tmp_path / "g")
+    tensors = {t.name: t for t in r.tensors}
+    name = _gguf_names(family, cfg.num_hidden_layers)
+    n = 0
+    for mod_name, mod in quantized_modules(m):
+        if ".vision_tower." in mod_name or ".multi_modal_projector." in mod_name:
+            continue
+        t = tensors[name(mod_name + ".weight")]
+        assert t.tensor_type.name == kind, mod_name
+        back = _deq(t).reshape(mod.weight.shape)
+        assert torch.equal(back, mod.quantized_weight().detach().float()), mod_name
+        n += 1
+    per_layer = 4 if family == "phi3" else 7  # qkv_proj and gate_up_proj are fused in Phi-3
+    assert n == per_layer * cfg.num_hidden_layers
+    if family == "phi3":  # fused projections kept fused, gate half first (llama.cpp's SwiGLU)
+        assert tensors["blk.0.attn_qkv.weight"].shape.tolist() == [64, 128]  # ggml: [in, out]
+        assert tensors["blk.0.ffn_up.weight"].shape.tolist() == [64, 256]
+    norm_offset = 0.0 if family == "phi3" else 1.0  # Gemma: x * (1 + w) -> stored w + 1
+    sd = m.state_dict()
+    norms = [k for k in sd if k.endswith("norm.weight") and name(k) is not None and
+             ".vision_tower." not in k]
+    assert len(norms) >= 3
+    for k in norms:
+        assert torch.equal(_deq(tensors[name(k)]), sd[k].float() + norm_offset), k
+    emb = m.get_input_embeddings().weight.detach().float()
+    assert torch.equal(_deq(tensors["token_embd.weight"]).reshape(emb.shape), emb)  # unscaled
+    assert ("output.weight" in tensors) == (family == "phi3")  # Gemma: tied, no output tensor
+    assert not any(k.startswith(("v.", "mm.")) for k in tensors)
+    assert _field(r, "general.architecture") == ARCH[family]
+    assert _field(r, "general.file_type") == int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind}"))
+    if family == "gemma3_mm":
+        assert any("model.vision_tower" in w and "mmproj" in w for w in warned), warned
+    else:
+        assert not any("mmproj" in w for w in warned)
+
+
+def test_family_metadata(tmp_path):
+    a = ARCH
+    r2, _, _ = _save(_model("gemma2"), tmp_path / "g2")
+    assert _field(r2, "gemma2.attn_logit_softcapping") == 50.0
+    assert _field(r2, "gemma2.final_logit_softcapping") == 30.0
+    assert _field(r2, "gemma2.attention.sliding_window") == 8
+    assert _field(r2, "gemma2.attention.key_length") == 16
+    r3, _, _ = _save(_model("gemma3_mm"), tmp_path / "g3")
+    assert "gemma3.attn_logit_softcapping" not in r3.fields  # Gemma-3 has none
+    assert "gemma3.final_logit_softcapping" not in r3.fields  # None in this config
+    assert _field(r3, "gemma3.attention.sliding_window") == 8
+    assert _field(r3, "gemma3.rope.freq_base") == 1_000_000.0  # the global layers' base
+    assert _field(r3, "gemma3.block_count") == 2 and _field(r3, "gemma3.vocab_size") == 128
+    assert _field(r3, "general.name") == "Gemma3ForConditionalGeneration"
+    rp, _, _ = _save(_model("phi3"), tmp_path / "p3")
+    assert _field(rp, "phi3.attention.sliding_window") == 0  # none in the config (Phi-4-like)
+    assert _field(rp, "phi3.rope.dimension_count") == 16
+    assert _field(rp, "phi3.rope.scaling.original_context_length") == 4096
+    assert _field(rp, "phi3.context_length") == 256
+    assert set(a.values()) == {"gemma2", "gemma3", "phi3"}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma3_mm", "phi3"])
+def test_transformers_gguf_loader_gives_lowbit_logits(tmp_path, family):
+    """transformers dequantizes the file through the gguf package into its own class."""
+    import transformers as tf
+
+    m = _model(family)
+    _, _, out = _save(m, tmp_path / "g")
+    # Phi3Config's default pad/eos ids (32000) lie outside the tiny vocabulary, and the
+    # file (written with no tokenizer) has none to say otherwise
+    kw = {"pad_token_id": 0, "eos_token_id": 2} if family == "phi3" else {}
+    ref = tf.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf",
+                                                  dtype=torch.float32, **kw).eval()
+    _llama_cpp_attention_scale(ref)  # transformers' loader reads no attention scale
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = m(ids).logits, ref(ids).logits
+    assert type(ref).__name__ == ("Gemma3ForCausalLM" if family == "gemma3_mm"
+                                  else type(m).__name__)
+    assert float((want - got).abs().max()) < 1e-5
+
+
+# --- refusals -------------------------------------------------------------------------------
+def test_gemma_configs_llama_cpp_cannot_run_are_refused(tmp_path):
+    m = build("gemma2")  # query_pre_attn_scalar 256, head_dim 16
+    with pytest.raises(ConfigError, match=r"query_pre_attn_scalar = 256.*1/sqrt\(16\)"):
+        lowbit.save(m, tmp_path / "a", format="gguf")
+    m = _model("gemma3")
+    m.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ConfigError, match="layer_types.*fixed pattern"):
+        lowbit.save(m, tmp_path / "b", format="gguf")
+    m = _model("gemma3")
+    m.config.rope_parameters["sliding_attention"]["rope_theta"] = 5000.0
+    with pytest.raises(ConfigError, match="sliding-window layers.*10000"):
+        lowbit.save(m, tmp_path / "c", format="gguf")
+    m = _model("gemma3")
+    m.config.attn_logit_softcapping = 50.0
+    with pytest.raises(ConfigError, match="attn_logit_softcapping.*no such soft-capping"):
+        lowbit.save(m, tmp_path / "d", format="gguf")
+    assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_gemma_quantized_lm_head_is_refused(tmp_path):
+    m = build("gemma2")
+    _llama_cpp_attention_scale(m)
+    lowbit.quantize(m, {"name": "t", "targets": [{"pattern": "*", "weight": {
+        "format": "int8", "granularity": "group", "group_size": 32, "scale_format": "fp16"}}],
+        "exclude": ["*embed*"]})
+    with pytest.raises(ConfigError, match="token embedding.*lm_head"):
+        lowbit.save(m, tmp_path / "a", format="gguf")
+
+
+# --- SentencePiece vocabularies ---------------------------------------------------------------
+def _tiny_llama(vocab):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def _tiny_gemma2(vocab):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          query_pre_attn_scalar=16, sliding_window=8, vocab_size=vocab)
+    return tf.Gemma2ForCausalLM(cfg).eval()
+
+
+def _check_spm_vocab(r, tok, n_vocab):
+    T = gguf.TokenType
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    scores = r.fields["tokenizer.ggml.scores"].contents()
+    assert len(tokens) == len(types) == len(scores) == n_vocab
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    assert _field(r, "tokenizer.ggml.pre") == "default"
+    assert "tokenizer.ggml.merges" not in r.fields  # SentencePiece files carry none
+    n = len(tok)
+    assert tokens[:n] == tok.convert_ids_to_tokens(list(range(n)))
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, n_vocab)]
+    assert set(types[n:]) == {T.UNUSED}
+    specials = set(tok.all_special_ids) - {tok.unk_token_id}
+    for i, text in enumerate(tokens[:n]):
+        want = (T.BYTE if text.startswith("<0x") else T.UNKNOWN if i == tok.unk_token_id
+                else T.CONTROL if i in specials else T.NORMAL)
+        assert types[i] == want, (i, text)
+    # BPE scores: minus the rank of the merge that makes the piece (SentencePiece's order)
+    rank = {}
+    for k, mg in enumerate(json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]):
+        rank.setdefault("".join(mg), -float(k))
+    for i, text in enumerate(tokens[:n]):
+        if types[i] == T.NORMAL:
+            assert scores[i] == rank.get(text, 0.0), text
+    for what, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown")):
+        assert _field(r, f"tokenizer.ggml.{key}_token_id") == getattr(tok, f"{what}_token_id")
+    assert _field(r, "tokenizer.ggml.add_bos_token") is True
+    assert _field(r, "tokenizer.ggml.add_eos_token") is False
+    assert _field(r, "tokenizer.chat_template") == tok.chat_template
+
+
+@pytest.mark.parametrize("kind", ["llama2", "gemma"])
+def test_sentencepiece_vocab_as_llama_cpp_converter_writes_it(tmp_path, kind):
+    from transformers import AutoTokenizer
+
+    tok = llama2_tokenizer() if kind == "llama2" else gemma_tokenizer()
+    n_vocab = 416
+    m = _tiny_llama(n_vocab) if kind == "llama2" else _tiny_gemma2(n_vocab)
+    r, _, out = _save(m, tmp_path / "g", tokenizer=tok)
+    _check_spm_vocab(r, tok, n_vocab)
+    assert _field(r, "tokenizer.ggml.add_space_prefix") is (kind == "llama2")
+    if kind == "gemma":
+        assert _field(r, "tokenizer.ggml.padding_token_id") == 0
+        assert r.fields["tokenizer.ggml.token_type"].contents()[5] == gguf.TokenType.CONTROL
+    # transformers' GGUF tokenizer loader rebuilds the same tokenizer from the file
+    back = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    for text in (SAMPLE, " leading space", "Netherfield<start_of_turn>x", "ünïcödé 1811"):
+        assert back.encode(text) == tok.encode(text), text
+    msgs = [{"role": "user", "content": "Is Netherfield let?"}]
+    assert back.apply_chat_template(msgs, tokenize=False) == \
+        tok.apply_chat_template(msgs, tokenize=False)
+
+
+def test_unknown_tokenizer_kind_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    with pytest.raises(ConfigError, match="neither.*tokenizer=None"):
+        lowbit.save(_tiny_llama(32), tmp_path / "a", format="gguf", tokenizer=tok)
