@@ -116,8 +116,8 @@ def test_errors_name_the_module(tmp_path):
               r"\(Swapped\); the checkpoint quantized a Conv2d there"),
              (Renamed, CheckpointError, r"quantized module 'conv1' \(Conv2d\) does not exist in "
               r"the given model \(Renamed\)"),
-             (Extra, CheckpointError, r"tensor 'extra.weight' of the given model \(Extra\) is "
-              "missing from the checkpoint"),
+             (Extra, CheckpointError, r"tensor 'extra.weight' is missing from the checkpoint "
+              r"\(2 missing in all; the given model \(Extra\) has them\)"),
              (lambda: cnn_quantized(), ConfigError, "module 'conv1' is a QuantConv2d of "
               "lowbit: the model is already quantized"),
              (lambda: 3, ConfigError, "returned a int; expected an nn.Module"),

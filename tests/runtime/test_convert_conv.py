@@ -34,13 +34,14 @@ class ConvNet(nn.Module):
         return self.head(x).mean((2, 3))
 
 
-def quantized(recipe, model=None, **kw):
-    m = (model or ConvNet()).eval()
-    lowbit.quantize(m, recipe, forward_loop=lambda mm: [mm(X[i:i + 2]) for i in (0, 2)], **kw)
+def quantized(recipe, model=None, dtype=torch.float32, **kw):
+    m = (model or ConvNet()).to(dtype).eval()
+    x = X.to(dtype)
+    lowbit.quantize(m, recipe, forward_loop=lambda mm: [mm(x[i:i + 2]) for i in (0, 2)], **kw)
     return m
 
 
-def conv_inputs(m):
+def conv_inputs(m, x=X):
     """The input each conv of ``m`` sees on ``X`` (hooks), by name."""
     seen, hooks = {}, []
     for name, c in m.named_modules():
@@ -48,18 +49,20 @@ def conv_inputs(m):
             hooks.append(c.register_forward_hook(
                 lambda mod, a, out, name=name: seen.__setitem__(name, a[0].detach())))
     with torch.no_grad():
-        m(X)
+        m(x)
     for h in hooks:
         h.remove()
     return seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("recipe", ["int8", "int8-dynamic", "int8-weight-only"])
-def test_int8_convs_pack_and_equal_fake_quant(recipe):
-    m = quantized(recipe)
+def test_int8_convs_pack_and_equal_fake_quant(recipe, dtype):
+    m = quantized(recipe, dtype=dtype)
+    x = X.to(dtype)
     with torch.no_grad():
-        ref = m(X)
-    inputs = conv_inputs(m)
+        ref = m(x)
+    inputs = conv_inputs(m, x)
     fake = {n: getattr(m, n) for n in inputs}
     with torch.no_grad():
         per_layer = {n: fake[n](x) for n, x in inputs.items()}
@@ -69,7 +72,7 @@ def test_int8_convs_pack_and_equal_fake_quant(recipe):
     with torch.no_grad():
         for n, x in inputs.items():  # tolerance 0: the same dequantized weight, same conv
             assert torch.equal(getattr(m, n)(x), per_layer[n]), n
-        assert torch.equal(m(X), ref)
+        assert torch.equal(m(X.to(dtype)), ref)
     # one int8 code per weight value, plus float32 per-channel scales
     c = m.grouped
     assert c.codes.dtype == torch.int8 and c.codes.shape == (32, 16 * 9 // 4)

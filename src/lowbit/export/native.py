@@ -488,8 +488,8 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False,
         bad = [k for k in missing if k not in allowed and "_quantizer." not in k and
                not (packed_names and allowed_missing(k, packed_names))]
         if bad:
-            raise CheckpointError(f"{path}: tensor {bad[0]!r} of {src} is missing from the "
-                                  f"checkpoint ({len(bad)} missing in all)")
+            raise CheckpointError(f"{path}: tensor {bad[0]!r} is missing from the checkpoint "
+                                  f"({len(bad)} missing in all; {src} has them)")
         if unexpected:
             raise CheckpointError(f"{path}: tensor {unexpected[0]!r} of the checkpoint is not "
                                   f"in {src} ({len(unexpected)} in all)")
