@@ -278,3 +278,26 @@ def test_unknown_tokenizer_kind_is_refused(tmp_path):
         {"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
     with pytest.raises(ConfigError, match="neither.*tokenizer=None"):
         lowbit.save(_tiny_llama(32), tmp_path / "a", format="gguf", tokenizer=tok)
+
+
+def test_phi3_longrope_factors(tmp_path):
+    """Phi-3-128k / Phi-3.5: rope_factors_long/short tensors and the attention factor, as
+    llama.cpp's converter writes them."""
+    import math
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    long, short = [1.0 + i / 8 for i in range(8)], [1.0] * 8
+    cfg = tf.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                        max_position_embeddings=1024, original_max_position_embeddings=256,
+                        pad_token_id=0, eos_token_id=2, rope_scaling={
+                            "type": "longrope", "long_factor": long, "short_factor": short})
+    r, _, _ = _save(tf.Phi3ForCausalLM(cfg).eval(), tmp_path / "g")
+    t = {t.name: t for t in r.tensors}
+    assert t["rope_factors_long.weight"].data.tolist() == long
+    assert t["rope_factors_short.weight"].data.tolist() == short
+    assert math.isclose(_field(r, "phi3.rope.scaling.attn_factor"),
+                        math.sqrt(1 + math.log(4) / math.log(256)), rel_tol=1e-6)
+    assert _field(r, "phi3.rope.scaling.original_context_length") == 256

@@ -349,7 +349,21 @@ def _rope_tensors(cfg) -> list:
     import math
 
     rp = _rope_parameters(cfg)
-    if str(rp.get("rope_type", rp.get("type", "default"))).lower() != "llama3":
+    rtype = str(rp.get("rope_type", rp.get("type", "default"))).lower()
+    if rtype in ("longrope", "su"):  # Phi-3: per-dimension factors, as convert_hf_to_gguf
+        import gguf
+
+        rot = int(_head_dim(cfg) * float(rp.get("partial_rotary_factor", 1.0)))
+        out = []
+        for which, kind in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                            ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            f = rp.get(which)
+            if f is None or len(f) != rot // 2:
+                raise ConfigError(f"GGUF export: rope {which} has "
+                                  f"{None if f is None else len(f)} values; expected {rot // 2}")
+            out.append((gguf.TENSOR_NAMES[kind] + ".weight", np.asarray(f, np.float32), None))
+        return out
+    if rtype != "llama3":
         return []
     base, dim = rp.get("rope_theta", 10000.0), _head_dim(cfg)
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -414,9 +428,19 @@ def _write_hparams(w, model, mcfg, cfg, arch: GgufArch, name, file_type) -> None
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(rp["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    elif rtype in ("longrope", "su") and arch.rope_orig_ctx:  # Phi-3 128k, Phi-3.5
+        orig = int(rp.get("original_max_position_embeddings") or
+                   cfg.original_max_position_embeddings)
+        scale = cfg.max_position_embeddings / orig
+        factor = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0
+        given = rp.get("attention_factor")
+        if given is not None and not math.isclose(float(given), factor, rel_tol=1e-6):
+            raise ConfigError(f"GGUF export: rope attention_factor {given}; llama.cpp uses "
+                              f"sqrt(1 + ln(scale)/ln(original context)) = {factor:.6g}")
+        w.add_rope_scaling_attn_factors(factor)
     elif rtype not in ("default", "llama3"):
         raise ConfigError(f"GGUF export: rope type {rtype!r} is not supported (default, "
-                          "linear, yarn, llama3 are)")
+                          "linear, yarn, llama3, and longrope for phi3 are)")
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     for f in arch.softcaps:
         if getattr(cfg, f, None) is not None:
