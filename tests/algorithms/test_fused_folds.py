@@ -134,3 +134,14 @@ def test_unknown_fused_projection_is_refused():
                                           r"projection \(declared: self_attn.qkv_proj, "
                                           r"mlp.gate_up_proj\)"):
         fused_parts(model, model.model.layers[0], "self_attn.o_proj")
+
+
+def test_a_channel_map_that_does_not_fit_prev_is_refused():
+    from lowbit.errors import ConfigError
+
+    block = build("phi3").model.layers[0]
+    bad = InputGroup(linears=["mlp.down_proj"], prev="mlp.gate_up_proj", prev_kind="linear",
+                     channel_map=torch.arange(128) + 200)  # rows 200..327 of 256
+    with pytest.raises(ConfigError, match=r"mlp.gate_up_proj -> mlp.down_proj: its channel "
+                                          r"map \(128 channels up to row 327\) does not fit"):
+        fold_scales(block, bad, torch.ones(128))

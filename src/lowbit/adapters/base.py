@@ -83,11 +83,16 @@ class InputGroup:
         return ".".join(common)
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linears, weight stored ``[in, out]``), not quantized."""
+    return type(m).__name__ == "Conv1D" and not isinstance(m, QuantMixin)
+
+
 def is_linear(m: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D, or their quantized classes (weights ``[out, in]``)."""
     if isinstance(m, QuantMixin):
         return not isinstance(m, (nn.Conv1d, nn.Conv2d))
-    return type(m) is nn.Linear or type(m).__name__ == "Conv1D"
+    return type(m) is nn.Linear or is_conv1d(m)
 
 
 def is_norm(m: nn.Module) -> bool:
@@ -104,7 +109,7 @@ def in_features(m: nn.Module) -> int:
     """Input features of a linear-like module."""
     if isinstance(m, QuantMixin):
         return m.weight_2d().shape[1]
-    if type(m).__name__ == "Conv1D":
+    if is_conv1d(m):
         return m.weight.shape[0]
     return m.weight.shape[1]
 
@@ -113,7 +118,7 @@ def out_features(m: nn.Module) -> int:
     """Output features of a linear-like module."""
     if isinstance(m, QuantMixin):
         return m.weight_2d().shape[0]
-    if type(m).__name__ == "Conv1D":
+    if is_conv1d(m):
         return m.weight.shape[1]
     return m.weight.shape[0]
 

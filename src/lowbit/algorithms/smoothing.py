@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowbit.adapters import NORM_KINDS, InputGroup, norm_kind
+from lowbit.adapters.base import is_conv1d
 from lowbit.core import QuantSpec, fake_quant
 from lowbit.errors import ConfigError
 from lowbit.nn.modules import QuantMixin
@@ -31,10 +32,11 @@ from lowbit.nn.utils import disabled
 
 
 def weight_2d(m: nn.Module) -> torch.Tensor:
-    """The weight of a linear-like module as a ``[out, in]`` view."""
+    """The weight of a linear-like module as a ``[out, in]`` view (a Conv1D's stored ``[in,
+    out]`` weight transposed: writing the view writes the weight)."""
     if isinstance(m, QuantMixin):
         return m.weight_2d()
-    if type(m).__name__ == "Conv1D":
+    if is_conv1d(m):
         return m.weight.t()
     return m.weight.reshape(m.weight.shape[0], -1)
 
@@ -58,8 +60,10 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
     contradicts the adapter's declaration (``group.norm``), is a :class:`ConfigError`
     before anything changes. Fixed weight scales of the touched linears (from an earlier
     clip search or GPTQ) are dropped, since they described the old weights. With a
-    ``channel_map`` (grouped-query attention), ``s`` must be equal on tied channels
-    (:meth:`InputGroup.tie`). The group's float ``readers`` of a norm ``prev`` (MoE
+    ``channel_map`` (grouped-query attention, or a part of a fused ``prev``: Phi-3's
+    ``qkv_proj`` value rows, ``gate_up_proj`` up rows), ``prev``'s output row
+    ``channel_map[j]`` is divided by ``s[j]`` and every row no channel maps to keeps scale 1;
+    ``s`` must be equal on tied channels (:meth:`InputGroup.tie`). The group's float ``readers`` of a norm ``prev`` (MoE
     routers, shared-expert gates) get their weight columns multiplied by ``s`` too, so that
     their outputs (the routing) are unchanged. Nothing checks the block's function here:
     see :class:`lowbit.algorithms.foldcheck.FoldCheck`.
@@ -80,6 +84,12 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
         w2 = weight_2d(prev)
         sp = s
         if group.channel_map is not None:  # one scale per output of prev (tied channels)
+            cm = group.channel_map
+            if cm.numel() != s.numel() or int(cm.max()) >= w2.shape[0]:
+                raise ConfigError(f"group {group.prev} -> {', '.join(group.linears)}: its "
+                                  f"channel map ({cm.numel()} channels up to row "
+                                  f"{int(cm.max())}) does not fit {group.prev}'s "
+                                  f"{w2.shape[0]} outputs and the {s.numel()} scales")
             sp = torch.ones(w2.shape[0], device=s.device).scatter_(
                 0, group.channel_map.to(s.device), s)
         w2.copy_((w2.float() / sp[:, None]).to(w2.dtype))
