@@ -149,3 +149,21 @@ def test_gemma3_mm_smoothquant_refuses_the_vision_tower_unless_excluded():
     assert all(len(b["smoothquant_alpha"]) == 4 and b["fold_error"] < 1e-5 for b in rep.blocks)
     reasons = {reason for kind, reason, *_ in rep.coverage.kinds() if kind == "excluded"}
     assert "excluded by recipe pattern 'model.vision_tower*'" in reasons
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3", "gemma3_mm", "phi3",
+                                    "olmo2", "granite"])
+def test_gguf_archs_agree_with_the_adapters(family):
+    """lowbit.adapters.gguf_archs (GGUF export) declares a few facts again: they must be the
+    adapter's (norm kind, text tower, towers outside the text blocks)."""
+    from lowbit.adapters.gguf_archs import GGUF_ARCHS
+
+    m = build(family)
+    arch = GGUF_ARCHS[m.config.model_type]
+    assert arch.norm_plus_one == (facts.norm_offset(m) == 1.0)
+    path = get_adapter(m).find_blocks(m)[0]
+    if arch.text_prefix is not None:
+        assert path == arch.text_prefix + "layers"
+        assert sorted(arch.other_towers) == sorted(p + "." for p, _ in facts.unreached_modules(m))
+    else:
+        assert path == "model.layers" and facts.unreached_modules(m) == []
