@@ -8,8 +8,10 @@ computes through three small custom ops that translate to standard ONNX:
 * weights: the codes as an initializer of their ONNX type (INT8/UINT8, INT4/UINT4 for
   2..4-bit codes, FLOAT8E4M3FN/FLOAT8E5M2, FLOAT4E2M1) and ``DequantizeLinear`` with the
   float32 scales (+ zero-points): per-tensor, per-channel (``axis``), groups and 2-D blocks
-  as blocked DQ (``axis`` + ``block_size``, opset 21); the DQ output is reshaped to the
-  module's weight (convolutions) and feeds the original MatMul/Gemm/Conv;
+  as blocked DQ (``axis`` + ``block_size``, opset 21; blocks spanning whole rows, as
+  ``nn.MultiheadAttention``'s per q/k/v part scales, as per-channel DQ with repeated
+  scales); the DQ output is reshaped to the module's weight (convolutions, the packed
+  ``in_proj_weight``) and feeds the original MatMul/Gemm/Conv;
 * static activations (input and output quantizers with calibrated scales):
   ``QuantizeLinear -> DequantizeLinear`` with the calibrated scale and zero-point, in
   float32 (a float16 model gets Casts around them);
@@ -245,6 +247,11 @@ def _weight_dq(name: str, m, plan: _Plan) -> _WeightDQ:
         scale = scale.repeat_interleave(r, 0)[:o]
         zp = None if zp is None else zp.repeat_interleave(r, 0)[:o]
         axis, block = 1, c
+        if c >= k:  # blocks span whole rows (nn.MultiheadAttention's per-part scales):
+            # per channel with repeated scales is the same numbers, and no blocked DQ
+            axis, block = 0, 0
+            scale = scale.reshape(-1)
+            zp = None if zp is None else zp.reshape(-1)
     else:
         raise ConfigError(f"ONNX export: {where}: granularity {g!r} for a weight")
     if block:

@@ -2,9 +2,11 @@
 
 *Weight parameters* are every parameter with two or more dimensions (Linear and Conv
 weights, 3-D MoE expert stacks, ``nn.MultiheadAttention``'s ``in_proj_weight``, embeddings,
-position embeddings...), each counted once (tied weights are one tensor) and by element
-count; quantizers' own parameters are not counted. Input embeddings and an untied LM head are
-counted in the total and *also* reported apart: the "non-embedding" share leaves them out.
+position embeddings, a ViT's class token...), each counted once (tied weights are one tensor)
+and by element count; quantizers' own parameters are not counted. Input embeddings (with bare
+parameters named ``*embed*`` or ``*token``: position embeddings, class tokens) and an untied
+LM head are counted in the total and *also* reported apart: the "non-embedding" share leaves
+them out. BatchNorm/LayerNorm parameters are 1-D and not counted.
 
 Every unquantized weight parameter gets a *kind* and a one-line *reason*:
 
@@ -18,9 +20,9 @@ router          ``router (excluded by default)`` (see :mod:`lowbit.nn.routers`)
 excluded        ``excluded by recipe pattern 'X'``
 unsupported     ``3-D expert parameters of Qwen2MoeExperts: not split into per-expert
                 linears (lowbit.quantize splits them: lowbit.adapters.experts)``,
-                ``nn.MultiheadAttention in_proj_weight: packed q/k/v parameter, not a
-                Linear``, ``Linear subclass NonDynamicallyQuantizableLinear: not
-                supported``...
+                ``nn.MultiheadAttention in_proj_weight: add_bias_kv=True: not
+                supported`` (others are quantized: lowbit.nn.mha), ``Linear subclass X
+                overrides forward: not supported``...
 untargeted      ``not targeted by any recipe pattern``, ``recipe sets no weight spec``
 ==============  ===========================================================================
 
@@ -161,22 +163,41 @@ def _unsupported_reason(name: str, m: nn.Module, pname: str, p: torch.Tensor,
                         experts: set[str]) -> str:
     cls = type(m).__name__
     if isinstance(m, nn.MultiheadAttention):
-        if pname == "in_proj_weight":
-            return "nn.MultiheadAttention in_proj_weight: packed q/k/v parameter, not a Linear"
+        from lowbit.nn.mha import QuantMultiheadAttention
+
+        why = QuantMultiheadAttention.unsupported(m)
+        if why is not None:
+            return f"nn.MultiheadAttention {pname}: {why}"
         return f"nn.MultiheadAttention {pname}: a bare parameter, not a Linear"
     if p.dim() == 3 and name in experts:
         return (f"3-D expert parameters of {cls}: not split into per-expert linears "
                 "(lowbit.quantize splits them: lowbit.adapters.experts)")
     if pname == "weight":
-        for base in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
+            return f"Linear subclass {cls} overrides forward: not supported"
+        for base in (nn.Conv1d, nn.Conv2d):
             if isinstance(m, base) and type(m) is not base:
                 return f"{base.__name__} subclass {cls}: not supported"
         return f"{cls} weight: no quantized class"
     return f"{p.dim()}-D parameter {pname} of {cls}: not a module weight, no quantized class"
 
 
+def _embedding_name(pname: str) -> bool:
+    """A bare parameter that is an embedding by its name: ``*embed*`` (position embeddings)
+    or ``*token`` (a ViT's ``cls_token``/``class_token``, ``mask_token``, register tokens:
+    learned vectors joined to the activations, not weights that multiply them)."""
+    return "embed" in pname or pname.endswith("token") or pname.endswith("tokens")
+
+
+def _weight_name(m: nn.Module) -> str | None:
+    """The parameter a quantized class quantizes in ``m`` (``weight``; ``in_proj_weight`` for
+    nn.MultiheadAttention), or None when no quantized class handles ``m``."""
+    cls = type(m) if isinstance(m, QuantMixin) else quant_class_for(m)
+    return None if cls is None else cls.weight_name
+
+
 def _supported(m: nn.Module, pname: str) -> bool:
-    return pname == "weight" and (isinstance(m, QuantMixin) or quant_class_for(m) is not None)
+    return pname == _weight_name(m)
 
 
 def weight_coverage(model: nn.Module, recipe: Recipe | None = None,
@@ -216,9 +237,9 @@ def weight_coverage(model: nn.Module, recipe: Recipe | None = None,
         name, m, pname, p = own[0]
         n = p.numel()
         cov.total += n
-        is_q = any(o[0] in qset and o[2] == "weight" for o in own)
+        is_q = any(o[0] in qset and o[2] == _weight_name(o[1]) for o in own)
         emb = pid in inputs or any(isinstance(o[1], (nn.Embedding, nn.EmbeddingBag)) or
-                                   ("embed" in o[2] and not _supported(o[1], o[2]))
+                                   (_embedding_name(o[2]) and not _supported(o[1], o[2]))
                                    for o in own)
         head = not emb and (pid in outputs or any(match("*lm_head", o[0]) for o in own))
         cov.embeddings += n if emb else 0

@@ -1,4 +1,5 @@
-"""Quantized versions of Linear, Conv1d/2d and transformers' GPT-2 ``Conv1D``.
+"""Quantized versions of Linear (and its subclasses), Conv1d/2d, transformers' GPT-2
+``Conv1D`` and ``nn.MultiheadAttention`` (:mod:`lowbit.nn.mha`).
 
 A module is made quantized *in place*: its class becomes the quantized subclass and three
 quantizers are added (``input_quantizer``, ``weight_quantizer``, ``output_quantizer``). The
@@ -25,7 +26,15 @@ class QuantMixin:
     """Shared behaviour of the quantized module classes."""
 
     weight_transposed = False  # Conv1D stores [in, out]
+    weight_name = "weight"  # the parameter the weight quantizer quantizes
     input_channel_axis = -1
+
+    @classmethod
+    def in_features_of(cls, module: nn.Module) -> int:
+        """Input width of ``module``'s weight as a 2-D matrix (``in * kernel``), the axis
+        groups run along; ``module`` may be the unquantized original."""
+        w = getattr(module, cls.weight_name)
+        return w.shape[0] if cls.weight_transposed else w[0].numel()
 
     def _init_quantizers(self, weight: QuantSpec | None, input: QuantSpec | None,
                          output: QuantSpec | None, name: str = "") -> None:
@@ -138,12 +147,39 @@ def _gpt2_conv1d_class():
     return Conv1D, QuantConv1D
 
 
+_LINEAR_SUBCLASSES: dict[type, type] = {}
+
+
+def linear_subclass_class(cls: type) -> type | None:
+    """The quantized class of a subclass ``cls`` of ``nn.Linear`` whose ``forward`` is
+    ``nn.Linear.forward`` (torch's ``NonDynamicallyQuantizableLinear`` and the like): a class
+    deriving from both :class:`QuantLinear` and ``cls`` (made once, cached), so
+    ``isinstance(m, cls)`` still holds. None when ``cls`` overrides ``forward``: its own
+    computation cannot be replaced by a quantized ``F.linear`` without changing it."""
+    if cls.forward is not nn.Linear.forward:
+        return None
+    q = _LINEAR_SUBCLASSES.get(cls)
+    if q is None:
+        q = type(f"Quant{cls.__name__}", (QuantLinear, cls),
+                 {"__doc__": f"``{cls.__qualname__}`` with quantizers (see QuantLinear).",
+                  "__module__": __name__})
+        _LINEAR_SUBCLASSES[cls] = q
+    return q
+
+
 def quant_class_for(module: nn.Module):
     """The quantized class for ``module``'s class, or None when it is not supported."""
     if isinstance(module, QuantMixin):
         return None
     if type(module) is nn.Linear:
         return QuantLinear
+    if isinstance(module, nn.Linear):
+        return linear_subclass_class(type(module))
+    if isinstance(module, nn.MultiheadAttention):
+        from lowbit.nn.mha import QuantMultiheadAttention
+
+        return QuantMultiheadAttention if QuantMultiheadAttention.unsupported(module) is None \
+            else None
     if type(module) is nn.Conv1d:
         return QuantConv1d
     if type(module) is nn.Conv2d:
@@ -164,7 +200,8 @@ def quantize_module(module: nn.Module, weight: QuantSpec | None = None,
     cls = quant_class_for(module)
     if cls is None:
         raise TypeError(f"{name or type(module).__name__}: {type(module).__name__} cannot be "
-                        "quantized (Linear, Conv1d, Conv2d and GPT-2 Conv1D can)")
+                        "quantized (Linear and its subclasses that keep Linear's forward, Conv1d, "
+                        "Conv2d, GPT-2 Conv1D and nn.MultiheadAttention can)")
     module.__class__ = cls
     module._init_quantizers(weight, input, output, name)
     return module

@@ -122,6 +122,33 @@ def _linear_like(m: nn.Module) -> bool:
         quant_class_for(m) is not None and not isinstance(m, (nn.Conv1d, nn.Conv2d)))
 
 
+def _with_mha_parents(model: nn.Module, plan: list) -> list:
+    """``plan`` plus, for a planned ``out_proj`` whose ``nn.MultiheadAttention`` is not planned
+    (excluded, or no spec for it), that attention module with no specs: torch's own forward
+    reads ``out_proj.weight`` directly, so only the quantized forward makes the out_proj's
+    quantizers apply (its ``in_proj_weight`` stays float, as the recipe said). An out_proj
+    of an attention module lowbit cannot swap (kdim/vdim...) is a ConfigError."""
+    planned = {p[0] for p in plan}
+    mods = dict(model.named_modules())
+    extra: dict[str, tuple] = {}
+    for name in planned:
+        parent, _, leaf = name.rpartition(".")
+        pm = mods[parent]
+        if leaf != "out_proj" or not isinstance(pm, nn.MultiheadAttention):
+            continue
+        if quant_class_for(pm) is None:
+            from lowbit.nn.mha import QuantMultiheadAttention
+
+            raise ConfigError(
+                f"layer {name}: the out_proj of nn.MultiheadAttention {parent or '(root)'} "
+                f"cannot be quantized: torch's forward reads its weight directly and the "
+                f"module has {QuantMultiheadAttention.unsupported(pm)}; exclude "
+                f"'{parent}*' in the recipe")
+        if parent not in planned:
+            extra[parent] = (parent, pm, None, None, None, "")
+    return list(extra.values()) + plan
+
+
 def _warn_or_raise(msg: str, strict: bool) -> None:
     if strict:
         raise ConfigError(msg)
@@ -131,16 +158,19 @@ def _warn_or_raise(msg: str, strict: bool) -> None:
 def apply_recipe(model: nn.Module, recipe: Recipe) -> ApplyReport:
     """Insert quantizers into ``model`` per ``recipe`` (in place); returns a report.
 
-    Supported modules (Linear, Conv1d, Conv2d, GPT-2 Conv1D) that match a target and are not
-    excluded become quantized. MoE routers are excluded by default unless a target names
+    Supported modules (Linear and its subclasses that keep Linear's forward, Conv1d, Conv2d,
+    GPT-2 Conv1D, ``nn.MultiheadAttention``: :mod:`lowbit.nn.mha`) that match a target and
+    are not excluded become quantized; an ``nn.MultiheadAttention`` whose ``out_proj`` is
+    quantized is swapped too (with no specs of its own when the recipe gives none), since
+    only its quantized forward calls ``out_proj``. MoE routers are excluded by default unless a target names
     them (:mod:`lowbit.nn.routers`). The report's ``coverage`` says which share of the
     weights is quantized and why every other weight parameter is not. Each of these is a
     warning, or a ConfigError with ``strict: true``: a target pattern that matches no module;
     a recipe targeting every linear that leaves more than 2% of the non-embedding weights
     with no quantized class (3-D MoE experts not yet split into per-expert linears --
     :func:`lowbit.quantize` splits them first, :func:`lowbit.adapters.experts.unfuse_experts`
-    does it alone --, ``nn.MultiheadAttention``'s packed ``in_proj_weight``, Linear
-    subclasses); a KV-cache spec with no attention module. A
+    does it alone --, an ``nn.MultiheadAttention`` with kdim/vdim/add_bias_kv, a Linear
+    subclass that overrides ``forward``); a KV-cache spec with no attention module. A
     recipe group size that does not divide a layer's width falls back to the largest divisor
     below it (``group_policy: fallback``, every layer listed in ``report.fallbacks`` and named
     in one warning) or is a ConfigError naming the layer and the sizes that would work
@@ -175,7 +205,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> ApplyReport:
         if all(s is None for s in specs.values()):
             continue
         cls = quant_class_for(m)
-        in_features = m.weight.shape[0] if cls.weight_transposed else m.weight[0].numel()
+        in_features = cls.in_features_of(m)
         notes: list[str] = []
         weight = _resolve_group(specs["weight"], in_features, name, recipe, notes, bad)
         inp = _resolve_group(specs["input"], in_features, name + " (input)", recipe, notes,
@@ -185,6 +215,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> ApplyReport:
         plan.append((name, m, weight, inp, specs["output"], note))
     if bad:
         raise _group_error(bad)
+    plan = _with_mha_parents(model, plan)
     for i, t in enumerate(recipe.targets):
         if i not in used:
             report.unmatched_patterns.extend(t.patterns)
