@@ -145,3 +145,38 @@ def test_a_channel_map_that_does_not_fit_prev_is_refused():
     with pytest.raises(ConfigError, match=r"mlp.gate_up_proj -> mlp.down_proj: its channel "
                                           r"map \(128 channels up to row 327\) does not fit"):
         fold_scales(block, bad, torch.ones(128))
+
+
+# --- through lowbit.quantize: every declared group and pair is folded and checked ------------
+
+
+@pytest.mark.parametrize("family,n_groups", [("phi3", 4), ("gpt2", 3), ("gemma3_mm", 4),
+                                             ("granite", 4), ("olmo2", 2)])
+@pytest.mark.parametrize("preset", ["int8-smoothquant", "int4-awq"])
+def test_quantize_folds_every_declared_group(family, n_groups, preset):
+    """SmoothQuant and AWQ fold into every declared group and pair (Phi-3 before fused
+    projections were declared: 2 per block, no pair), the fold check passes, and with the
+    quantizers off the model computes its float function."""
+    import warnings
+
+    import lowbit
+    from lowbit import recipes
+    from lowbit.adapters import facts
+    from lowbit.nn.utils import quantizers
+    from tests.tiny_models import loop_over
+
+    model = build(family)
+    ids = calib_ids(4, 16)
+    ref = logits(model, ids)
+    r = recipes.load(preset)
+    r = recipes.load(r, exclude=[*r.exclude, *facts.unreached_patterns(model)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(model, r, forward_loop=loop_over(ids))
+    key = "smoothquant_alpha" if preset == "int8-smoothquant" else "awq_alpha"
+    rows = model.lowbit_report.blocks
+    assert [len(row[key]) for row in rows] == [n_groups, n_groups]
+    assert all(row["fold_error"] < 1e-5 for row in rows if row.get("fold_error") is not None)
+    for _, q in quantizers(model):
+        q.disable()
+    assert rel(logits(model, ids), ref) < 1e-5
