@@ -161,13 +161,11 @@ def test_eos_stops_and_bad_input():
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(ConfigError, match=r"model_type llama, mistral, qwen2; got 'gpt2'"):
+    with pytest.raises(ConfigError, match=r"supports model_type llama, mistral, qwen2, .*; got "
+                                          r"'gpt2'"):
         FastDecoder(build("gpt2"))
-    m = build("mistral")
-    m.config.sliding_window = 8
-    dec = FastDecoder(m)
-    with pytest.raises(ConfigError, match="sliding window"):
-        dec.generate(torch.zeros(1, 6, dtype=torch.long), 4)
+    # (a Mistral sequence longer than its sliding window is decoded now:
+    # tests/runtime/test_decode_families.py)
 
 
 def test_tensor_subclass_weights_are_not_concatenated():

@@ -1,5 +1,5 @@
-"""A lean greedy decode loop for Llama-architecture decoders (batch 1), on packed or float
-weights.
+"""A lean greedy decode loop for decoder-only LMs (batch 1), on packed or float weights:
+Llama's layer, and the families that change it (Qwen3, Gemma-2/3, Phi-3, Granite, OLMo-2).
 
 ``transformers``' ``generate`` spends most of a small model's decode step outside the
 matmuls: Python-level cache and mask bookkeeping, generation utilities, and seven separate
@@ -22,9 +22,18 @@ the kernel allows it; packed int4 layers need their group scales contiguous, so 
 copied (:meth:`FastDecoder.extra_nbytes`: 4.4 MB, 3.7% of SmolLM2-135M's int4 g64 packed
 bytes).
 
-Supported ``model_type``: ``llama``, ``mistral``, ``qwen2`` (SiLU MLP, RMSNorm, no sliding
-window shorter than the sequence). Tolerance against the model's own forward: ~1e-5
-(relative to the largest logit) in float32; greedy tokens equal ``generate``'s.
+Supported ``model_type`` (:data:`SUPPORTED`): ``llama``, ``mistral``, ``qwen2`` and
+``phi3`` run the Llama step above (Phi-3's fused ``qkv_proj``/``gate_up_proj`` are one
+matmul each already, split as its adapter declares); ``qwen3`` (q/k norms), ``gemma2``,
+``gemma3_text`` and ``gemma3`` (the multimodal class's text tower, on text ids: ``1 + w``
+norms around attention and MLP, scaled embeddings, GELU, soft-caps, sliding-window layers
+with their own rotary base), ``granite`` (multipliers), ``olmo2`` (post-norms, q/k norms
+over the whole projection), and any model with a sliding window shorter than its cache,
+partial rotary or LongRoPE, run a general step whose pieces are chosen once, when the
+decoder is built (:mod:`lowbit.runtime.decode_families`, which says where each fact comes
+from and what is refused). Tolerance against the model's own forward: ~1e-5 (relative to
+the largest logit) in float32 (measured: <= 1e-6 on every family, 0 for a whole prompt);
+greedy tokens equal ``generate``'s.
 """
 
 from __future__ import annotations
@@ -33,11 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.adapters import get_adapter, is_norm, norm_kind
 from lowbit.errors import ConfigError
 from lowbit.hardware import fell_back, took_hardware
+from lowbit.runtime.decode_families import attend, build_plan, make_norm, rotate, text_parts
 from lowbit.runtime.packed import PackedLinear
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3",
+             "granite", "olmo2")
 FUSED_PATH = "runtime.fused_linear"  # name in lowbit.hardware.hardware_path_report()
 _GQA_KWARG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -69,8 +81,8 @@ def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class FusedLinear(nn.Module):
     """``x [T, in] -> [T, sum(out_i)]``: the outputs of several linears sharing one input,
     in order. ``mode`` is how: ``"packed"`` (one concatenated :class:`PackedLinear`),
-    ``"float"`` (one concatenated weight) or ``"split"`` (each layer called, outputs
-    concatenated)."""
+    ``"float"`` (one concatenated weight), ``"split"`` (each layer called, outputs
+    concatenated) or ``"one"`` (a layer that is fused already, Phi-3's ``qkv_proj``)."""
 
     def __init__(self, mode: str, sizes: list[int], layer: nn.Module | None = None,
                  parts: list[nn.Module] | None = None, weight=None, bias=None):
@@ -83,6 +95,8 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.mode == "packed":
             return self.layer(x)
+        if self.mode == "one":
+            return _call(self.layer, x)
         if self.mode == "float":
             return float_linear(x, self.weight, self.bias)
         return torch.cat([_call(p, x) for p in self.parts], -1)
@@ -205,68 +219,147 @@ def _try_fuse(mods) -> FusedLinear | None:
 
 # --- the decoder ----------------------------------------------------------------------------
 class _Layer:
-    __slots__ = ("ln1", "eps1", "ln2", "eps2", "qkv", "o", "gate_up", "down", "k", "v")
+    __slots__ = ("ln1", "eps1", "ln2", "eps2", "qkv", "o", "gate_up", "down", "k", "v",
+                 "n_in", "n_pa", "n_mlp", "n_pm", "qk", "qn", "kn", "win", "rk", "plain")
 
 
-def _norm_fn(norm: nn.Module):
-    """``(weight, eps)`` of an RMSNorm computed as ``LlamaRMSNorm`` does; ConfigError for
-    other norms."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    w = getattr(norm, "weight", None)
-    if not type(norm).__name__.endswith("RMSNorm") or eps is None or w is None:
-        raise ConfigError(f"FastDecoder needs Llama-style RMSNorm layers; got "
-                          f"{type(norm).__name__}")
-    return w.detach(), float(eps)
+def _fused_one(model, blk, name: str, want: tuple[str, ...], sizes: list[int], cfg):
+    """A fused projection of the block (Phi-3's ``qkv_proj``/``gate_up_proj``) as one
+    :class:`FusedLinear`, its layout read from the family's adapter declaration."""
+    a = get_adapter(model)
+    decl = a.fused_decl(name) if hasattr(a, "fused_decl") else None
+    if decl is None:
+        raise ConfigError(f"{name} is a fused projection that {a.name if a else 'no'} "
+                          f"adapter declares; FastDecoder cannot split it")
+    mod = blk.get_submodule(name)
+    parts = decl.slices(cfg)
+    got = tuple(p for p, _ in parts)
+    widths = [sl.stop - sl.start for _, sl in parts]
+    if got != want or widths != sizes or sum(widths) != mod.out_features:
+        raise ConfigError(f"{name}: FastDecoder needs the parts {want} of widths {sizes} in "
+                          f"this order ({sum(sizes)} outputs, the module has "
+                          f"{mod.out_features}); the adapter declares {dict(zip(got, widths))}")
+    return FusedLinear("one", sizes, layer=mod)
 
 
 class FastDecoder:
-    """Greedy decoding of a Llama-architecture causal LM (batch 1) with fused projections
-    and a static KV cache; see the module docstring.
+    """Greedy decoding of a decoder-only causal LM (batch 1) with fused projections and a
+    static KV cache; see the module docstring for the families and what each needs.
 
-    ``model``: a ``LlamaForCausalLM``-like model (``model.model.layers``, ``lm_head``), float
-    or converted by :func:`lowbit.runtime.convert`; it keeps working as before. ``fuse``:
-    fuse q/k/v and gate/up (:func:`fuse_linears`). The cache is sized per
-    :meth:`generate` call (``prompt + new tokens``) and reused when large enough.
+    ``model``: a causal LM (``model.model.layers``, ``lm_head``; or a multimodal model's text
+    tower, ``model.model.language_model``), float or converted by
+    :func:`lowbit.runtime.convert`; it keeps working as before. ``fuse``: fuse q/k/v and
+    gate/up (:func:`fuse_linears`). The cache is sized per :meth:`generate` call
+    (``prompt + new tokens``) and reused when large enough. Families beyond Llama's layer
+    (:mod:`lowbit.runtime.decode_families`) run a general step chosen here, once; a Llama,
+    Mistral, Qwen2 or Phi-3 model without those pieces keeps the Llama step.
     """
 
     def __init__(self, model: nn.Module, fuse: bool = True):
-        cfg = model.config
-        mt = getattr(cfg, "model_type", None)
+        mt = getattr(model.config, "model_type", None)
         if mt not in SUPPORTED:
             raise ConfigError(f"FastDecoder supports model_type {', '.join(SUPPORTED)}; got "
                               f"{mt!r} (use the model's own generate)")
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ConfigError(f"FastDecoder needs a SiLU MLP; got hidden_act "
-                              f"{cfg.hidden_act!r}")
-        base = model.model
-        rope_type = getattr(base.rotary_emb, "rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise ConfigError(f"FastDecoder precomputes the rotary tables; rope_type "
-                              f"{rope_type!r} changes them with the length (use generate)")
+        cfg, base, lm_head = text_parts(model)
         self.model = model
-        self.sliding_window = getattr(cfg, "sliding_window", None) \
-            if getattr(cfg, "use_sliding_window", mt == "mistral") else None
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        self.qkv_sizes = [nh * hd, nkv * hd, nkv * hd]
+        self.plan = build_plan(model, hd, base is not getattr(model, "model", None))
         self.embed = base.embed_tokens
         self.dtype = self.embed.weight.dtype
-        self.norm_w, self.norm_eps = _norm_fn(base.norm)
-        self.lm_head = model.lm_head
+        self.lm_head = lm_head
+        adapter = get_adapter(model)
+        declared = adapter.norm if adapter is not None else None
+        kinds, styles = {}, {}
+
+        def norm(mod, name):
+            if mod is None:
+                return None
+            kind = declared or kinds.get(type(mod))
+            if kind is None:
+                kind = kinds[type(mod)] = norm_kind(mod, name=name)
+            return make_norm(mod, name, kind, self.dtype, styles)
+
+        self.final_norm = norm(base.norm, "model.norm")
+        self.norm_w, self.norm_eps = self.final_norm.w, self.final_norm.eps
         self.layers = []
-        for blk in base.layers:
-            a, mlp = blk.self_attn, blk.mlp
-            L = _Layer()
-            L.ln1, L.eps1 = _norm_fn(blk.input_layernorm)
-            L.ln2, L.eps2 = _norm_fn(blk.post_attention_layernorm)
-            qkv, gu = [a.q_proj, a.k_proj, a.v_proj], [mlp.gate_proj, mlp.up_proj]
-            L.qkv = fuse_linears(qkv) if fuse else FusedLinear("split", [], parts=qkv)
-            L.gate_up = fuse_linears(gu) if fuse else FusedLinear("split", [], parts=gu)
-            L.o, L.down = a.o_proj, mlp.down_proj
-            L.k = L.v = None
-            self.layers.append(L)
+        for i, blk in enumerate(base.layers):
+            self.layers.append(self._layer(model, blk, i, norm, fuse))
+        self._plain = self.plan.plain and self._llama_norm(base.norm, self.final_norm) and \
+            all(L.plain for L in self.layers)
+        self._fast = self._plain
         self.cache_len = 0
         self.cos = self.sin = None
+        self._ids = None
+
+    @staticmethod
+    def _llama_norm(mod, n) -> bool:
+        """``n`` scales by the module's own weight after the cast (Llama's RMSNorm)."""
+        return n is not None and not n.first and n.w.data_ptr() == mod.weight.data_ptr() \
+            and n.w.dtype == mod.weight.dtype
+
+    def _layer(self, model, blk, i: int, norm, fuse: bool) -> _Layer:
+        a, mlp = blk.self_attn, blk.mlp
+        g = {n: getattr(blk, n, None) for n in ("input_layernorm", "post_attention_layernorm",
+                                                "pre_feedforward_layernorm",
+                                                "post_feedforward_layernorm")}
+        extra = sorted(n for n, m in blk.named_children() if n not in g and is_norm(m))
+        if extra:
+            raise ConfigError(f"layer {i}: FastDecoder does not know where "
+                              f"{', '.join(extra)} applies")
+        L = _Layer()
+        L.n_in = norm(g["input_layernorm"], f"layer {i} input_layernorm")
+        pa = norm(g["post_attention_layernorm"], f"layer {i} post_attention_layernorm")
+        if g["pre_feedforward_layernorm"] is not None:  # Gemma-2/3: norms around both
+            L.n_pa = pa
+            L.n_mlp = norm(g["pre_feedforward_layernorm"], f"layer {i} pre_feedforward_layernorm")
+        elif L.n_in is None:  # OLMo-2: norms on the outputs only
+            L.n_pa, L.n_mlp = pa, None
+        else:  # Llama: post_attention_layernorm feeds the MLP
+            L.n_pa, L.n_mlp = None, pa
+        L.n_pm = norm(g["post_feedforward_layernorm"], f"layer {i} post_feedforward_layernorm")
+        if L.n_mlp is None and L.n_pa is None:
+            raise ConfigError(f"layer {i}: no input_layernorm and no post_attention_layernorm")
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        L.qk = L.qn = L.kn = None
+        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        if (qn is None) != (kn is None):
+            raise ConfigError(f"layer {i}: the attention has only one of q_norm and k_norm")
+        if qn is not None:
+            wq, wk = qn.weight.numel(), kn.weight.numel()
+            if (wq, wk) == (hd, hd):
+                L.qk = "head"  # Qwen3, Gemma-3: per head
+            elif (wq, wk) == (nh * hd, nkv * hd):
+                L.qk = "proj"  # OLMo-2: over the whole projection
+            else:
+                raise ConfigError(f"layer {i}: q_norm/k_norm of widths {wq}/{wk} are neither "
+                                  f"per head ({hd}) nor per projection ({nh * hd}/{nkv * hd})")
+            L.qn, L.kn = norm(qn, f"layer {i} q_norm"), norm(kn, f"layer {i} k_norm")
+        if hasattr(a, "qkv_proj"):
+            L.qkv = _fused_one(model, blk, "self_attn.qkv_proj", ("q", "k", "v"),
+                               self.qkv_sizes, self.plan.cfg)
+        else:
+            qkv = [a.q_proj, a.k_proj, a.v_proj]
+            L.qkv = fuse_linears(qkv) if fuse else FusedLinear("split", [], parts=qkv)
+        if hasattr(mlp, "gate_up_proj"):
+            inter = getattr(self.plan.cfg, "intermediate_size", None)
+            L.gate_up = _fused_one(model, blk, "mlp.gate_up_proj", ("gate", "up"),
+                                   [inter, inter], self.plan.cfg)
+        else:
+            gu = [mlp.gate_proj, mlp.up_proj]
+            L.gate_up = fuse_linears(gu) if fuse else FusedLinear("split", [], parts=gu)
+        L.o, L.down = a.o_proj, mlp.down_proj
+        L.k = L.v = None
+        L.win, L.rk = self.plan.windows[i], self.plan.rope_keys[i]
+        L.plain = (L.n_pa is None and L.n_pm is None and L.qk is None
+                   and self._llama_norm(g["input_layernorm"], L.n_in)
+                   and self._llama_norm(g["post_attention_layernorm"], L.n_mlp))
+        if L.plain:
+            L.ln1, L.eps1, L.ln2, L.eps2 = L.n_in.w, L.n_in.eps, L.n_mlp.w, L.n_mlp.eps
+        return L
 
     def extra_nbytes(self) -> int:
         """Bytes of weights the decoder holds beyond the model's (copied int4 scales)."""
@@ -274,9 +367,6 @@ class FastDecoder:
 
     # --- cache ------------------------------------------------------------------------------
     def _ensure_cache(self, length: int) -> None:
-        if self.sliding_window is not None and length > self.sliding_window:
-            raise ConfigError(f"sequence of {length} tokens exceeds the sliding window "
-                              f"({self.sliding_window}); FastDecoder keeps full attention")
         if length <= self.cache_len:
             return
         dev = self.embed.weight.device
@@ -287,9 +377,17 @@ class FastDecoder:
             if n:
                 k[:, :, :n], v[:, :, :n] = L.k, L.v
             L.k, L.v = k, v
-        x = torch.zeros(1, length, self.head_dim, dtype=self.dtype, device=dev)
-        cos, sin = self.model.model.rotary_emb(x, torch.arange(length, device=dev)[None])
-        self.cos, self.sin = cos[0], sin[0]  # [length, head_dim]
+        rope = self.plan.rope
+        rope.build(length, self.dtype, dev)
+        if rope.orig:
+            ids = torch.zeros(length, dtype=torch.long, device=dev)
+            if n:
+                ids[:n] = self._ids[:n]
+            self._ids = ids
+        if self._plain:
+            self.cos, self.sin = rope.tabs[None][:2]  # [length, head_dim]
+        # the Llama step keeps no window: it runs while every window covers the cache
+        self._fast = self._plain and all(w is None or w >= length for w in self.plan.windows)
         self.cache_len = length
 
     # --- forward ----------------------------------------------------------------------------
@@ -320,6 +418,8 @@ class FastDecoder:
         ``all_logits``), in the model's dtype."""
         t = ids.shape[0]
         self._ensure_cache(pos + t)
+        if not self._fast:
+            return self._forward_general(ids, pos, t, all_logits)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         cos, sin = self.cos[pos:pos + t, None], self.sin[pos:pos + t, None]  # [T, 1, hd]
         half = hd // 2
@@ -340,6 +440,56 @@ class FastDecoder:
             h = h + _call(L.down, F.silu(g) * u)
         h = h if all_logits else h[-1:]
         logits = _call(self.lm_head, self._rms(h, self.norm_w, self.norm_eps))
+        return logits if all_logits else logits[0]
+
+    def _forward_general(self, ids: torch.Tensor, pos: int, t: int, all_logits: bool):
+        """:meth:`forward` with every family piece of :attr:`plan` (see
+        :mod:`lowbit.runtime.decode_families`)."""
+        p = self.plan
+        if p.rope.orig:  # LongRoPE: the token ids, to recompute at the switch to long factors
+            self._ids[pos:pos + t] = ids
+            om = min(p.rope.orig.values())
+            if 0 < pos <= om < pos + t:
+                # the sequence outgrows the original length: as transformers' Phi-3 generate,
+                # drop the cache and run the whole sequence again on the long factors
+                out = self._forward_general(self._ids[:pos + t], 0, pos + t, all_logits)
+                return out[pos:] if all_logits else out
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        tabs, rot, gqa = p.rope.at(pos, t), p.rope.rot_dim, nkv != nh
+        rm = p.resid_mult
+        h = self.embed(ids)  # [T, D]
+        if p.embed_mult is not None:
+            h = h * p.embed_mult
+        for L in self.layers:
+            x = h if L.n_in is None else L.n_in(h)
+            q, k, v = L.qkv(x).split(self.qkv_sizes, -1)
+            if L.qk == "proj":
+                q, k = L.qn(q), L.kn(k)
+            q, k, v = q.reshape(t, nh, hd), k.reshape(t, nkv, hd), v.reshape(t, nkv, hd)
+            if L.qk == "head":
+                q, k = L.qn(q), L.kn(k)
+            cos, sin = tabs[L.rk]
+            q, k = rotate(q, cos, sin, rot), rotate(k, cos, sin, rot)
+            L.k[0, :, pos:pos + t] = k.transpose(0, 1)
+            L.v[0, :, pos:pos + t] = v.transpose(0, 1)
+            o = attend(q.transpose(0, 1)[None], L.k, L.v, pos, t, L.win, p.scale,
+                       p.attn_softcap, gqa, _GQA_KWARG)
+            a = _call(L.o, o[0].transpose(0, 1).reshape(t, nh * hd))
+            if L.n_pa is not None:
+                a = L.n_pa(a)
+            h = h + (a if rm is None else a * rm)
+            x = h if L.n_mlp is None else L.n_mlp(h)
+            g, u = L.gate_up(x).chunk(2, -1)
+            m = _call(L.down, p.act(g) * u)
+            if L.n_pm is not None:
+                m = L.n_pm(m)
+            h = h + (m if rm is None else m * rm)
+        h = h if all_logits else h[-1:]
+        logits = _call(self.lm_head, self.final_norm(h))
+        if p.logit_mult is not None:
+            logits = logits * p.logit_mult
+        if p.final_softcap is not None:
+            logits = torch.tanh(logits / p.final_softcap) * p.final_softcap
         return logits if all_logits else logits[0]
 
     @torch.inference_mode()
