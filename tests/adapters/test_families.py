@@ -167,3 +167,21 @@ def test_gguf_archs_agree_with_the_adapters(family):
         assert sorted(arch.other_towers) == sorted(p + "." for p, _ in facts.unreached_modules(m))
     else:
         assert path == "model.layers" and facts.unreached_modules(m) == []
+
+
+def test_fused_parts_of_a_packed_model():
+    """FastDecoder reads the fused layout of a model converted by lowbit.runtime.convert
+    (PackedLinear has no float weight: its in/out features are used)."""
+    from lowbit import runtime
+    from lowbit.adapters import fused_parts
+
+    m = build("phi3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(m, "int4-weight-only", loop_over(calib_ids(2, 8)))
+        runtime.convert(m)
+    b = m.model.layers[0]
+    assert type(b.self_attn.qkv_proj).__name__ == "PackedLinear"
+    assert fused_parts(m, b, "self_attn.qkv_proj") == [("q", slice(0, 64)), ("k", slice(64, 96)),
+                                                       ("v", slice(96, 128))]
+    assert fused_parts(m, b, "mlp.gate_up_proj")[1] == ("up", slice(128, 256))

@@ -111,6 +111,8 @@ def in_features(m: nn.Module) -> int:
         return m.weight_2d().shape[1]
     if is_conv1d(m):
         return m.weight.shape[0]
+    if isinstance(getattr(m, "in_features", None), int):  # nn.Linear, runtime's PackedLinear
+        return m.in_features
     return m.weight.shape[1]
 
 
@@ -120,6 +122,8 @@ def out_features(m: nn.Module) -> int:
         return m.weight_2d().shape[0]
     if is_conv1d(m):
         return m.weight.shape[1]
+    if isinstance(getattr(m, "out_features", None), int):  # nn.Linear, runtime's PackedLinear
+        return m.out_features
     return m.weight.shape[0]
 
 
