@@ -261,7 +261,7 @@ def test_bad_options_and_models(tmp_path):
     with pytest.raises(ConfigError, match="float_type"):
         lowbit.save(m, tmp_path / "a", format="gguf", float_type="f8")
     with pytest.raises(ConfigError, match="model types"):
-        lowbit.save(build("gpt2"), tmp_path / "b", format="gguf")
+        lowbit.save(build("opt"), tmp_path / "b", format="gguf")
     with pytest.raises(ConfigError, match="transformers causal LM"):
         lowbit.save(torch.nn.Linear(4, 4), tmp_path / "c", format="gguf")
 

@@ -22,7 +22,8 @@ from tests.tiny_models import build
 
 gguf = pytest.importorskip("gguf")
 
-ARCH = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_mm": "gemma3", "phi3": "phi3"}
+ARCH = {"gemma2": "gemma2", "gemma3": "gemma3", "gemma3_mm": "gemma3", "phi3": "phi3",
+        "olmo2": "olmo2", "granite": "granite", "gpt2": "gpt2"}
 TEXT_PREFIX = {"gemma3_mm": "model.language_model."}
 
 
@@ -41,6 +42,12 @@ def _llama_cpp_attention_scale(m) -> None:
     for mod in m.modules():
         if hasattr(mod, "q_proj") and hasattr(mod, "scaling"):
             mod.scaling = cfg.head_dim ** -0.5
+
+
+def _unpermute(w, n_head):
+    """Inverse of llama.cpp's q/k row permutation (convert_hf_to_gguf's ``permute``)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
 
 
 def _model(family, preset="gguf-q4_0"):
@@ -83,6 +90,8 @@ def _gguf_names(family, n_layers):
 @pytest.mark.parametrize("family,preset,kind", [
     ("gemma2", "gguf-q4_0", "Q4_0"), ("gemma3", "gguf-q8_0", "Q8_0"),
     ("gemma3_mm", "gguf-q4_0", "Q4_0"), ("phi3", "gguf-q8_0", "Q8_0"),
+    ("olmo2", "gguf-q4_0", "Q4_0"), ("granite", "gguf-q8_0", "Q8_0"),
+    ("gpt2", "gguf-q4_0", "Q4_0"),
 ])
 def test_family_reads_back_exactly(tmp_path, family, preset, kind):
     m = _model(family, preset)
@@ -96,24 +105,31 @@ def test_family_reads_back_exactly(tmp_path, family, preset, kind):
             continue
         t = tensors[name(mod_name + ".weight")]
         assert t.tensor_type.name == kind, mod_name
-        back = _deq(t).reshape(mod.weight.shape)
-        assert torch.equal(back, mod.quantized_weight().detach().float()), mod_name
+        want = mod.weight_2d(mod.quantized_weight()).detach().float()  # [out, in]
+        back = _deq(t).reshape(want.shape)
+        if family == "granite" and mod_name.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if mod_name.endswith("q_proj") else \
+                cfg.num_key_value_heads
+            back = _unpermute(back, heads)
+        assert torch.equal(back, want), mod_name
         n += 1
-    per_layer = 4 if family == "phi3" else 7  # qkv_proj and gate_up_proj are fused in Phi-3
+    # Phi-3: qkv_proj and gate_up_proj fused; GPT-2: c_attn, c_proj, c_fc, c_proj
+    per_layer = 4 if family in ("phi3", "gpt2") else 7
     assert n == per_layer * cfg.num_hidden_layers
     if family == "phi3":  # fused projections kept fused, gate half first (llama.cpp's SwiGLU)
         assert tensors["blk.0.attn_qkv.weight"].shape.tolist() == [64, 128]  # ggml: [in, out]
         assert tensors["blk.0.ffn_up.weight"].shape.tolist() == [64, 256]
-    norm_offset = 0.0 if family == "phi3" else 1.0  # Gemma: x * (1 + w) -> stored w + 1
+    norm_offset = 1.0 if family.startswith("gemma") else 0.0  # Gemma: x*(1+w) -> w + 1
     sd = m.state_dict()
-    norms = [k for k in sd if k.endswith("norm.weight") and name(k) is not None and
-             ".vision_tower." not in k]
+    norms = [k for k in sd if ".vision_tower." not in k and k.endswith(".weight") and
+             (name(k) or "").endswith("norm.weight")]
     assert len(norms) >= 3
     for k in norms:
         assert torch.equal(_deq(tensors[name(k)]), sd[k].float() + norm_offset), k
     emb = m.get_input_embeddings().weight.detach().float()
     assert torch.equal(_deq(tensors["token_embd.weight"]).reshape(emb.shape), emb)  # unscaled
-    assert ("output.weight" in tensors) == (family == "phi3")  # Gemma: tied, no output tensor
+    # Gemma, GPT-2: tied, no output tensor
+    assert ("output.weight" in tensors) == (family in ("phi3", "olmo2", "granite"))
     assert not any(k.startswith(("v.", "mm.")) for k in tensors)
     assert _field(r, "general.architecture") == ARCH[family]
     assert _field(r, "general.file_type") == int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind}"))
@@ -142,10 +158,25 @@ def test_family_metadata(tmp_path):
     assert _field(rp, "phi3.rope.dimension_count") == 16
     assert _field(rp, "phi3.rope.scaling.original_context_length") == 4096
     assert _field(rp, "phi3.context_length") == 256
-    assert set(a.values()) == {"gemma2", "gemma3", "phi3"}
+    rg, _, _ = _save(_model("granite"), tmp_path / "gr")
+    for key, want in (("attention.scale", 0.1), ("embedding_scale", 4.0),
+                      ("residual_scale", 0.5), ("logit_scale", 2.0)):
+        assert abs(_field(rg, f"granite.{key}") - want) < 1e-7, key
+    ro, _, _ = _save(_model("olmo2"), tmp_path / "o2")
+    assert "olmo2.attention.sliding_window" not in ro.fields
+    assert {t.name for t in ro.tensors if t.name.startswith("blk.0.")} == {
+        f"blk.0.{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+                                      "attn_k_norm", "post_attention_norm", "ffn_gate",
+                                      "ffn_up", "ffn_down", "post_ffw_norm")}
+    r_gpt2, _, _ = _save(_model("gpt2"), tmp_path / "gpt2")
+    assert _field(r_gpt2, "gpt2.context_length") == 64
+    assert _field(r_gpt2, "gpt2.feed_forward_length") == 256
+    assert "gpt2.rope.freq_base" not in r_gpt2.fields
+    assert "position_embd.weight" in {t.name for t in r_gpt2.tensors}
+    assert set(a.values()) == {"gemma2", "gemma3", "phi3", "olmo2", "granite", "gpt2"}
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma3_mm", "phi3"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "gemma3_mm", "phi3", "gpt2"])
 def test_transformers_gguf_loader_gives_lowbit_logits(tmp_path, family):
     """transformers dequantizes the file through the gguf package into its own class."""
     import transformers as tf
@@ -155,6 +186,8 @@ def test_transformers_gguf_loader_gives_lowbit_logits(tmp_path, family):
     # Phi3Config's default pad/eos ids (32000) lie outside the tiny vocabulary, and the
     # file (written with no tokenizer) has none to say otherwise
     kw = {"pad_token_id": 0, "eos_token_id": 2} if family == "phi3" else {}
+    if family == "gpt2":  # its loader maps neither the vocabulary size nor n_positions
+        kw = {"vocab_size": 128, "n_positions": 64}
     ref = tf.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf",
                                                   dtype=torch.float32, **kw).eval()
     _llama_cpp_attention_scale(ref)  # transformers' loader reads no attention scale
@@ -164,6 +197,29 @@ def test_transformers_gguf_loader_gives_lowbit_logits(tmp_path, family):
     assert type(ref).__name__ == ("Gemma3ForCausalLM" if family == "gemma3_mm"
                                   else type(m).__name__)
     assert float((want - got).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["olmo2", "granite"])
+def test_name_map_reload_gives_lowbit_logits(tmp_path, family):
+    """transformers' GGUF loader has no olmo2/granite: load the file into a fresh model of
+    the class through the gguf package's own name map (q/k rows un-permuted for granite)."""
+    m = _model(family)
+    r, _, _ = _save(m, tmp_path / "g")
+    tensors = {t.name: t for t in r.tensors}
+    fresh = type(m)(m.config).eval()
+    name = _gguf_names(family, m.config.num_hidden_layers)
+    sd = {}
+    for key, p in fresh.state_dict().items():
+        w = _deq(tensors[name(key)]).reshape(p.shape)
+        if family == "granite" and key.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = m.config.num_attention_heads if "q_proj" in key else \
+                m.config.num_key_value_heads
+            w = _unpermute(w, heads)
+        sd[key] = w
+    fresh.load_state_dict(sd)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((m(ids).logits - fresh(ids).logits).abs().max()) < 1e-5
 
 
 # --- refusals -------------------------------------------------------------------------------

@@ -18,6 +18,13 @@ architecture (so that the exporter can refuse a model llama.cpp would run differ
 * ``gemma3`` multimodal (``Gemma3ForConditionalGeneration``): the text tower is written as the
   ``gemma3`` architecture; llama.cpp reads the vision tower and projector from a separate
   ``mmproj`` file, which lowbit does not write (the export says so in a warning);
+* ``olmo2``: no permutation (NeoX rotary), q/k norms over the whole projection, norms after
+  attention and MLP (``post_attention_norm``, ``post_ffw_norm``);
+* ``granite``: as ``llama`` (q/k rows permuted), plus the four multipliers written as
+  ``{arch}.attention.scale``, ``embedding_scale``, ``residual_scale``, ``logit_scale``;
+  llama.cpp's converter drops ``head_dim`` (so one other than ``hidden/heads`` is refused);
+* ``gpt2``: fused ``c_attn`` -> ``attn_qkv``, ``Conv1D`` weights transposed to ``[out, in]``,
+  learned position embeddings ``position_embd``, LayerNorms with biases, no rotary;
 * ``phi3`` (Phi-3, Phi-4): fused ``qkv_proj`` -> ``attn_qkv`` and fused ``gate_up_proj`` ->
   ``ffn_up`` (gate half first, as llama.cpp's SwiGLU splits it), written as they are;
   ``sliding_window`` always written (0 when the config has none, which marks Phi-4).
@@ -46,6 +53,13 @@ class GgufArch:
     (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` with ``big_layers`` layers).
     ``sliding_window_always``: write ``{arch}.attention.sliding_window`` as 0 when the config
     has none. ``rope_orig_ctx``: write ``original_max_position_embeddings``.
+    ``scales``: ``(config field, GGUFWriter method)`` pairs written when the field is set
+    (Granite's multipliers). ``head_dim_from_heads``: llama.cpp derives the head size as
+    ``hidden_size / num_attention_heads`` (a config ``head_dim`` that differs is refused).
+    ``gpt2_style``: learned positions and LayerNorms, no rotary (GPT-2's hyperparameters).
+    ``transposed``: state-dict key suffixes of weights stored ``[in, out]`` (transformers'
+    ``Conv1D``), written transposed as llama.cpp's converter does (quantized ones are read
+    through their ``[out, in]`` view, so their codes are written as they are).
     ``text_prefix``/``other_towers``: a multimodal class's text-tower state-dict prefix (mapped
     to ``model.``) and the prefixes of the towers llama.cpp keeps in the ``mmproj`` file.
     """
@@ -63,6 +77,10 @@ class GgufArch:
     big_layers: tuple[int, ...] = ()
     sliding_window_always: bool = False
     rope_orig_ctx: bool = False
+    scales: tuple[tuple[str, str], ...] = ()
+    head_dim_from_heads: bool = False
+    gpt2_style: bool = False
+    transposed: tuple[str, ...] = ()
     text_prefix: str | None = None
     other_towers: tuple[str, ...] = ()
 
@@ -88,6 +106,14 @@ GGUF_ARCHS: dict[str, GgufArch] = {
                           "other_towers": ("model.vision_tower.",
                                            "model.multi_modal_projector.")}),
     "phi3": GgufArch("PHI3", sliding_window_always=True, rope_orig_ctx=True),
+    "olmo2": GgufArch("OLMO2"),
+    "gpt2": GgufArch("GPT2", gpt2_style=True, transposed=(
+        "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")),
+    "granite": GgufArch("GRANITE", permute_qk=True, head_dim_from_heads=True, scales=(
+        ("attention_multiplier", "add_attention_scale"),
+        ("embedding_multiplier", "add_embedding_scale"),
+        ("residual_multiplier", "add_residual_scale"),
+        ("logits_scaling", "add_logit_scale"))),
 }
 
 __all__ = ["GGUF_ARCHS", "GgufArch"]

@@ -6,7 +6,8 @@ What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` write
 
 * dense families Llama, Mistral (``llama``), Qwen2, Qwen3, Gemma-2, Gemma-3 (the text class
   and the text tower of the multimodal class; llama.cpp reads the vision tower from a
-  separate mmproj file, which is not written: a warning says so), Phi-3/Phi-4; each
+  separate mmproj file, which is not written: a warning says so), Phi-3/Phi-4, OLMo-2,
+  Granite, GPT-2; each
   family's facts (rotary row order, ``1 + w`` norms written as ``w + 1``, soft-capping,
   sliding window, fused ``attn_qkv``/``ffn_up``, what llama.cpp hard-codes and a config must
   agree with) are declared in :mod:`lowbit.adapters.gguf_archs`;
@@ -148,6 +149,12 @@ def _check_family(arch: GgufArch, cfg) -> None:
         if getattr(cfg, f, None) is not None:
             raise ConfigError(f"{where}: config.{f} = {getattr(cfg, f)}; llama.cpp's "
                               f"{arch.arch.lower()} architecture has no such soft-capping")
+    hd = getattr(cfg, "head_dim", None)
+    if arch.head_dim_from_heads and hd is not None and \
+            hd != cfg.hidden_size // cfg.num_attention_heads:
+        raise ConfigError(f"{where}: config.head_dim = {hd}; llama.cpp's converter drops it "
+                          f"and uses hidden_size / num_attention_heads = "
+                          f"{cfg.hidden_size // cfg.num_attention_heads}")
     if arch.gemma_attn_scale:
         hd = _head_dim(cfg)
         want = cfg.hidden_size // cfg.num_attention_heads \
@@ -266,6 +273,8 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
                 out.append((gname, arr, qtype))
                 continue
         data = t.detach().float().cpu()
+        if data.ndim == 2 and hf_key.endswith(arch.transposed or ("\0",)):
+            data = data.t()  # Conv1D [in, out] -> [out, in]
         if rows is not None:
             data = data[rows]
         if arch.norm_plus_one and hf_key.endswith("norm.weight"):
@@ -410,12 +419,44 @@ def _write_hparams(w, model, mcfg, cfg, arch: GgufArch, name, file_type) -> None
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    if arch.gpt2_style:  # learned positions, LayerNorm, MLP 4 * n_embd unless n_inner
+        w.add_feed_forward_length(getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
+        rtype = "none"
+    else:
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or
+                            cfg.num_attention_heads)
+        hd = _head_dim(cfg)
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+        rtype = _write_rope(w, cfg, arch)
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    for f in arch.softcaps:
+        if getattr(cfg, f, None) is not None:
+            getattr(w, f"add_{f}")(float(getattr(cfg, f)))
+    for f, method in arch.scales:
+        if getattr(cfg, f, None):
+            getattr(w, method)(float(getattr(cfg, f)))
+    sw = getattr(cfg, "sliding_window", None)
+    if sw is not None and arch.swa_period is not None:
+        w.add_sliding_window(int(sw))
+    elif arch.sliding_window_always:
+        w.add_sliding_window(int(sw or 0))
+    if arch.rope_orig_ctx and rtype != "yarn" and \
+            getattr(cfg, "original_max_position_embeddings", None):
+        w.add_rope_scaling_orig_ctx_len(int(cfg.original_max_position_embeddings))
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_rope(w, cfg, arch: GgufArch) -> str:
+    """Rotary hyperparameters; returns the rope type."""
+    import gguf
+
     hd = _head_dim(cfg)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
     rp = _rope_parameters(cfg)
     partial = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
     w.add_rope_dimension_count(int(hd * float(partial)) if partial is not None else hd)
@@ -441,17 +482,4 @@ def _write_hparams(w, model, mcfg, cfg, arch: GgufArch, name, file_type) -> None
     elif rtype not in ("default", "llama3"):
         raise ConfigError(f"GGUF export: rope type {rtype!r} is not supported (default, "
                           "linear, yarn, llama3, and longrope for phi3 are)")
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    for f in arch.softcaps:
-        if getattr(cfg, f, None) is not None:
-            getattr(w, f"add_{f}")(float(getattr(cfg, f)))
-    sw = getattr(cfg, "sliding_window", None)
-    if sw is not None and arch.swa_period is not None:
-        w.add_sliding_window(int(sw))
-    elif arch.sliding_window_always:
-        w.add_sliding_window(int(sw or 0))
-    if arch.rope_orig_ctx and rtype != "yarn" and \
-            getattr(cfg, "original_max_position_embeddings", None):
-        w.add_rope_scaling_orig_ctx_len(int(cfg.original_max_position_embeddings))
-    w.add_file_type(file_type)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return rtype
