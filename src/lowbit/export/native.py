@@ -21,8 +21,8 @@ Layout of the folder:
 * ``config.json``, ``generation_config.json`` (+ tokenizer files) for transformers models.
 
 The metadata also names the saved model's class (``model_class``, ``model_module``), the
-un-quantized class of every quantized module (``module_classes``: ``Conv2d``, ``Linear``
-...) and each quantized weight's own shape (``quantized[name]["weight_shape"]``), so that a
+un-quantized class of every module with a quantized weight and the weight's own shape
+(``quantized[name]["class"]``: ``Conv2d``, ``Linear`` ...; ``["weight_shape"]``), so that a
 model given to :func:`load` is checked module by module.
 
 :func:`load` rebuilds the model from ``config.json`` (no weight initialisation; the saved
@@ -100,10 +100,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     qmeta: dict[str, dict] = {}
     modules: dict[str, dict] = {}
     skip: set[str] = set()
-    classes: dict[str, str] = {}
     for name, m in quantized_modules(model):
         modules[name] = {r: _spec_dict(q.spec) for r, q in m.quantizers()}
-        classes[name] = float_class(m).__name__
         qt = weight_qtensor(m)
         if qt is None:
             continue
@@ -119,7 +117,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
         qmeta[name] = {"shape": list(qt.shape), "dtype": str(wt.dtype).split(".")[-1],
                        "spec": qt.spec.model_dump(exclude_defaults=True),
                        "fixed": m.weight_quantizer.scale is not None,
-                       "weight_shape": list(wt.shape)}
+                       "weight_shape": list(wt.shape), "class": float_class(m).__name__}
     kv_spec = None
     kv_names = []
     disabled = []
@@ -147,8 +145,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
             "recipe": recipe.to_dict() if recipe is not None else None,
             "modules": modules, "quantized": qmeta, "tied": tied,
             "kv_cache": {"spec": _spec_dict(kv_spec), "quantizers": kv_names},
-            "disabled": disabled, "moe_experts": _split_experts(model),
-            "module_classes": classes}
+            "disabled": disabled, "moe_experts": _split_experts(model)}
     write_shards(tensors, out_dir, max_shard_size, {"format": "lowbit"})
     (out_dir / META).write_text(json.dumps(meta, indent=1))
     write_hf_files(model, out_dir, tokenizer)
@@ -274,10 +271,9 @@ def check_modules(model: nn.Module, meta: dict, where: str, src: str) -> None:
     from lowbit.nn import quant_class_for
 
     mods = dict(model.named_modules())
-    classes = meta.get("module_classes") or {}
     for name in meta.get("modules", {}):
         m = mods.get(name)
-        want = classes.get(name)
+        want = (meta["quantized"].get(name) or {}).get("class")
         if m is None:
             raise CheckpointError(f"{where}: quantized module {name!r}"
                                   + (f" ({want})" if want else "") + f" does not exist in "
@@ -444,7 +440,8 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False,
     recipe = Recipe.parse(meta["recipe"], f"{meta_file}: recipe") if meta["recipe"] else None
     _split_like_checkpoint(model, meta, meta_file, src)
     if given:
-        check_modules(model, meta, meta_file, src)
+        if meta.get("moe_experts"):
+            check_modules(model, meta, meta_file, src)
         _match_dtypes(model, meta, tensors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
