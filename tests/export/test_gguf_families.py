@@ -235,11 +235,15 @@ def test_gemma_configs_llama_cpp_cannot_run_are_refused(tmp_path):
     m.config.rope_parameters["sliding_attention"]["rope_theta"] = 5000.0
     with pytest.raises(ConfigError, match="sliding-window layers.*10000"):
         lowbit.save(m, tmp_path / "c", format="gguf")
+    m = _model("gemma2")
+    m.config.final_logit_softcapping = None
+    with pytest.raises(ConfigError, match="final_logit_softcapping is None.*default"):
+        lowbit.save(m, tmp_path / "e", format="gguf")
     m = _model("gemma3")
     m.config.attn_logit_softcapping = 50.0
     with pytest.raises(ConfigError, match="attn_logit_softcapping.*no such soft-capping"):
         lowbit.save(m, tmp_path / "d", format="gguf")
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    assert not any((tmp_path / x).exists() for x in "abcde")
 
 
 def test_gemma_quantized_lm_head_is_refused(tmp_path):
@@ -357,3 +361,27 @@ def test_phi3_longrope_factors(tmp_path):
     assert math.isclose(_field(r, "phi3.rope.scaling.attn_factor"),
                         math.sqrt(1 + math.log(4) / math.log(256)), rel_tol=1e-6)
     assert _field(r, "phi3.rope.scaling.original_context_length") == 256
+
+
+def test_unigram_vocab_keeps_its_scores(tmp_path):
+    """A Unigram tokenizer.json (SentencePiece unigram) has its own scores: written as they are."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("\u2581", -2.0), ("a", -3.0),
+             ("b", -3.5), ("\u2581a", -1.5), ("ab", -2.5)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>")
+    r, _, _ = _save(_tiny_llama(32), tmp_path / "g", tokenizer=tok)
+    scores = r.fields["tokenizer.ggml.scores"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    assert scores[3:8] == [s for _, s in vocab[3:]]
+    assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL,
+                         gguf.TokenType.CONTROL, gguf.TokenType.NORMAL]
+    assert _field(r, "tokenizer.ggml.add_space_prefix") is True
+    with pytest.raises(ConfigError, match="tokenizer_pre 'llama-bpe'.*default"):
+        lowbit.save(_tiny_llama(32), tmp_path / "h", format="gguf", tokenizer=tok,
+                    tokenizer_pre="llama-bpe")

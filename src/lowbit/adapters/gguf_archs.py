@@ -47,7 +47,8 @@ class GgufArch:
     separate output layer for the architecture (a quantized or untied ``lm_head`` is refused).
     ``softcaps``: config fields written as ``{arch}.<field>`` (GGUFWriter ``add_<field>``);
     ``no_softcaps``: config fields llama.cpp's architecture has no place for (refused when
-    set). ``swa_period``: llama.cpp's hard-coded sliding-window pattern (layer ``i`` slides
+    set); ``softcaps_required``: llama.cpp applies its defaults (50, 30) when the file has
+    none, so a config without them is refused. ``swa_period``: llama.cpp's hard-coded sliding-window pattern (layer ``i`` slides
     when ``i % period < period - 1``); ``swa_rope_theta``: its hard-coded rope base of those
     layers (None: the global one). ``gemma_attn_scale``: llama.cpp's attention scale rule
     (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` with ``big_layers`` layers).
@@ -71,6 +72,7 @@ class GgufArch:
     output_is_embedding: bool = False
     softcaps: tuple[str, ...] = ()
     no_softcaps: tuple[str, ...] = ()
+    softcaps_required: bool = False
     swa_period: int | None = None
     swa_rope_theta: float | None = None
     gemma_attn_scale: bool = False
@@ -88,7 +90,7 @@ class GgufArch:
 _GEMMA2 = GgufArch("GEMMA2", norm_plus_one=True, embedding_scale_in_engine=True,
                    output_is_embedding=True,
                    softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
-                   swa_period=2, gemma_attn_scale=True, big_layers=(46,))
+                   softcaps_required=True, swa_period=2, gemma_attn_scale=True, big_layers=(46,))
 _GEMMA3 = GgufArch("GEMMA3", norm_plus_one=True, embedding_scale_in_engine=True,
                    output_is_embedding=True, softcaps=("final_logit_softcapping",),
                    no_softcaps=("attn_logit_softcapping",), swa_period=6,

@@ -149,6 +149,10 @@ def _check_family(arch: GgufArch, cfg) -> None:
         if getattr(cfg, f, None) is not None:
             raise ConfigError(f"{where}: config.{f} = {getattr(cfg, f)}; llama.cpp's "
                               f"{arch.arch.lower()} architecture has no such soft-capping")
+    for f in arch.softcaps if arch.softcaps_required else ():
+        if getattr(cfg, f, None) is None:
+            raise ConfigError(f"{where}: config.{f} is None; llama.cpp applies its default "
+                              "soft-capping when the file has none (no way to switch it off)")
     hd = getattr(cfg, "head_dim", None)
     if arch.head_dim_from_heads and hd is not None and \
             hd != cfg.hidden_size // cfg.num_attention_heads:

@@ -111,6 +111,9 @@ def write_vocab(w, tokenizer, n_vocab: int, tokenizer_pre: str | None) -> None:
     if kind == "gpt2":
         _write_bpe(w, tok, tj, vocab, n_vocab, tokenizer_pre)
     else:
+        if tokenizer_pre not in (None, "default"):
+            raise ConfigError(f"tokenizer_pre {tokenizer_pre!r}: a SentencePiece vocabulary "
+                              "has llama.cpp's pre-tokenizer 'default' only")
         _write_spm(w, tok, tj, n_vocab)
     _write_specials(w, tok, n_vocab)
 
