@@ -225,3 +225,8 @@ def test_refusals_name_the_missing_piece():
     m.model.layers[0].extra_norm = type(m.model.norm)(64)
     with pytest.raises(ConfigError, match="layer 0: .* extra_norm"):
         FastDecoder(m)
+    m = build("llama")  # the layout must be the one the family's adapter declares
+    del m.model.layers[1].input_layernorm
+    with pytest.raises(ConfigError, match="layer 1: the adapter declares input_layernorm in "
+                                          "front of self_attn"):
+        FastDecoder(m)

@@ -273,6 +273,12 @@ class FastDecoder:
         self.lm_head = lm_head
         adapter = get_adapter(model)
         declared = adapter.norm if adapter is not None else None
+        # the norm the adapter declares in front of the attention and the MLP projections
+        self._feeds = {}
+        for nm, lins in (adapter.groups if adapter is not None else ()):
+            for role in ("self_attn.", "mlp."):
+                if any(x.startswith(role) for x in lins):
+                    self._feeds[role[:-1]] = nm
         kinds, styles = {}, {}
 
         def norm(mod, name):
@@ -323,6 +329,13 @@ class FastDecoder:
         L.n_pm = norm(g["post_feedforward_layernorm"], f"layer {i} post_feedforward_layernorm")
         if L.n_mlp is None and L.n_pa is None:
             raise ConfigError(f"layer {i}: no input_layernorm and no post_attention_layernorm")
+        mlp_in = "pre_feedforward_layernorm" if g["pre_feedforward_layernorm"] is not None \
+            else "post_attention_layernorm" if L.n_in is not None else None
+        ours = {"self_attn": "input_layernorm" if L.n_in is not None else None, "mlp": mlp_in}
+        for role, nm in self._feeds.items():
+            if nm != ours[role]:
+                raise ConfigError(f"layer {i}: the adapter declares {nm} in front of {role}, "
+                                  f"FastDecoder's layout has {ours[role]}")
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         L.qk = L.qn = L.kn = None
         qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
