@@ -93,7 +93,8 @@ def family(model: nn.Module) -> str:
     return a.name if a is not None else "unknown"
 
 
-__all__ = ["Adapter", "Fused", "GENERIC", "block_config", "fused_parts", "fused_projections", "GenericAdapter", "InputGroup", "NORM_KINDS", "facts", "family",
-           "find_blocks", "get_adapter", "groups_by_inspection", "in_features", "input_groups",
-           "is_linear", "is_norm", "linear_pairs", "norm_kind", "norm_offset", "out_features",
-           "register_adapter", "registered"]
+__all__ = ["Adapter", "block_config", "facts", "family", "find_blocks", "Fused",
+           "fused_parts", "fused_projections", "GENERIC", "GenericAdapter",
+           "get_adapter", "groups_by_inspection", "in_features", "input_groups",
+           "InputGroup", "is_linear", "is_norm", "linear_pairs", "norm_kind",
+           "NORM_KINDS", "norm_offset", "out_features", "register_adapter", "registered"]

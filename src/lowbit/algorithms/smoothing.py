@@ -63,9 +63,9 @@ def fold_scales(block: nn.Module, group: InputGroup, s: torch.Tensor,
     ``channel_map`` (grouped-query attention, or a part of a fused ``prev``: Phi-3's
     ``qkv_proj`` value rows, ``gate_up_proj`` up rows), ``prev``'s output row
     ``channel_map[j]`` is divided by ``s[j]`` and every row no channel maps to keeps scale 1;
-    ``s`` must be equal on tied channels (:meth:`InputGroup.tie`). The group's float ``readers`` of a norm ``prev`` (MoE
-    routers, shared-expert gates) get their weight columns multiplied by ``s`` too, so that
-    their outputs (the routing) are unchanged. Nothing checks the block's function here:
+    ``s`` must be equal on tied channels (:meth:`InputGroup.tie`). The group's float
+    ``readers`` of a norm ``prev`` (MoE routers, shared-expert gates) get their weight
+    columns multiplied by ``s`` too, so that their outputs (the routing) are unchanged. Nothing checks the block's function here:
     see :class:`lowbit.algorithms.foldcheck.FoldCheck`.
     """
     prev = block.get_submodule(group.prev)
