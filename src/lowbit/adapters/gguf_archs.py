@@ -48,9 +48,9 @@ class GgufArch:
     ``softcaps``: config fields written as ``{arch}.<field>`` (GGUFWriter ``add_<field>``);
     ``no_softcaps``: config fields llama.cpp's architecture has no place for (refused when
     set); ``softcaps_required``: llama.cpp applies its defaults (50, 30) when the file has
-    none, so a config without them is refused. ``swa_period``: llama.cpp's hard-coded sliding-window pattern (layer ``i`` slides
-    when ``i % period < period - 1``); ``swa_rope_theta``: its hard-coded rope base of those
-    layers (None: the global one). ``gemma_attn_scale``: llama.cpp's attention scale rule
+    none, so a config without them is refused. ``swa_period``: llama.cpp's hard-coded
+    sliding-window pattern (layer ``i`` slides when ``i % period < period - 1``);
+    ``swa_rope_theta``: its hard-coded rope base of those layers (None: the global one). ``gemma_attn_scale``: llama.cpp's attention scale rule
     (``1/sqrt(head_dim)``, or ``1/sqrt(hidden/heads)`` with ``big_layers`` layers).
     ``sliding_window_always``: write ``{arch}.attention.sliding_window`` as 0 when the config
     has none. ``rope_orig_ctx``: write ``original_max_position_embeddings``.

@@ -84,7 +84,8 @@ def tokenizer_kind(tj: dict | None) -> str:
     model = (tj or {}).get("model", {})
     if model.get("type") == "BPE" and _find(tj.get("pre_tokenizer"), "ByteLevel") is not None:
         return "gpt2"
-    if (model.get("type") == "BPE" and model.get("byte_fallback")) or model.get("type") == "Unigram":
+    kind = model.get("type")
+    if (kind == "BPE" and model.get("byte_fallback")) or kind == "Unigram":
         return "llama"
     raise ConfigError("GGUF export writes GPT-2-style byte-level BPE tokenizers (Llama 3, "
                       "SmolLM, Qwen2) and SentencePiece ones (BPE with byte fallback or "
