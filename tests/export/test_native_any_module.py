@@ -224,3 +224,35 @@ def test_moe_into_given_instance(tmp_path):
     m2 = lowbit.load(tmp_path / "ckpt", model=build_moe("mixtral", seed=1))
     with torch.no_grad():
         assert torch.equal(m(IDS).logits, m2(IDS).logits)
+
+
+# --- torchvision (optional: tests/vision_models skips when torchvision does not import) ------
+@pytest.mark.parametrize("name,recipe", [("resnet18", "int8"), ("mobilenet_v3_small", "int8"),
+                                         ("vit_small", "fp8")])
+def test_torchvision_models(name, recipe, tmp_path):
+    vm = pytest.importorskip("tests.vision_models")
+    import lowbit.runtime as rt
+
+    m = vm.tv_model(name)
+    size = vm.TV_SIZES[name]
+    lowbit.quantize(m, recipe, forward_loop=vm.calib_loop(size))
+    lowbit.save(m, tmp_path / "ckpt")
+    x = vm.images(2, size, seed=9)
+    m2 = lowbit.load(tmp_path / "ckpt", model=lambda: vm.tv_model(name, seed=1))
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.equal(m2(x), ref)
+    assert states(m) == states(m2)
+    packed = lowbit.load(tmp_path / "ckpt", model=lambda: vm.tv_model(name, seed=1),
+                         packed=True)
+    rep = rt.convert(m2)
+    convs = sum(isinstance(c, nn.Conv2d) for c in vm.tv_model(name).modules())
+    if recipe == "int8":
+        assert rep["conv_int8"] == convs and not rep.kept
+    else:
+        assert "conv_int8" not in rep and len(rep.kept) >= convs
+    with torch.no_grad():
+        out = packed(x)
+        assert torch.equal(out, m2(x))
+        # convs exact; the int8 Linear layers (w8a8_int8) rescale after an integer matmul
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
