@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 		echo "note: the engines extra did not install with this torch; external tests will skip"
 	@$(PIP) install -q -c $(VENV)/constraints.txt -e ".[vision]" || \
 		echo "note: the vision extra (torchvision) did not install with this torch; torchvision tests will skip"
+	@# torchvision on PyPI is a CUDA build: with the CPU torch wheel its _C extension does not
+	@# load and `import torchvision` raises, which breaks every `import transformers` (it
+	@# imports torchvision when installed). Keep it only when it imports.
+	@$(PY) -c "import torchvision" 2>/dev/null || { $(PIP) uninstall -q -y torchvision; \
+		echo "note: torchvision does not import with this torch (a CUDA build on a CPU torch); uninstalled, torchvision tests will skip"; }
 	@touch $(STAMP)
 
 setup: $(STAMP)
