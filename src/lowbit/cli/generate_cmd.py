@@ -23,16 +23,16 @@ def generate_cmd(
                               "bf16 or fp32"),
     packed: bool = typer.Option(True, "--packed/--fake", help="real low-bit kernels "
                                 "(lowbit.runtime.convert) or the fake-quantized model"),
-    loop: str = typer.Option("lowbit", "--loop", help="lowbit (FastDecoder, Llama-family) "
-                             "or hf (transformers' generate)"),
+    loop: str = typer.Option("lowbit", "--loop", help="lowbit (FastDecoder: the families in "
+                             "lowbit.runtime.decode.SUPPORTED) or hf (transformers' generate)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads (default: torch's)"),
 ) -> None:
     """Continue --prompt greedily and print the text and the decode speed (tokens/s).
 
     A lowbit checkpoint runs on its packed kernels (int8/int4 weight-only, W8A8 ...);
-    --loop lowbit uses lowbit's FastDecoder (Llama, Mistral, Qwen2), --loop hf uses
-    transformers' generate.
+    --loop lowbit uses lowbit's FastDecoder (Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3,
+    Granite, OLMo-2: lowbit.runtime.decode.SUPPORTED), --loop hf uses transformers' generate.
     """
     import torch
 
