@@ -162,13 +162,15 @@ def _seq_cls():
     return tf.LlamaForSequenceClassification(cfg).eval()
 
 
-@pytest.mark.parametrize("how", ["config", "function"])
+@pytest.mark.parametrize("how", ["config", "function", "class"])
 def test_sequence_classification(how, tmp_path):
-    pytest.importorskip("transformers")
+    tf = pytest.importorskip("transformers")
     m = _seq_cls()
     lowbit.quantize(m, "int8", forward_loop=loop_over(calib_ids(4, 16)))
     lowbit.save(m, tmp_path / "ckpt")
-    m2 = lowbit.load(tmp_path / "ckpt", model=None if how == "config" else _seq_cls)
+    arg = {"config": None, "function": _seq_cls,
+           "class": tf.LlamaForSequenceClassification}[how]  # a class: from config.json
+    m2 = lowbit.load(tmp_path / "ckpt", model=arg)
     assert type(m2).__name__ == "LlamaForSequenceClassification"
     with torch.no_grad():
         assert torch.equal(m(IDS).logits, m2(IDS).logits)

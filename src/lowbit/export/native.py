@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -317,9 +318,17 @@ def _insert(model, meta, where, src, attach_kv_quantizers, quantize_module) -> N
         attach_kv_quantizers(model, _spec(kv["spec"], f"{where}: kv_cache"))
 
 
-def _transformers_model(path: Path, meta: dict, meta_file: str) -> nn.Module:
+def _pretrained_class(model) -> bool:
+    """Whether ``model`` is a transformers model class (``PreTrainedModel`` subclass)."""
+    tf = sys.modules.get("transformers")
+    return isinstance(model, type) and tf is not None and issubclass(model, tf.PreTrainedModel)
+
+
+def _transformers_model(path: Path, meta: dict, meta_file: str, cls: type | None = None
+                        ) -> nn.Module:
     """The model of the checkpoint's transformers class (``meta["model_class"]``; a causal
-    LM for checkpoints that name none) built from ``config.json`` without initialisation."""
+    LM for checkpoints that name none), or of ``cls`` when given, built from
+    ``config.json`` without initialisation."""
     hint = ("pass the un-quantized model to load into: lowbit.load(path, model=<instance, "
             "or a function returning one>)")
     cls_name = meta.get("model_class")
@@ -336,8 +345,7 @@ def _transformers_model(path: Path, meta: dict, meta_file: str) -> nn.Module:
         raise CheckpointError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") \
             from None
     dtype = getattr(torch, meta.get("dtype", "float32"))
-    cls = None
-    if cls_name is not None:
+    if cls is None and cls_name is not None:
         try:
             cls = getattr(transformers, cls_name)
         except Exception as e:  # noqa: BLE001 - unknown name, or its module fails to import
@@ -402,7 +410,8 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False,
     sequence classification, ``Gemma3ForConditionalGeneration`` ...; checkpoints of older
     versions: a causal LM), built from ``config.json`` without weight initialisation.
     ``model=`` an un-quantized ``nn.Module`` (a CNN, a ViT, a transformers model ...), or a
-    function (a class, a constructor) returning one: the checkpoint is loaded into it, in
+    function (a class, a constructor) returning one (a transformers model class is built
+    from ``config.json``, like ``model=None``): the checkpoint is loaded into it, in
     place, and it is returned (cast to the checkpoint's dtypes, in eval mode). A model that
     is already quantized is a ConfigError. Modules, classes and shapes are checked before the
     given model is changed; an error found later (a tensor missing from the file) may leave
@@ -432,6 +441,8 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False,
         model = _transformers_model(path, meta, meta_file)
         src = "the model built from config.json"
     else:
+        if _pretrained_class(model):  # a transformers class: built from config.json
+            model = _transformers_model(path, meta, meta_file, model)
         model = _given_model(model, meta)
         src = f"the given model ({type(model).__name__})"
         if not meta.get("moe_experts"):  # else checked once the experts are split
