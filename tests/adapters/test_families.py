@@ -20,7 +20,7 @@ from lowbit.errors import CalibrationError
 from tests.tiny_models import DENSE_FAMILIES, build, calib_ids, loop_over
 
 ADAPTERS = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-            "gemma3": "gemma2", "gpt2": "gpt2", "opt": "opt", "gemma2": "gemma2",
+            "gemma3": "gemma3", "gpt2": "gpt2", "opt": "opt", "gemma2": "gemma2",
             "gemma3_mm": "gemma3_mm", "phi3": "phi3", "olmo2": "olmo2", "granite": "granite"}
 
 
@@ -161,6 +161,7 @@ def test_gguf_archs_agree_with_the_adapters(family):
     m = build(family)
     arch = GGUF_ARCHS[m.config.model_type]
     assert arch.norm_plus_one == (facts.norm_offset(m) == 1.0)
+    assert set(arch.no_softcaps) <= set(get_adapter(m).ignores)
     path = get_adapter(m).find_blocks(m)[0]
     if arch.text_prefix is not None:
         assert path == arch.text_prefix + "layers"
@@ -185,3 +186,28 @@ def test_fused_parts_of_a_packed_model():
     assert fused_parts(m, b, "self_attn.qkv_proj") == [("q", slice(0, 64)), ("k", slice(64, 96)),
                                                        ("v", slice(96, 128))]
     assert fused_parts(m, b, "mlp.gate_up_proj")[1] == ("up", slice(128, 256))
+
+
+@pytest.mark.parametrize("family,field,applied", [
+    ("gemma2", "attn_logit_softcapping", True), ("gemma2", "final_logit_softcapping", True),
+    ("gemma3", "attn_logit_softcapping", False), ("gemma3", "final_logit_softcapping", True),
+    ("gemma3_mm", "attn_logit_softcapping", False),
+    ("gemma3_mm", "final_logit_softcapping", False)])
+def test_ignored_config_is_what_transformers_ignores(family, field, applied):
+    """A soft-cap the family declares ignored does not change the logits; the others do."""
+    m = build(family)
+    cfg = facts.text_config(m)
+    ids = calib_ids(1, 8)
+
+    def set_all(v):
+        setattr(cfg, field, v)
+        for mod in m.modules():  # attention modules copy the value at construction
+            if hasattr(mod, field):
+                setattr(mod, field, v)
+        with torch.no_grad():
+            return m(ids).logits
+
+    ref = set_all(None)
+    out = set_all(0.5)
+    assert (not torch.equal(out, ref)) == applied
+    assert (field in facts.ignored_config(m)) == (not applied)

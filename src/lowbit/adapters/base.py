@@ -246,7 +246,7 @@ class Adapter:
     gates); a scale folded into the norm is multiplied into their weight columns
     (:attr:`InputGroup.readers`).
 
-    ``text_config``, ``scalars``, ``unreached``: family facts, read through
+    ``text_config``, ``scalars``, ``unreached``, ``ignores``: family facts, read through
     :mod:`lowbit.adapters.facts` (never guessed from class names elsewhere).
 
     ``fused``: the block's fused projections (:class:`Fused`). A pair's ``prev`` may name
@@ -273,6 +273,9 @@ class Adapter:
     text_config: str | None = None
     scalars: Callable[[Any], dict] | None = None
     unreached: tuple[tuple[str, str], ...] = ()
+    # config fields of the text config that the family's transformers forward does not apply
+    # (Gemma-3's attention ignores attn_logit_softcapping): lowbit.adapters.facts.ignored_config
+    ignores: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.norm is not None and self.norm not in NORM_KINDS:

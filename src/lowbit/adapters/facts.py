@@ -12,7 +12,10 @@ testing ``model_type`` or class names themselves:
 * :func:`scalars`: embedding scale, residual / attention / logits multipliers, soft-caps;
 * :func:`fused` (re-exported as :func:`lowbit.adapters.fused_projections`): fused linears;
 * :func:`unreached_modules`: submodules that text-only calibration never runs (the vision
-  tower and projector of a multimodal model), with a one-line reason each.
+  tower and projector of a multimodal model), with a one-line reason each;
+* :func:`ignored_config`: config fields set on the model that its family's forward does not
+  apply (Gemma-3's ``attn_logit_softcapping``; the multimodal class's
+  ``final_logit_softcapping``): a consumer that would apply them must refuse instead.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def norm_offset(model: nn.Module) -> float | None:
 def scalars(model: nn.Module) -> dict:
     """The family's scalars (keys of :data:`DEFAULT_SCALARS`), from :func:`text_config`:
     e.g. Gemma ``embedding_scale = sqrt(hidden_size)``; Granite its embedding, residual and
-    attention multipliers and ``logits_scale = 1 / logits_scaling``."""
+    attention multipliers and ``logits_scale = 1 / logits_scaling``. Values are the
+    config's; a field the family's forward ignores is in :func:`ignored_config`."""
     out = dict(DEFAULT_SCALARS)
     a = _adapter(model)
     if a is not None and a.scalars is not None:
@@ -106,6 +110,18 @@ def unreached_modules(model: nn.Module) -> list[tuple[str, str]]:
             continue
         out.append((path, reason))
     return out
+
+
+def ignored_config(model: nn.Module) -> dict:
+    """``{field: value}``: fields of :func:`text_config` that are set (not None) although the
+    family's transformers forward does not apply them (declared in the adapter's
+    ``ignores``); :func:`scalars` reports the config's values as they are, so a runtime or
+    exporter that would apply one of these must refuse (or skip it, and say so)."""
+    a = _adapter(model)
+    cfg = text_config(model)
+    if a is None or cfg is None:
+        return {}
+    return {f: getattr(cfg, f) for f in a.ignores if getattr(cfg, f, None) is not None}
 
 
 def unreached_patterns(model: nn.Module) -> list[str]:

@@ -5,6 +5,16 @@
 attention, the scales of the query heads sharing a value head are tied), ``up_proj ->
 down_proj``. Llama's RMSNorm scales by ``w``, Gemma's (1, 2 and 3) by ``1 + w``.
 
+Gemma-3 (``gemma3_text``) has Gemma-2's layer, but its attention ignores
+``attn_logit_softcapping`` (declared in ``ignores``). The multimodal Gemma-3 class
+(``Gemma3ForConditionalGeneration``, ``model_type`` ``"gemma3"``) has the same layer in its
+text tower (``model.language_model.layers``); its vision tower and projector are declared
+``unreached`` (text calibration never runs them) and its forward applies no soft-cap.
+
+Granite is Llama's layer with multipliers (embedding, residual, attention scale, logits,
+declared in ``scalars``): none sits between a group's norm and its linears, or inside
+``v -> o`` / ``up -> down``, so the folds stay exact (tests/algorithms/test_fused_folds.py).
+
 OLMo 2 normalises *after* attention and MLP (``post_attention_layernorm`` feeds the residual
 stream, not the MLP): no norm can absorb a scale, only the linear pairs.
 """
@@ -50,13 +60,25 @@ GEMMA = register_adapter(Adapter(
 
 GEMMA2 = register_adapter(Adapter(
     name="gemma2",
-    model_types=("gemma2", "gemma3_text"),
+    model_types=("gemma2",),
     blocks=("model.layers", "layers"),
     groups=(("input_layernorm", _ATTN), ("pre_feedforward_layernorm", _MLP)),
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
     norm="1+w",
     scalars=gemma_scalars,
+))
+
+GEMMA3 = register_adapter(Adapter(
+    name="gemma3",
+    model_types=("gemma3_text",),
+    blocks=("model.layers", "layers"),
+    groups=GEMMA2.groups,
+    pairs=_PAIRS,
+    pair_map=gqa_channel_map,
+    norm="1+w",
+    scalars=gemma_scalars,
+    ignores=("attn_logit_softcapping",),  # transformers' Gemma-3 attention does not apply it
 ))
 
 GEMMA3_MM = register_adapter(Adapter(
@@ -73,6 +95,8 @@ GEMMA3_MM = register_adapter(Adapter(
     norm="1+w",
     scalars=gemma_scalars,
     text_config="text_config",
+    # its forward applies neither soft-cap of the text config
+    ignores=("attn_logit_softcapping", "final_logit_softcapping"),
     unreached=(("model.vision_tower", "vision tower: calibration feeds text only, so it sees "
                 "no activations"),
                ("model.multi_modal_projector", "multimodal projector: calibration feeds text "
