@@ -211,3 +211,15 @@ def test_ignored_config_is_what_transformers_ignores(family, field, applied):
     out = set_all(0.5)
     assert (not torch.equal(out, ref)) == applied
     assert (field in facts.ignored_config(m)) == (not applied)
+
+
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_declared_attention_modules_are_the_ones_the_kv_cache_finds(family):
+    from lowbit.nn import find_attention_modules
+
+    m = build(family)
+    declared = [n for n, _ in facts.attention_modules(m)]
+    assert len(declared) == 2
+    assert declared == [n for n, _ in find_attention_modules(m) if n in declared]
+    assert set(declared) == {n for n, _ in find_attention_modules(m)
+                             if not n.startswith("model.vision_tower")}

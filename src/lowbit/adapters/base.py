@@ -246,7 +246,8 @@ class Adapter:
     gates); a scale folded into the norm is multiplied into their weight columns
     (:attr:`InputGroup.readers`).
 
-    ``text_config``, ``scalars``, ``unreached``, ``ignores``: family facts, read through
+    ``text_config``, ``scalars``, ``unreached``, ``ignores``, ``attention`` (the attention
+    module's path in a block, ``self_attn``; GPT-2: ``attn``): family facts, read through
     :mod:`lowbit.adapters.facts` (never guessed from class names elsewhere).
 
     ``fused``: the block's fused projections (:class:`Fused`). A pair's ``prev`` may name
@@ -276,6 +277,8 @@ class Adapter:
     # config fields of the text config that the family's transformers forward does not apply
     # (Gemma-3's attention ignores attn_logit_softcapping): lowbit.adapters.facts.ignored_config
     ignores: tuple[str, ...] = ()
+    # the attention module's path inside a block (where the KV cache is computed)
+    attention: str = "self_attn"
 
     def __post_init__(self):
         if self.norm is not None and self.norm not in NORM_KINDS:

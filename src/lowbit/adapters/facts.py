@@ -13,6 +13,7 @@ testing ``model_type`` or class names themselves:
 * :func:`fused` (re-exported as :func:`lowbit.adapters.fused_projections`): fused linears;
 * :func:`unreached_modules`: submodules that text-only calibration never runs (the vision
   tower and projector of a multimodal model), with a one-line reason each;
+* :func:`attention_modules`: each decoder block's attention module (KV cache);
 * :func:`ignored_config`: config fields set on the model that its family's forward does not
   apply (Gemma-3's ``attn_logit_softcapping``; the multimodal class's
   ``final_logit_softcapping``): a consumer that would apply them must refuse instead.
@@ -109,6 +110,28 @@ def unreached_modules(model: nn.Module) -> list[tuple[str, str]]:
         except AttributeError:
             continue
         out.append((path, reason))
+    return out
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(full name, module)]``: the attention module of each decoder block (the adapter's
+    ``attention`` path, ``self_attn`` or GPT-2's ``attn``), in block order; ``[]`` for a
+    model without a registered adapter (the generic one declares no layout)."""
+    a = _adapter(model)
+    from lowbit.adapters.generic import GenericAdapter
+
+    if a is None or isinstance(a, GenericAdapter):
+        return []
+    found = a.find_blocks(model)
+    if found is None:
+        return []
+    prefix, blocks = found
+    out = []
+    for i, b in enumerate(blocks):
+        try:
+            out.append((f"{prefix}.{i}.{a.attention}", b.get_submodule(a.attention)))
+        except AttributeError:
+            continue
     return out
 
 

@@ -25,4 +25,5 @@ GPT2 = register_adapter(Adapter(
     pairs=(("attn.c_attn:v", "attn.c_proj"),),
     norm="w",
     fused=(C_ATTN,),
+    attention="attn",
 ))
