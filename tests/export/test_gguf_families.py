@@ -17,7 +17,8 @@ import torch
 import lowbit
 from lowbit.errors import ConfigError
 from lowbit.export.base import quantized_modules
-from tests.export.tiny_tokenizers import SAMPLE, gemma_tokenizer, llama2_tokenizer
+from tests.export.tiny_tokenizers import (SAMPLE, gemma_tokenizer, llama2_tokenizer,
+                                          phi3_tokenizer)
 from tests.tiny_models import build
 
 gguf = pytest.importorskip("gguf")
@@ -276,6 +277,16 @@ def _tiny_gemma2(vocab):
     return tf.Gemma2ForCausalLM(cfg).eval()
 
 
+def _tiny_phi3(vocab):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tf.Phi3ForCausalLM(cfg).eval()
+
+
 def _check_spm_vocab(r, tok, n_vocab):
     T = gguf.TokenType
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
@@ -303,27 +314,30 @@ def _check_spm_vocab(r, tok, n_vocab):
             assert scores[i] == rank.get(text, 0.0), text
     for what, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown")):
         assert _field(r, f"tokenizer.ggml.{key}_token_id") == getattr(tok, f"{what}_token_id")
-    assert _field(r, "tokenizer.ggml.add_bos_token") is True
+    assert _field(r, "tokenizer.ggml.add_bos_token") is tok.add_bos_token
     assert _field(r, "tokenizer.ggml.add_eos_token") is False
     assert _field(r, "tokenizer.chat_template") == tok.chat_template
 
 
-@pytest.mark.parametrize("kind", ["llama2", "gemma"])
+@pytest.mark.parametrize("kind", ["llama2", "gemma", "phi3"])
 def test_sentencepiece_vocab_as_llama_cpp_converter_writes_it(tmp_path, kind):
+    """transformers' GGUF tokenizer loader picks its builder by architecture (llama: the
+    Metaspace tokenizer; gemma2: Gemma's; phi3: the legacy normalizer one)."""
     from transformers import AutoTokenizer
 
-    tok = llama2_tokenizer() if kind == "llama2" else gemma_tokenizer()
+    tok = {"llama2": llama2_tokenizer, "gemma": gemma_tokenizer, "phi3": phi3_tokenizer}[kind]()
     n_vocab = 416
-    m = _tiny_llama(n_vocab) if kind == "llama2" else _tiny_gemma2(n_vocab)
+    m = {"llama2": _tiny_llama, "gemma": _tiny_gemma2, "phi3": _tiny_phi3}[kind](n_vocab)
     r, _, out = _save(m, tmp_path / "g", tokenizer=tok)
     _check_spm_vocab(r, tok, n_vocab)
-    assert _field(r, "tokenizer.ggml.add_space_prefix") is (kind == "llama2")
+    assert _field(r, "tokenizer.ggml.add_space_prefix") is (kind != "gemma")
     if kind == "gemma":
         assert _field(r, "tokenizer.ggml.padding_token_id") == 0
         assert r.fields["tokenizer.ggml.token_type"].contents()[5] == gguf.TokenType.CONTROL
     # transformers' GGUF tokenizer loader rebuilds the same tokenizer from the file
     back = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
-    for text in (SAMPLE, " leading space", "Netherfield<start_of_turn>x", "ünïcödé 1811"):
+    for text in (SAMPLE, " leading space", "Netherfield<start_of_turn>x", "ünïcödé 1811",
+                 "a<|end|>b"):
         assert back.encode(text) == tok.encode(text), text
     msgs = [{"role": "user", "content": "Is Netherfield let?"}]
     assert back.apply_chat_template(msgs, tokenize=False) == \
@@ -385,3 +399,73 @@ def test_unigram_vocab_keeps_its_scores(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer_pre 'llama-bpe'.*default"):
         lowbit.save(_tiny_llama(32), tmp_path / "h", format="gguf", tokenizer=tok,
                     tokenizer_pre="llama-bpe")
+
+
+def _llama_cpp_spm(tokens, scores, text, space_prefix) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (``llm_tokenizer_spm`` in llama-vocab.cpp),
+    re-implemented for plain text: spaces -> ``▁`` (one prefixed when ``space_prefix``), UTF-8
+    characters merged pairwise, the highest-scoring vocabulary piece first (ties: leftmost),
+    pieces not in the vocabulary re-split along their merges, then as ``<0xNN>`` bytes."""
+    import heapq
+
+    ids = {t: i for i, t in enumerate(tokens)}
+    text = ("\u2581" if space_prefix else "") + text.replace(" ", "\u2581")
+    sym = [[c, i - 1, i + 1] for i, c in enumerate(text)]  # [text, prev, next]
+    sym[-1][2] = -1
+    queue, rev = [], {}
+
+    def bigram(left, right):
+        if left < 0 or right < 0 or sym[left][0] + sym[right][0] not in ids:
+            return
+        t = sym[left][0] + sym[right][0]
+        heapq.heappush(queue, (-scores[ids[t]], left, right, len(t)))
+        rev[t] = (sym[left][0], sym[right][0])
+
+    for i in range(1, len(sym)):
+        bigram(i - 1, i)
+    while queue:
+        _, left, right, size = heapq.heappop(queue)
+        if not sym[left][0] or not sym[right][0] or \
+                len(sym[left][0]) + len(sym[right][0]) != size:
+            continue
+        sym[left][0] += sym[right][0]
+        sym[right][0], sym[left][2] = "", sym[right][2]
+        if sym[right][2] >= 0:
+            sym[sym[right][2]][1] = left
+        bigram(sym[left][1], left)
+        bigram(left, sym[left][2])
+    out = []
+
+    def resegment(t):
+        if t in ids:
+            out.append(ids[t])
+        elif t in rev:
+            resegment(rev[t][0])
+            resegment(rev[t][1])
+        else:
+            out.extend(ids[f"<0x{b:02X}>"] for b in t.encode())
+
+    i = 0
+    while i != -1:
+        resegment(sym[i][0])
+        i = sym[i][2]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama2", "gemma", "phi3"])
+def test_llama_cpp_spm_algorithm_on_the_written_scores_gives_the_tokenizers_ids(tmp_path,
+                                                                                 kind):
+    """llama.cpp is not installed here: its SentencePiece algorithm, run on the tokens and
+    scores written, gives the ids of the tokenizer (the scores order the merges right)."""
+    tok = {"llama2": llama2_tokenizer, "gemma": gemma_tokenizer, "phi3": phi3_tokenizer}[kind]()
+    m = {"llama2": _tiny_llama, "gemma": _tiny_gemma2, "phi3": _tiny_phi3}[kind](416)
+    r, _, _ = _save(m, tmp_path / "g", tokenizer=tok)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    scores = r.fields["tokenizer.ggml.scores"].contents()
+    prefix = _field(r, "tokenizer.ggml.add_space_prefix")
+    texts = [SAMPLE, "It is a truth universally acknowledged", "ünïcödé 1811 🦙 Zq"]
+    if kind != "llama2":  # transformers' Metaspace prefixes no ▁ before a leading space,
+        texts.append("  two  spaces")  # llama.cpp (and SentencePiece) always do
+    for text in texts:
+        assert _llama_cpp_spm(tokens, scores, text, prefix) == \
+            tok.encode(text, add_special_tokens=False), text

@@ -68,6 +68,30 @@ def llama2_tokenizer(n_pieces: int = 120):
     return tok
 
 
+PHI3_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + "
+                 "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def phi3_tokenizer(n_pieces: int = 120):
+    """A Phi-3-shaped tokenizer: Llama-2's vocabulary in the legacy layout (the prefix ``▁``
+    and the spaces come from a normalizer, no pre-tokenizer), then ``<|endoftext|>``,
+    ``<|assistant|>``, ``<|end|>``, ``<|user|>`` as added special tokens; adds no BOS."""
+    from tokenizers import normalizers
+
+    tok = llama2_tokenizer(n_pieces)
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                               normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+    tok.add_special_tokens({"additional_special_tokens": [
+        "<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]},
+        replace_extra_special_tokens=False)
+    tok.add_bos_token = False
+    tok.chat_template = PHI3_TEMPLATE
+    return tok
+
+
 def gemma_tokenizer(n_pieces: int = 120):
     """A Gemma-shaped tokenizer: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3,
     ``<mask>`` 4, ``<start_of_turn>`` 5, ``<end_of_turn>`` 6, bytes, pieces; adds BOS, no
