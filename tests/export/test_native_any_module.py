@@ -81,9 +81,24 @@ class Attn(nn.Module):
 def test_multihead_attention_model(recipe, tmp_path):
     m = cnn_quantized(recipe, Attn())
     lowbit.save(m, tmp_path / "ckpt")
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert "attn.weight.codes" in stored and "attn.in_proj_weight" not in stored
     m2 = lowbit.load(tmp_path / "ckpt", model=Attn)
+    assert isinstance(m.attn, QuantMixin) and isinstance(m.attn.out_proj, QuantMixin)
     assert type(m2.attn) is type(m.attn) and type(m2.attn.out_proj) is type(m.attn.out_proj)
     assert torch.equal(m(X), m2(X)) and states(m) == states(m2)
+    # convert: out_proj (a Linear subclass) packs, the packed in_proj stays fake-quantized
+    import lowbit.runtime as rt
+
+    rep = rt.convert(m2)
+    assert set(rep.kept) == ({"attn"} if recipe == "int8" else {"attn", "patch"})  # fp8 conv
+    assert "no packed path" in rep.kept["attn"]
+    assert isinstance(m2.attn.out_proj, rt.PackedLinear)
+    with torch.no_grad():
+        ref, out = m(X), m2(X)
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
 def test_errors_name_the_module(tmp_path):
