@@ -274,9 +274,10 @@ class Adapter:
     text_config: str | None = None
     scalars: Callable[[Any], dict] | None = None
     unreached: tuple[tuple[str, str], ...] = ()
-    # config fields of the text config that the family's transformers forward does not apply
-    # (Gemma-3's attention ignores attn_logit_softcapping): lowbit.adapters.facts.ignored_config
-    ignores: tuple[str, ...] = ()
+    # ``(model_type or None for all, field)``: fields of the text config that the family's
+    # transformers forward does not apply (Gemma-3's attention ignores
+    # attn_logit_softcapping): lowbit.adapters.facts.ignored_config
+    ignores: tuple[tuple[str | None, str], ...] = ()
     # the attention module's path inside a block (where the KV cache is computed)
     attention: str = "self_attn"
 

@@ -144,7 +144,9 @@ def ignored_config(model: nn.Module) -> dict:
     cfg = text_config(model)
     if a is None or cfg is None:
         return {}
-    return {f: getattr(cfg, f) for f in a.ignores if getattr(cfg, f, None) is not None}
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    return {f: getattr(cfg, f) for t, f in a.ignores
+            if t in (None, mt) and getattr(cfg, f, None) is not None}
 
 
 def unreached_patterns(model: nn.Module) -> list[str]:

@@ -5,7 +5,7 @@
 attention, the scales of the query heads sharing a value head are tied), ``up_proj ->
 down_proj``. Llama's RMSNorm scales by ``w``, Gemma's (1, 2 and 3) by ``1 + w``.
 
-Gemma-3 (``gemma3_text``) has Gemma-2's layer, but its attention ignores
+Gemma-3 (``gemma3_text``) has Gemma-2's layer (same adapter), but its attention ignores
 ``attn_logit_softcapping`` (declared in ``ignores``). The multimodal Gemma-3 class
 (``Gemma3ForConditionalGeneration``, ``model_type`` ``"gemma3"``) has the same layer in its
 text tower (``model.language_model.layers``); its vision tower and projector are declared
@@ -60,25 +60,15 @@ GEMMA = register_adapter(Adapter(
 
 GEMMA2 = register_adapter(Adapter(
     name="gemma2",
-    model_types=("gemma2",),
+    model_types=("gemma2", "gemma3_text"),
     blocks=("model.layers", "layers"),
     groups=(("input_layernorm", _ATTN), ("pre_feedforward_layernorm", _MLP)),
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
     norm="1+w",
     scalars=gemma_scalars,
-))
-
-GEMMA3 = register_adapter(Adapter(
-    name="gemma3",
-    model_types=("gemma3_text",),
-    blocks=("model.layers", "layers"),
-    groups=GEMMA2.groups,
-    pairs=_PAIRS,
-    pair_map=gqa_channel_map,
-    norm="1+w",
-    scalars=gemma_scalars,
-    ignores=("attn_logit_softcapping",),  # transformers' Gemma-3 attention does not apply it
+    # transformers' Gemma-3 attention does not apply it
+    ignores=(("gemma3_text", "attn_logit_softcapping"),),
 ))
 
 GEMMA3_MM = register_adapter(Adapter(
@@ -86,7 +76,7 @@ GEMMA3_MM = register_adapter(Adapter(
     model_types=("gemma3",),
     # Gemma3ForConditionalGeneration (transformers 5): model.language_model is the text tower
     # (Gemma3TextModel); model.vision_tower (SigLIP) and model.multi_modal_projector see no
-    # activations when calibration feeds text only (lowbit.adapters.facts.side_towers)
+    # activations when calibration feeds text only (declared in ``unreached``)
     blocks=("model.language_model.layers", "language_model.layers",
             "language_model.model.layers"),
     groups=GEMMA2.groups,
@@ -96,7 +86,7 @@ GEMMA3_MM = register_adapter(Adapter(
     scalars=gemma_scalars,
     text_config="text_config",
     # its forward applies neither soft-cap of the text config
-    ignores=("attn_logit_softcapping", "final_logit_softcapping"),
+    ignores=((None, "attn_logit_softcapping"), (None, "final_logit_softcapping")),
     unreached=(("model.vision_tower", "vision tower: calibration feeds text only, so it sees "
                 "no activations"),
                ("model.multi_modal_projector", "multimodal projector: calibration feeds text "
