@@ -132,3 +132,33 @@ def test_slow_vision_models(name, recipe, tmp_path):
         _deep_ok(got, fq, ref)
     else:
         assert np.abs(got - fq).max() <= EXACT * float(np.abs(fq).max())
+
+
+class _Attn(torch.nn.Module):
+    """Sequence-first self-attention returning its weights (nn.MultiheadAttention's
+    defaults), then cross-attention to a memory."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.self_attn = torch.nn.MultiheadAttention(32, 4)
+        self.cross = torch.nn.MultiheadAttention(32, 4)
+
+    def forward(self, x, mem):
+        y, w = self.self_attn(x, x, x)
+        z, _ = self.cross(y, mem, mem, need_weights=False)
+        return z + w.sum(-1).transpose(0, 1).unsqueeze(-1)
+
+
+def test_mha_defaults_and_cross_attention_export_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, mem = torch.randn(5, 2, 32, generator=g), torch.randn(7, 2, 32, generator=g)
+    model = _Attn().eval()
+    lowbit.quantize(model, "int8", forward_loop=lambda m: m(torch.randn(5, 2, 32),
+                                                            torch.randn(7, 2, 32)))
+    with torch.no_grad():
+        fq = model(x, mem).numpy()
+    out = lowbit.save(model, tmp_path / "onnx", format="onnx", example_inputs=(x, mem))
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), (x, mem))})[0]
+    assert np.abs(got - fq).max() <= EXACT * float(np.abs(fq).max())
