@@ -12,7 +12,14 @@ def build(family: str, dtype=torch.float32):
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB)
-    if family == "llama":
+    if family == "llama2_sp":
+        # Llama with room for a tiny Llama-2-shaped SentencePiece vocabulary
+        # (tests/export/tiny_tokenizers.llama2_tokenizer: 379 tokens, padded to 416)
+        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, vocab_size=416,
+                             bos_token_id=1, eos_token_id=2)
+        m = tf.LlamaForCausalLM(cfg)
+    elif family == "llama":
         cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, **common)
         m = tf.LlamaForCausalLM(cfg)
