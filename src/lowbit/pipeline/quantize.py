@@ -32,7 +32,7 @@ def _forward_loop_from(calib_data: Any) -> Callable[[nn.Module], None]:
 
 
 def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=None,
-              calibrate_all_experts: bool = False) -> int:
+              calibrate_all_experts: bool = False, released: list | None = None) -> int:
     """Run ``forward_loop(model)`` with every static quantizer observing; returns how many
     quantizers were calibrated. Weights stay in full precision while activations are observed.
 
@@ -44,7 +44,14 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=N
     (``routed_tokens``); ``calibrate_all_experts``: every token also passes through every
     expert (statistics only); else an expert's static input quantizer that no token reached
     takes the largest amax of the other experts of its block (stated in the report).
+
+    Towers the model's adapter declares unreached by text calibration
+    (:func:`lowbit.adapters.facts.unreached_modules`, e.g. Gemma-3's vision tower): a module
+    there whose static quantizers saw no data goes back to float instead of raising
+    (:mod:`lowbit.pipeline.unreached`); one row per such module is appended to ``released``.
+    A quantizer anywhere else that saw no data is a :class:`CalibrationError`.
     """
+    from lowbit.pipeline import unreached
     from lowbit.pipeline.distributed import current
     from lowbit.pipeline.moe import all_experts, experts_modules, finish_calibration, tracking
 
@@ -71,7 +78,11 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=N
                     q.calibrator.all_reduce(comm.group)
             for m in experts_modules(model).values():
                 comm.sum_(m.routed_tokens)
-        finish_calibration(todo, model)
+        spare = unreached.starving(model, todo)
+        finish_calibration([q for q in todo if id(q) not in spare], model)
+        rows = unreached.release(model, spare)
+        if released is not None:
+            released.extend(rows)
     finally:
         for q in saved.values():
             q.enable()
@@ -121,7 +132,9 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
     modules, MoE routers left in float, group-size fallbacks, KV-cache attachment, times,
     ``experts`` (MoE: tokens routed to each expert in calibration and the fallback of each
-    expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`) and ``coverage``: the
+    expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`), ``unreached`` (towers
+    the adapter declares text calibration never runs, e.g. Gemma-3's vision tower: what
+    happened to each, :mod:`lowbit.pipeline.unreached`) and ``coverage``: the
     quantized share of the weights and why every other weight parameter is not; :func:`lowbit.print_summary` prints it). Warnings (ConfigError with
     ``strict: true`` in the recipe): a recipe targeting every linear that leaves more than 2%
     of the non-embedding weights with no quantized class; recipe group sizes that fell back
@@ -168,13 +181,17 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
                    progress=progress, comm=comm, moe_all=moe_all,
                    moe_min_tokens=recipe.moe_min_tokens)
     needs = any(q.needs_calibration and q.amax is None for _, q in quantizers(model))
+    released: list[dict] = []
     if needs:
         if forward_loop is None:
             raise CalibrationError(
                 f"recipe {recipe.name} has static activation quantizers: pass forward_loop= "
                 "or calib_data= (or use a dynamic or weight-only recipe)"
             )
-        calibrate(model, forward_loop, comm, calibrate_all_experts=moe_all)
+        calibrate(model, forward_loop, comm, calibrate_all_experts=moe_all, released=released)
+    from lowbit.pipeline.unreached import update_report
+
+    update_report(model, report, recipe, released)
     if moe:
         report.experts = expert_rows(model, moe_all, recipe.moe_min_tokens)
     report.seconds = time.perf_counter() - t0
