@@ -113,6 +113,19 @@ def tokenizer(family: str):
     return getattr(tiny_tokenizers, TOKENIZERS[family])()
 
 
+def recipe_for(model: torch.nn.Module, preset: str, overrides: dict):
+    """The preset with the matrix's group size and ``overrides``; for a multimodal model,
+    tested as its text tower, the towers text calibration never reaches excluded, as
+    lowbit documents it (``lowbit.adapters.facts.unreached_patterns``; without that, a
+    static recipe is refused with a CalibrationError naming the vision tower)."""
+    from lowbit import recipes
+    from lowbit.adapters import facts
+
+    r = recipes.load(preset, **_group(preset), **overrides)
+    towers = facts.unreached_patterns(model)
+    return recipes.load(r, exclude=[*r.exclude, *towers]) if towers else r
+
+
 def quantized(family: str, key: str) -> torch.nn.Module:
     """The family's model quantized with ``RECIPES[key]`` (cached; the exception it raised
     is re-raised on every call)."""
@@ -122,8 +135,7 @@ def quantized(family: str, key: str) -> torch.nn.Module:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                lowbit.quantize(m, preset, forward_loop=loop_over(CALIB), **_group(preset),
-                                **kw)
+                lowbit.quantize(m, recipe_for(m, preset, kw), forward_loop=loop_over(CALIB))
             _QUANT[(family, key)] = m
         except Exception as e:  # noqa: BLE001 - stored, re-raised to each cell
             _QUANT[(family, key)] = e
@@ -411,8 +423,9 @@ def check_native(family: str) -> None:
 
 def check_fast(family: str) -> None:
     """int4-gptq, packed (``lowbit.runtime.convert``) -> FastDecoder: prompt logits within
-    FAST_TOL (relative) of the model's forward; greedy tokens equal ``generate``'s (a
-    difference only at a near-tie of generate's logits, < 1e-3 relative, is accepted)."""
+    FAST_TOL (relative) of the model's forward; greedy tokens equal ``generate``'s, up to
+    where generate stops at the model's EOS token (a difference only at a near-tie of
+    generate's logits, < 1e-3 relative, is accepted)."""
     import lowbit.runtime as rt
     from lowbit.runtime import FastDecoder
 
@@ -426,10 +439,12 @@ def check_fast(family: str) -> None:
         if _rel(dec.forward(IDS[0], 0, all_logits=True), ref) > FAST_TOL:
             raise Mismatch(f"FastDecoder's logits differ from the model's beyond {FAST_TOL:g}")
         g = m.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=NEW_TOKENS,
-                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                       output_logits=True, return_dict_in_generate=True)
-        ours = dec.generate(IDS, NEW_TOKENS)[0, IDS.shape[1]:]
-        new = g.sequences[0, IDS.shape[1]:]
+                       do_sample=False, pad_token_id=0, output_logits=True,
+                       return_dict_in_generate=True)
+        new = g.sequences[0, IDS.shape[1]:]  # up to generate's own stop at an EOS token
+        ours = dec.generate(IDS, NEW_TOKENS)[0, IDS.shape[1]:][:len(new)]
+        if len(ours) != len(new):
+            raise Mismatch(f"FastDecoder gave {len(ours)} tokens, generate {len(new)}")
         diff = (ours != new).nonzero()
         if len(diff):
             j = int(diff[0])
@@ -512,7 +527,13 @@ def run_cell(family: str, path: str) -> str:
             return f"n/a: {ENGINE_GAPS[(family, path)]}"
         if isinstance(e, Mismatch):
             return f"FAIL: {first_line(e)}"
-        return f"FAIL: {type(e).__name__}: {first_line(e)}"
+        line = f"FAIL: {type(e).__name__}: {first_line(e)}"
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if root is not e:
+            line += f" (cause: {type(root).__name__}: {first_line(root)})"
+        return line
 
 
 NOTES = {
@@ -521,8 +542,9 @@ NOTES = {
                  "(`tests/export/tiny_tokenizers.py`, vocabulary 416) written into the GGUF",
     "gemma2": "attention scale 1/sqrt(head_dim) as released",
     "gemma3": "the text-only class, attention scale 1/sqrt(head_dim) as released",
-    "gemma3_mm": "the multimodal class (model_type gemma3): its text tower, a tiny SigLIP "
-                 "vision tower beside it; calibration is text only",
+    "gemma3_mm": "the multimodal class: its text tower (a tiny SigLIP vision tower and the "
+                 "projector beside it, excluded as `lowbit.adapters.facts.unreached_patterns` "
+                 "gives them: calibration is text only)",
     "phi3": "Phi-3 and Phi-4 (one model type)",
 }
 

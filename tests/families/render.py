@@ -42,7 +42,9 @@ Outcomes:
   into *yes* the day the engine can);
 * **FAIL**: any other error, or a reader that computes something else than lowbit: a bug.
 
-Regenerate with `python -m tests.families.render` (or check with `--check`).
+GGUF files are read back with the `gguf` package and transformers' GGUF loader; llama.cpp
+itself (`llama-cpp-python`) runs them in `tests/export/test_gguf.py` where it is installed,
+not here. Regenerate with `python -m tests.families.render` (or check with `--check`).
 """
 
 MARK = {"yes": "yes", "refused": "refused", "n/a": "n/a", "FAIL": "**FAIL**"}
