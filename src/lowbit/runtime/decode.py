@@ -22,7 +22,9 @@ the kernel allows it; packed int4 layers need their group scales contiguous, so 
 copied (:meth:`FastDecoder.extra_nbytes`: 4.4 MB, 3.7% of SmolLM2-135M's int4 g64 packed
 bytes).
 
-Supported ``model_type`` (:data:`SUPPORTED`): ``llama``, ``mistral``, ``qwen2`` and
+Supported families (:data:`SUPPORTED`: the names of their adapters,
+:func:`lowbit.adapters.family`; a model is recognised by its adapter, never by class
+names), by ``model_type``: ``llama``, ``mistral``, ``qwen2`` and
 ``phi3`` run the Llama step above (Phi-3's fused ``qkv_proj``/``gate_up_proj`` are one
 matmul each already, split as its adapter declares); ``qwen3`` (q/k norms), ``gemma2``,
 ``gemma3_text`` and ``gemma3`` (the multimodal class's text tower, on text ids: ``1 + w``
@@ -42,16 +44,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.adapters import get_adapter, is_norm, norm_kind
+from lowbit.adapters import facts, family, fused_parts, get_adapter, is_norm, norm_kind, \
+    registered
 from lowbit.errors import ConfigError
 from lowbit.hardware import fell_back, took_hardware
 from lowbit.runtime.decode_families import attend, build_plan, make_norm, rotate, text_parts
 from lowbit.runtime.packed import PackedLinear
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3",
-             "granite", "olmo2")
+#: adapter families (:func:`lowbit.adapters.family`) FastDecoder runs; the model types they
+#: serve are the adapters' own (:func:`supported_model_types`)
+SUPPORTED = ("llama", "gemma2", "gemma3_mm", "phi3", "granite", "olmo2")
 FUSED_PATH = "runtime.fused_linear"  # name in lowbit.hardware.hardware_path_report()
 _GQA_KWARG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def supported_model_types() -> list[str]:
+    """``config.model_type`` values of the :data:`SUPPORTED` families, as their adapters
+    declare them (``llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3, ...``)."""
+    by_name = {a.name: a for a in registered()}
+    return [t for f in SUPPORTED for t in by_name[f].model_types]
 
 
 # --- fused projections ----------------------------------------------------------------------
@@ -223,16 +234,12 @@ class _Layer:
                  "n_in", "n_pa", "n_mlp", "n_pm", "qk", "qn", "kn", "win", "rk", "plain")
 
 
-def _fused_one(model, blk, name: str, want: tuple[str, ...], sizes: list[int], cfg):
+def _fused_one(model, blk, name: str, want: tuple[str, ...], sizes: list[int]):
     """A fused projection of the block (Phi-3's ``qkv_proj``/``gate_up_proj``) as one
-    :class:`FusedLinear`, its layout read from the family's adapter declaration."""
-    a = get_adapter(model)
-    decl = a.fused_decl(name) if hasattr(a, "fused_decl") else None
-    if decl is None:
-        raise ConfigError(f"{name} is a fused projection that {a.name if a else 'no'} "
-                          f"adapter declares; FastDecoder cannot split it")
+    :class:`FusedLinear`, its layout read from the family's adapter declaration
+    (:func:`lowbit.adapters.fused_parts`)."""
     mod = blk.get_submodule(name)
-    parts = decl.slices(cfg)
+    parts = fused_parts(model, blk, name)
     got = tuple(p for p, _ in parts)
     widths = [sl.stop - sl.start for _, sl in parts]
     if got != want or widths != sizes or sum(widths) != mod.out_features:
@@ -256,18 +263,20 @@ class FastDecoder:
     """
 
     def __init__(self, model: nn.Module, fuse: bool = True):
-        mt = getattr(model.config, "model_type", None)
-        if mt not in SUPPORTED:
-            raise ConfigError(f"FastDecoder supports model_type {', '.join(SUPPORTED)}; got "
-                              f"{mt!r} (use the model's own generate)")
+        if family(model) not in SUPPORTED:
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            raise ConfigError(f"FastDecoder supports model_type "
+                              f"{', '.join(supported_model_types())}; got {mt!r} (use the "
+                              f"model's own generate)")
         cfg, base, lm_head = text_parts(model)
         self.model = model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.head_dim = facts.head_dim(cfg)
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         self.qkv_sizes = [nh * hd, nkv * hd, nkv * hd]
-        self.plan = build_plan(model, hd, base is not getattr(model, "model", None))
+        self._fused = {f.name for f in facts.fused(model)}
+        self.plan = build_plan(model, hd, get_adapter(model).text_config is not None)
         self.embed = base.embed_tokens
         self.dtype = self.embed.weight.dtype
         self.lm_head = lm_head
@@ -351,16 +360,16 @@ class FastDecoder:
                 raise ConfigError(f"layer {i}: q_norm/k_norm of widths {wq}/{wk} are neither "
                                   f"per head ({hd}) nor per projection ({nh * hd}/{nkv * hd})")
             L.qn, L.kn = norm(qn, f"layer {i} q_norm"), norm(kn, f"layer {i} k_norm")
-        if hasattr(a, "qkv_proj"):
+        if "self_attn.qkv_proj" in self._fused:
             L.qkv = _fused_one(model, blk, "self_attn.qkv_proj", ("q", "k", "v"),
-                               self.qkv_sizes, self.plan.cfg)
+                               self.qkv_sizes)
         else:
             qkv = [a.q_proj, a.k_proj, a.v_proj]
             L.qkv = fuse_linears(qkv) if fuse else FusedLinear("split", [], parts=qkv)
-        if hasattr(mlp, "gate_up_proj"):
+        if "mlp.gate_up_proj" in self._fused:
             inter = getattr(self.plan.cfg, "intermediate_size", None)
             L.gate_up = _fused_one(model, blk, "mlp.gate_up_proj", ("gate", "up"),
-                                   [inter, inter], self.plan.cfg)
+                                   [inter, inter])
         else:
             gu = [mlp.gate_proj, mlp.up_proj]
             L.gate_up = fuse_linears(gu) if fuse else FusedLinear("split", [], parts=gu)

@@ -146,18 +146,22 @@ class Plan:
 
 
 def text_parts(model: nn.Module):
-    """``(config, base model, lm_head)``: the causal LM's, or the text tower's of a
-    multimodal model (``model.model.language_model``, ``model.lm_head``)."""
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
-    if lm is not None and hasattr(lm, "layers") and hasattr(model, "lm_head"):
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-            else model.config.text_config
-        return cfg, lm, model.lm_head
-    if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
-        raise ConfigError(f"FastDecoder needs a causal LM with model.layers and lm_head; got "
+    """``(config, base model, lm_head)``: the config of the decoder blocks
+    (:func:`lowbit.adapters.facts.text_config`: a multimodal model's text config), the module
+    holding the blocks the adapter finds (``model.model``; the text tower
+    ``model.model.language_model`` of a multimodal model) and ``model.lm_head``."""
+    from lowbit.adapters import facts, get_adapter
+
+    a = get_adapter(model)
+    found = a.find_blocks(model) if a is not None else None
+    prefix = found[0].rpartition(".")[0] if found is not None else None
+    base = model.get_submodule(prefix) if prefix else None
+    if base is None or getattr(base, "layers", None) is not found[1] or \
+            not hasattr(base, "embed_tokens") or not hasattr(model, "lm_head"):
+        raise ConfigError(f"FastDecoder needs a causal LM whose adapter finds its blocks at "
+                          f"<base>.layers beside <base>.embed_tokens, and an lm_head; got "
                           f"{type(model).__name__}")
-    return model.config, inner, model.lm_head
+    return facts.text_config(model), base, model.lm_head
 
 
 def embed_multiplier(embed: nn.Module, scale: float, name: str) -> float | None:
@@ -188,10 +192,9 @@ def build_plan(model: nn.Module, head_dim: int, multimodal: bool) -> Plan:
     Scalars (embedding scale, multipliers, attention scale, soft-caps) are the family's
     declared facts (:func:`lowbit.adapters.facts.scalars`); the rest is read from the
     config and checked against the modules."""
-    from lowbit.adapters import facts
+    from lowbit.adapters import facts, family, is_norm
 
     cfg, base, lm_head = text_parts(model)
-    mt = getattr(cfg, "model_type", None)
     p = Plan(base=base, lm_head=lm_head, cfg=cfg)
     act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
     if act not in _ACTS:
@@ -204,14 +207,13 @@ def build_plan(model: nn.Module, head_dim: int, multimodal: bool) -> Plan:
     p.default_scale = sc["attention_scale"] is None
     p.scale = head_dim ** -0.5 if p.default_scale else float(sc["attention_scale"])
     p.attn_softcap, p.final_softcap = sc["attn_logit_softcap"], sc["final_logit_softcap"]
-    if mt == "gemma3_text" and p.attn_softcap is not None:
-        raise ConfigError("attn_logit_softcapping is set on a Gemma-3 config, which "
-                          "transformers' Gemma-3 attention does not apply; FastDecoder will "
-                          "not guess (unset it)")
-    if multimodal and p.final_softcap is not None:
-        raise ConfigError("final_logit_softcapping is set on the text config of a multimodal "
-                          f"model ({type(model).__name__}), whose forward does not apply it; "
-                          "FastDecoder will not guess (unset it)")
+    ignored = facts.ignored_config(model)
+    if ignored:
+        where = (f"the text config of a multimodal model ({type(model).__name__})"
+                 if multimodal else f"a {cfg.model_type} config")
+        raise ConfigError(f"{', '.join(f'{k} ({v})' for k, v in ignored.items())} set on {where}"
+                          f", whose transformers forward does not apply it (declared by "
+                          f"adapter {family(model)}); FastDecoder will not guess (unset it)")
     p.embed_mult = embed_multiplier(base.embed_tokens, float(sc["embedding_scale"]),
                                     "embed_tokens")
     p.resid_mult = None if sc["residual_multiplier"] == 1.0 else float(sc["residual_multiplier"])
@@ -239,8 +241,7 @@ def build_plan(model: nn.Module, head_dim: int, multimodal: bool) -> Plan:
         if hasattr(a, "sliding_window") and a.sliding_window != p.windows[i]:
             raise ConfigError(f"layer {i}: the attention's sliding_window is "
                               f"{a.sliding_window}, the config gives {p.windows[i]}")
-        extra = sorted(c for c, m in a.named_children()
-                       if c not in _ATTN_PARTS and "norm" in type(m).__name__.lower())
+        extra = sorted(c for c, m in a.named_children() if c not in _ATTN_PARTS and is_norm(m))
         if extra:
             raise ConfigError(f"layer {i}: FastDecoder does not know the attention's "
                               f"{', '.join(extra)}")
