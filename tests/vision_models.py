@@ -12,9 +12,12 @@
 torchvision on PyPI is built against CUDA torch: with the CPU torch wheel its ``_C``
 extension does not load, and torchvision 0.28's ``_meta_registrations`` then fails at import
 ("operator torchvision::nms does not exist") because its ``register_fake`` for ``nms`` and
-``qnms`` is not guarded by ``_has_ops()``. :func:`torchvision_or_skip` then declares the two
-operator schemas (no kernels: detection ops would fail, classification models never call
-them) and imports again. Only test code does this.
+``qnms`` is not guarded by ``_has_ops()``; transformers, which imports torchvision whenever
+it is installed, then fails too, so ``make setup`` uninstalls such a torchvision and these
+tests skip. Where one is importable anyway (on ``PYTHONPATH``, e.g. ``pip install --no-deps
+--target DIR torchvision==0.28.0``), :func:`torchvision_or_skip` declares the two operator
+schemas (no kernels: detection ops would fail, classifiers never call them) and imports
+again. Only test code does this.
 """
 
 from __future__ import annotations
@@ -121,8 +124,8 @@ def torchvision_or_skip():
         import torchvision
         return torchvision
     except ImportError:
-        _TV_REASON = ("torchvision is not installed (optional extra `vision`: "
-                      "pip install -c .venv/constraints.txt -e '.[vision]')")
+        _TV_REASON = ("torchvision is not installed (optional extra `vision`; `make setup` "
+                      "keeps it only when it imports: PyPI's build needs CUDA torch)")
     except RuntimeError as e:
         if "torchvision::" not in str(e):
             raise
