@@ -63,18 +63,35 @@ def head_dim(config) -> int:
 def rotary_dim(config) -> int:
     """Dimensions of each head that the rotary embedding turns: ``head_dim *
     partial_rotary_factor`` (from ``config.rope_parameters``, else the config attribute;
-    1.0 when neither says)."""
+    1.0 when neither says; per layer type, Gemma-3's: the ``full_attention`` entry)."""
     rp = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rp.get("full_attention"), dict):  # per layer type (Gemma-3): the global one
+        rp = rp["full_attention"]
     f = rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
     return int(head_dim(config) * (1.0 if f is None else float(f)))
 
 
-def norm_offset(model: nn.Module) -> float | None:
-    """0.0 (norms scale by ``w``) or 1.0 (``1 + w``) as ``model``'s family declares it; None
-    when the family does not declare it (measure a module with
-    :func:`lowbit.adapters.norm_offset`)."""
+def norm_offset(model: nn.Module, measure: bool = False) -> float | None:
+    """0.0 (norms scale by ``w``) or 1.0 (``1 + w``) as ``model``'s family declares it; when
+    the family does not declare it: None, or with ``measure`` the kind of the first norm of
+    the first decoder block, by behaviour (:func:`lowbit.adapters.norm_offset`; a
+    :class:`~lowbit.errors.ConfigError` when there is none)."""
     a = _adapter(model)
-    return NORM_KINDS[a.norm] if a is not None and a.norm is not None else None
+    if a is not None and a.norm is not None:
+        return NORM_KINDS[a.norm]
+    if not measure:
+        return None
+    from lowbit.adapters.base import is_norm
+    from lowbit.adapters.norms import norm_offset as measured
+    from lowbit.errors import ConfigError
+
+    found = a.find_blocks(model) if a is not None else None
+    norm = None if found is None else \
+        next(((n, m) for n, m in found[1][0].named_modules() if is_norm(m)), None)
+    if norm is None:
+        raise ConfigError(f"{type(model).__name__}: its family declares no norm kind and no "
+                          "norm was found in its first decoder block to measure")
+    return measured(norm[1], name=f"{found[0]}.0.{norm[0]}")
 
 
 def scalars(model: nn.Module) -> dict:

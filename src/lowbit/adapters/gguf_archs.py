@@ -7,8 +7,9 @@ architecture (so that the exporter can refuse a model llama.cpp would run differ
 
 * ``llama`` (Llama, Mistral): q/k rows permuted to llama.cpp's rotary layout;
 * ``qwen2``/``qwen3``: no permutation (NeoX rotary), q/k norms as they are;
-* ``gemma2``/``gemma3``: every RMSNorm computes ``x * (1 + w)``; llama.cpp's converter writes
-  ``w + 1`` and llama.cpp multiplies by it; llama.cpp scales the token embeddings by
+* ``gemma2``/``gemma3``: every RMSNorm computes ``x * (1 + w)`` (the adapter's declared norm
+  kind ``"1+w"``, :func:`lowbit.adapters.facts.norm_offset`: not declared again here);
+  llama.cpp's converter writes ``w + 1`` and llama.cpp multiplies by it; llama.cpp scales the token embeddings by
   ``sqrt(n_embd)`` itself (the file holds them unscaled, as the checkpoint does); the output
   layer is always the token embedding (no ``output.weight``); the attention scale is
   ``1/sqrt(head_dim)`` (``1/sqrt(n_embd/n_head)`` for the 27B models, picked by layer count), so
@@ -40,12 +41,15 @@ class GgufArch:
     """One dense family as llama.cpp runs it.
 
     ``arch``: the ``gguf.MODEL_ARCH`` member name. ``permute_qk``: q/k rows (weights and
-    biases) reordered for llama.cpp's rotary layout. ``norm_plus_one``: the model's RMSNorms
-    multiply by ``1 + w``; the file stores ``w + 1`` (state-dict keys ending ``norm.weight``,
-    the converter's rule). ``embedding_scale_in_engine``: llama.cpp multiplies the token
+    biases) reordered for llama.cpp's rotary layout. (Norms that multiply by ``1 + w`` are
+    the adapter's declaration, :func:`lowbit.adapters.facts.norm_offset`; the file stores
+    ``w + 1`` for state-dict keys ending ``norm.weight``, the converter's rule.)
+    ``embedding_scale_in_engine``: llama.cpp multiplies the token
     embeddings by ``sqrt(hidden_size)`` itself. ``output_is_embedding``: llama.cpp has no
     separate output layer for the architecture (a quantized or untied ``lm_head`` is refused).
-    ``softcaps``: config fields written as ``{arch}.<field>`` (GGUFWriter ``add_<field>``);
+    ``softcaps``: config fields written as ``{arch}.<field>`` (GGUFWriter ``add_<field>``;
+    one the family's transformers forward ignores, :func:`lowbit.adapters.facts.ignored_config`,
+    is refused: the multimodal Gemma-3's ``final_logit_softcapping``);
     ``no_softcaps``: config fields llama.cpp's architecture has no place for (refused when
     set); ``softcaps_required``: llama.cpp applies its defaults (50, 30) when the file has
     none, so a config without them is refused. ``swa_period``: llama.cpp's hard-coded
@@ -67,7 +71,6 @@ class GgufArch:
 
     arch: str
     permute_qk: bool = False
-    norm_plus_one: bool = False
     embedding_scale_in_engine: bool = False
     output_is_embedding: bool = False
     softcaps: tuple[str, ...] = ()
@@ -87,11 +90,11 @@ class GgufArch:
     other_towers: tuple[str, ...] = ()
 
 
-_GEMMA2 = GgufArch("GEMMA2", norm_plus_one=True, embedding_scale_in_engine=True,
+_GEMMA2 = GgufArch("GEMMA2", embedding_scale_in_engine=True,
                    output_is_embedding=True,
                    softcaps=("attn_logit_softcapping", "final_logit_softcapping"),
                    softcaps_required=True, swa_period=2, gemma_attn_scale=True, big_layers=(46,))
-_GEMMA3 = GgufArch("GEMMA3", norm_plus_one=True, embedding_scale_in_engine=True,
+_GEMMA3 = GgufArch("GEMMA3", embedding_scale_in_engine=True,
                    output_is_embedding=True, softcaps=("final_logit_softcapping",),
                    no_softcaps=("attn_logit_softcapping",), swa_period=6,
                    swa_rope_theta=10000.0, gemma_attn_scale=True, big_layers=(62,))

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.adapters import facts, family
 from lowbit.adapters.gguf_archs import GGUF_ARCHS, GgufArch
 from lowbit.adapters.moe_export import GGUF_MOE_ARCHS
 from lowbit.errors import ConfigError
@@ -120,9 +121,9 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
         raise ConfigError(f"GGUF export supports model types {', '.join(ARCHS)} and the MoE "
                           f"families {', '.join(GGUF_MOE_ARCHS)}; got {cfg.model_type!r}")
     mcfg = cfg
-    if arch.text_prefix is not None:  # a multimodal class: its text tower, as llama.cpp runs it
-        cfg = cfg.text_config
+    cfg = facts.text_config(model)  # a multimodal class: its text tower, as llama.cpp runs it
     _check_family(arch, cfg)
+    _check_ignored(model, arch)
     _warn_activation_quantizers(model)
     tensors = _tensors(model, cfg, arch, float_type, emb_type, allow_requantize,
                        requantize_type)
@@ -160,7 +161,7 @@ def _check_family(arch: GgufArch, cfg) -> None:
                           f"and uses hidden_size / num_attention_heads = "
                           f"{cfg.hidden_size // cfg.num_attention_heads}")
     if arch.gemma_attn_scale:
-        hd = _head_dim(cfg)
+        hd = facts.head_dim(cfg)
         want = cfg.hidden_size // cfg.num_attention_heads \
             if cfg.num_hidden_layers in arch.big_layers else hd
         got = getattr(cfg, "query_pre_attn_scalar", None)
@@ -187,6 +188,19 @@ def _check_family(arch: GgufArch, cfg) -> None:
                                   f"{arch.swa_rope_theta}")
 
 
+def _check_ignored(model: nn.Module, arch: GgufArch) -> None:
+    """ConfigError for a soft-cap the file would carry (llama.cpp applies it) that the
+    family's transformers forward ignores (:func:`lowbit.adapters.facts.ignored_config`:
+    the multimodal Gemma-3's ``final_logit_softcapping``): the two would disagree."""
+    ignored = facts.ignored_config(model)
+    for f in arch.softcaps:
+        if f in ignored:
+            raise ConfigError(f"GGUF export ({arch.arch.lower()}): config.{f} = {ignored[f]} "
+                              f"is set, but {type(model).__name__}'s transformers forward "
+                              f"does not apply it (declared by adapter {family(model)}), while "
+                              f"llama.cpp would; unset it to export what transformers runs")
+
+
 def _warn_activation_quantizers(model: nn.Module) -> None:
     names = [n for n, q in quantizers(model) if q.role != "weight" and q.is_enabled]
     if names:
@@ -207,6 +221,8 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
     import gguf
 
     n_layers = cfg.num_hidden_layers
+    # the family's norms scale by 1 + w (the adapter's declaration; measured when undeclared)
+    plus_one = facts.norm_offset(model, measure=True) == 1.0
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.arch), n_layers)
     modules = dict(model.named_modules())
     tied = _is_tied(model, cfg)
@@ -281,7 +297,7 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
             data = data.t()  # Conv1D [in, out] -> [out, in]
         if rows is not None:
             data = data[rows]
-        if arch.norm_plus_one and hf_key.endswith("norm.weight"):
+        if plus_one and hf_key.endswith("norm.weight"):
             data = data + 1.0  # the model computes x * (1 + w); llama.cpp x * w
         if data.ndim < 2:
             out.append((gname, data.numpy().astype(np.float32), None))
@@ -353,10 +369,6 @@ def _rope_parameters(cfg) -> dict:
     return rp
 
 
-def _head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def _rope_tensors(cfg) -> list:
     """llama3-style rope scaling becomes a ``rope_freqs`` tensor (as convert_hf_to_gguf)."""
     import math
@@ -366,7 +378,7 @@ def _rope_tensors(cfg) -> list:
     if rtype in ("longrope", "su"):  # Phi-3: per-dimension factors, as convert_hf_to_gguf
         import gguf
 
-        rot = int(_head_dim(cfg) * float(rp.get("partial_rotary_factor", 1.0)))
+        rot = facts.rotary_dim(cfg)
         out = []
         for which, kind in (("long_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
                             ("short_factor", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
@@ -378,7 +390,7 @@ def _rope_tensors(cfg) -> list:
         return out
     if rtype != "llama3":
         return []
-    base, dim = rp.get("rope_theta", 10000.0), _head_dim(cfg)
+    base, dim = rp.get("rope_theta", 10000.0), facts.head_dim(cfg)
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor = rp.get("factor", 8.0)
     lo, hi = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
@@ -433,7 +445,7 @@ def _write_hparams(w, model, mcfg, cfg, arch: GgufArch, name, file_type) -> None
         w.add_head_count(cfg.num_attention_heads)
         w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or
                             cfg.num_attention_heads)
-        hd = _head_dim(cfg)
+        hd = facts.head_dim(cfg)
         w.add_key_length(hd)
         w.add_value_length(hd)
         rtype = _write_rope(w, cfg, arch)
@@ -460,10 +472,8 @@ def _write_rope(w, cfg, arch: GgufArch) -> str:
     """Rotary hyperparameters; returns the rope type."""
     import gguf
 
-    hd = _head_dim(cfg)
     rp = _rope_parameters(cfg)
-    partial = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
-    w.add_rope_dimension_count(int(hd * float(partial)) if partial is not None else hd)
+    w.add_rope_dimension_count(facts.rotary_dim(cfg))
     w.add_rope_freq_base(float(rp.get("rope_theta", 10000.0)))
     rtype = str(rp.get("rope_type", rp.get("type", "default"))).lower()
     if rtype == "linear":
