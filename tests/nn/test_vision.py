@@ -281,3 +281,19 @@ def test_vit_b_16_int8_coverage():
     assert cov.body_share >= 0.99 and cov.share >= 0.99, cov.line()
     attn = model.encoder.layers[11].self_attention
     assert isinstance(attn, QuantMultiheadAttention) and attn.input_quantizer.amax is not None
+
+
+def test_quantized_vit_pickles_and_deep_copies():
+    """torch.save(model) pickles classes by name: the Linear-subclass class made at run time
+    pickles through its base class (and is made again when unpickled)."""
+    import pickle
+
+    model = TinyViT().eval()
+    lowbit.quantize(model, "int8", forward_loop=calib_loop())
+    x = images(2)
+    with torch.no_grad():
+        want = model(x)
+        for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            out_proj = other.blocks[0].attn.out_proj
+            assert type(out_proj).__name__ == "QuantNonDynamicallyQuantizableLinear"
+            assert torch.equal(other(x), want)

@@ -162,9 +162,21 @@ def linear_subclass_class(cls: type) -> type | None:
     if q is None:
         q = type(f"Quant{cls.__name__}", (QuantLinear, cls),
                  {"__doc__": f"``{cls.__qualname__}`` with quantizers (see QuantLinear).",
-                  "__module__": __name__})
+                  "__module__": __name__, "_lowbit_base": cls,
+                  "__reduce_ex__": _reduce_linear_subclass})
         _LINEAR_SUBCLASSES[cls] = q
     return q
+
+
+def _reduce_linear_subclass(self, protocol):
+    """Pickle (``torch.save(model)``, ``copy.deepcopy``) an instance of a class made by
+    :func:`linear_subclass_class` through its base class, which pickles by name."""
+    return _rebuild_linear_subclass, (self._lowbit_base,), self.__getstate__()
+
+
+def _rebuild_linear_subclass(base: type) -> nn.Module:
+    """An empty instance of the quantized class of ``base`` (its state is set after)."""
+    return object.__new__(linear_subclass_class(base))
 
 
 def quant_class_for(module: nn.Module):
