@@ -230,3 +230,24 @@ def test_declared_attention_modules_are_the_ones_the_kv_cache_finds(family):
     assert declared == [n for n, _ in find_attention_modules(m) if n in declared]
     assert set(declared) == {n for n, _ in find_attention_modules(m)
                              if not n.startswith("model.vision_tower")}
+
+
+@pytest.mark.parametrize("family", DENSE_FAMILIES)
+def test_mlp_matrices_by_model_type_agree_with_the_models(family):
+    """facts.mlp_matrices / ties_by_default (keyed on model_type, for config.json alone: the
+    memory estimator) say what the built models have: MLP weight elements over
+    hidden * intermediate, tying of the LM head."""
+    from lowbit.adapters import is_linear
+
+    m = build(family)
+    cfg = facts.text_config(m)
+    mt = m.config.model_type
+    blk = get_adapter(m).find_blocks(m)[1][0]
+    attn = get_adapter(m).attention
+    inter = next((getattr(cfg, k) for k in ("intermediate_size", "ffn_dim", "n_inner")
+                  if getattr(cfg, k, None)), 4 * cfg.hidden_size)
+    n = sum(x.weight.numel() for name, x in blk.named_modules()
+            if is_linear(x) and not name.startswith(attn + "."))
+    assert n == facts.mlp_matrices(mt) * cfg.hidden_size * inter
+    if facts.ties_by_default(mt):
+        assert m.get_output_embeddings().weight is m.get_input_embeddings().weight

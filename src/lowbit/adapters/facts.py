@@ -14,6 +14,8 @@ testing ``model_type`` or class names themselves:
 * :func:`unreached_modules`: submodules that text-only calibration never runs (the vision
   tower and projector of a multimodal model), with a one-line reason each;
 * :func:`attention_modules`: each decoder block's attention module (KV cache);
+* :func:`mlp_matrices`, :func:`ties_by_default`: what a ``config.json`` alone says (keyed
+  on ``model_type``, for the memory estimator, which has no model);
 * :func:`ignored_config`: config fields set on the model that its family's forward does not
   apply (Gemma-3's ``attn_logit_softcapping``; the multimodal class's
   ``final_logit_softcapping``): a consumer that would apply them must refuse instead.
@@ -171,6 +173,26 @@ def unreached_patterns(model: nn.Module) -> list[str]:
     :func:`unreached_modules`, e.g. ``recipes.load("int8-smoothquant", exclude=[*recipe.exclude,
     *unreached_patterns(model)])``."""
     return [f"{path}*" for path, _ in unreached_modules(model)]
+
+
+#: ``config.model_type`` values whose MLP is two matrices (up, down; GELU/ReLU, no gate) and
+#: whose configs tie the input embeddings to the LM head unless they say otherwise: the
+#: GPT-2/OPT-style families (registered adapters: ``gpt2``, ``opt``; the others have none).
+#: Read by tools that see a ``config.json`` without a model (:func:`mlp_matrices`,
+#: :func:`ties_by_default`); tests check it against the registered adapters' MLP groups.
+UNGATED_MLP_TYPES = ("gpt2", "opt", "gpt_neox", "gptj", "bloom", "falcon")
+
+
+def mlp_matrices(model_type: str | None) -> int:
+    """Weight matrices of one dense MLP for a ``config.model_type`` (no model needed): 2 for
+    :data:`UNGATED_MLP_TYPES` (up, down), else 3 (gate, up, down: Llama's gated MLP)."""
+    return 2 if model_type in UNGATED_MLP_TYPES else 3
+
+
+def ties_by_default(model_type: str | None) -> bool:
+    """Whether a config of ``model_type`` without ``tie_word_embeddings`` ties the LM head
+    to the input embeddings (the GPT-2/OPT-style families: :data:`UNGATED_MLP_TYPES`)."""
+    return model_type in UNGATED_MLP_TYPES
 
 
 def gemma_scalars(config) -> dict:

@@ -38,17 +38,24 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 
-LLAMA_LIKE = ("llama", "mistral")
+LLAMA_FAMILY = "llama"  # the adapter family (lowbit.adapters.family) upcycling starts from
 PROBE_SHAPE = (4, 64)  # probe token ids [batch, seq] for the router statistics
 
 
 def _check_dense(model: nn.Module) -> None:
+    """ConfigError unless ``model`` is of the ``llama`` adapter family (pre-norm attention,
+    gated MLP, ``w`` norms: :mod:`lowbit.adapters.llama`) with Mixtral's attention: no
+    q/k/v/o biases (Qwen2 has them), no q/k norms (Qwen3 has them)."""
+    from lowbit.adapters import family
+
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
-    if kind not in LLAMA_LIKE:
-        raise ConfigError(f"upcycle_moe: {type(model).__name__} (model_type {kind!r}) is not "
-                          f"Llama-like; expected a transformers causal LM of model_type "
-                          f"{' or '.join(LLAMA_LIKE)} (pre-norm attention + gated MLP)")
+    fam = family(model)
+    if fam != LLAMA_FAMILY:
+        raise ConfigError(f"upcycle_moe: {type(model).__name__} (model_type {kind!r}, adapter "
+                          f"family {fam!r}) is not Llama-like; expected a transformers causal "
+                          f"LM of the {LLAMA_FAMILY!r} adapter family (pre-norm attention + "
+                          "gated MLP)")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(cfg, flag, False):
             raise ConfigError(f"upcycle_moe: config.{flag} is true; Mixtral has no biases in "
@@ -61,6 +68,17 @@ def _check_dense(model: nn.Module) -> None:
         raise ConfigError("upcycle_moe: expected model.model.layers with "
                           f"config.num_hidden_layers = {cfg.num_hidden_layers} blocks")
     for i, layer in enumerate(layers):
+        att = layer.self_attn
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if getattr(getattr(att, n, None), "bias", None) is not None:
+                raise ConfigError(f"upcycle_moe: {type(model).__name__} (model_type {kind!r}) "
+                                  f"is not Llama-like: model.layers.{i}.self_attn.{n} has a "
+                                  "bias, Mixtral's attention has none")
+        for n in ("q_norm", "k_norm"):
+            if getattr(att, n, None) is not None:
+                raise ConfigError(f"upcycle_moe: {type(model).__name__} (model_type {kind!r}) "
+                                  f"is not Llama-like: model.layers.{i}.self_attn.{n} "
+                                  "exists, Mixtral's attention has no q/k norms")
         for n in ("gate_proj", "up_proj", "down_proj"):
             lin = getattr(layer.mlp, n, None)
             if type(lin) is not nn.Linear:
@@ -181,4 +199,4 @@ def upcycle_moe(dense_model: nn.Module, num_experts: int = 8, top_k: int = 2, se
     return moe.to(device=dev, dtype=dtype).eval()
 
 
-__all__ = ["LLAMA_LIKE", "router_weight", "upcycle_moe"]
+__all__ = ["LLAMA_FAMILY", "router_weight", "upcycle_moe"]

@@ -142,15 +142,18 @@ def arch_from_config(path: "str | Path") -> Arch:
     heads = get("num_attention_heads", "n_head")
     if not (hidden and layers and heads):
         raise ConfigError(f"{p}: missing hidden_size/num_hidden_layers/num_attention_heads")
-    gpt_like = c.get("model_type") in ("gpt2", "opt", "gpt_neox", "gptj", "bloom", "falcon")
+    from lowbit.adapters import facts
+
+    mt = c.get("model_type")
     return Arch(**_moe_fields(c, p, layers, hidden, heads),
         name=c.get("_name_or_path") or c.get("model_type", p.parent.name),
         vocab=get("vocab_size", default=32000), hidden=hidden, layers=layers, heads=heads,
         kv_heads=get("num_key_value_heads", default=heads),
         intermediate=get("intermediate_size", "ffn_dim", "n_inner", default=4 * hidden) or
         4 * hidden,
-        head_dim=get("head_dim"), tied=bool(c.get("tie_word_embeddings", gpt_like)),
-        mlp_mats=2 if gpt_like else 3,
+        head_dim=get("head_dim"),
+        tied=bool(c.get("tie_word_embeddings", facts.ties_by_default(mt))),
+        mlp_mats=facts.mlp_matrices(mt),
     )
 
 
