@@ -113,19 +113,6 @@ def tokenizer(family: str):
     return getattr(tiny_tokenizers, TOKENIZERS[family])()
 
 
-def recipe_for(model: torch.nn.Module, preset: str, overrides: dict):
-    """The preset with the matrix's group size and ``overrides``; for a multimodal model,
-    tested as its text tower, the towers text calibration never reaches excluded, as
-    lowbit documents it (``lowbit.adapters.facts.unreached_patterns``; without that, a
-    static recipe is refused with a CalibrationError naming the vision tower)."""
-    from lowbit import recipes
-    from lowbit.adapters import facts
-
-    r = recipes.load(preset, **_group(preset), **overrides)
-    towers = facts.unreached_patterns(model)
-    return recipes.load(r, exclude=[*r.exclude, *towers]) if towers else r
-
-
 def quantized(family: str, key: str) -> torch.nn.Module:
     """The family's model quantized with ``RECIPES[key]`` (cached; the exception it raised
     is re-raised on every call)."""
@@ -135,7 +122,8 @@ def quantized(family: str, key: str) -> torch.nn.Module:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                lowbit.quantize(m, recipe_for(m, preset, kw), forward_loop=loop_over(CALIB))
+                lowbit.quantize(m, preset, forward_loop=loop_over(CALIB), **_group(preset),
+                                **kw)
             _QUANT[(family, key)] = m
         except Exception as e:  # noqa: BLE001 - stored, re-raised to each cell
             _QUANT[(family, key)] = e
@@ -543,8 +531,8 @@ NOTES = {
     "gemma2": "attention scale 1/sqrt(head_dim) as released",
     "gemma3": "the text-only class, attention scale 1/sqrt(head_dim) as released",
     "gemma3_mm": "the multimodal class: its text tower (a tiny SigLIP vision tower and the "
-                 "projector beside it, excluded as `lowbit.adapters.facts.unreached_patterns` "
-                 "gives them: calibration is text only)",
+                 "projector beside it; calibration is text only, so static quantizers there "
+                 "see no data; coverage counts the text tower)",
     "phi3": "Phi-3 and Phi-4 (one model type)",
 }
 
