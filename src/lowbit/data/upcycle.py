@@ -90,13 +90,15 @@ def _check_dense(model: nn.Module) -> None:
 def _mixtral_config(cfg, num_experts: int, top_k: int):
     from transformers import MixtralConfig
 
+    from lowbit.adapters import facts
+
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "hidden_act",
             "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
             "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
             "attention_dropout")
     kw = {k: getattr(cfg, k) for k in keep}
-    kw["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kw["head_dim"] = facts.head_dim(cfg)
     kw["sliding_window"] = getattr(cfg, "sliding_window", None)  # Mistral's; Llama has none
     rope = getattr(cfg, "rope_parameters", None)
     if not rope or "rope_theta" not in rope:
