@@ -43,3 +43,15 @@ def test_no_cell_fails(doc):
     if fails:
         pytest.xfail(f"{len(fails)} FAIL cells in docs/models.md (lowbit bugs, reported): "
                      + " | ".join(fails))
+
+
+def test_outcome_lines_are_deterministic_and_round_trip(tmp_path):
+    """Temp paths and addresses leave the outcome line; a '|' in it survives the table."""
+    e = ValueError(f"cannot read {tmp_path}/lowbit-matrix-ab12/x/model.gguf at 0x7f3a2c\nmore")
+    assert cases.first_line(e) == "cannot read <dir> at 0x?"
+    assert cases.first_line(KeyError()) == "KeyError"
+    results = {c: "yes" for c in cases.CELLS}
+    results[cases.CELLS[0]] = "refused: a | b"
+    doc = tmp_path / "models.md"
+    doc.write_text(render.render(results))
+    assert render.read_doc(doc) == results
