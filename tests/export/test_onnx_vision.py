@@ -162,3 +162,20 @@ def test_mha_defaults_and_cross_attention_export_exactly(tmp_path):
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), (x, mem))})[0]
     assert np.abs(got - fq).max() <= EXACT * float(np.abs(fq).max())
+
+
+def test_folded_cnn_exports_without_batchnorm(tmp_path):
+    from lowbit.nn.fold import fold_batchnorm
+
+    model = SmallBNCNN().eval()
+    x = images(2)
+    fold_batchnorm(model, (x,))
+    lowbit.quantize(model, "int8", forward_loop=calib_loop())
+    with torch.no_grad():
+        fq = model(x).numpy()
+    out = lowbit.save(model, tmp_path / "onnx", format="onnx", example_inputs=(x,))
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - fq).max() <= EXACT * float(np.abs(fq).max())

@@ -297,3 +297,64 @@ def test_quantized_vit_pickles_and_deep_copies():
             out_proj = other.blocks[0].attn.out_proj
             assert type(out_proj).__name__ == "QuantNonDynamicallyQuantizableLinear"
             assert torch.equal(other(x), want)
+
+
+# --- BatchNorm folding ------------------------------------------------------------------------
+def test_fold_batchnorm_small_cnn_then_quantize():
+    from lowbit.nn.fold import fold_batchnorm
+
+    model = SmallBNCNN().eval()
+    x = images(2)
+    with torch.no_grad():
+        ref = model(x)
+    pairs = fold_batchnorm(model, (x,))
+    assert pairs == [("stem.0", "stem.1"), ("dw.0", "dw.1"), ("pw.0", "pw.1")]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-6)
+    lowbit.quantize(model, "int8", forward_loop=calib_loop())
+    assert model.lowbit_report.coverage.share == 1.0
+    assert model.dw[0].bias is not None  # the folded shift
+
+
+def test_fold_batchnorm_refuses_what_it_cannot_fold_and_leaves_the_model():
+    from lowbit.nn.fold import fold_batchnorm
+
+    class Tapped(nn.Module):  # the conv output is also used by functional code
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            with torch.no_grad():
+                self.bn.running_var.fill_(4.0)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = Tapped().eval()
+    w = model.conv.weight.detach().clone()
+    with pytest.raises(ConfigError, match="also used elsewhere.*unchanged"):
+        fold_batchnorm(model, images(1))
+    assert torch.equal(model.conv.weight, w) and model.conv.bias is not None
+    assert isinstance(model.bn, nn.BatchNorm2d)
+    with pytest.raises(ConfigError, match="training mode"):
+        fold_batchnorm(Tapped(), images(1))
+    q = SmallBNCNN().eval()
+    lowbit.quantize(q, "int8-weight-only")
+    with pytest.raises(ConfigError, match="already quantized"):
+        fold_batchnorm(q, images(1))
+
+
+@pytest.mark.parametrize("name,n", [("resnet18", 20), ("mobilenet_v3_small", 34)])
+def test_fold_batchnorm_torchvision(name, n):
+    from lowbit.nn.fold import fold_batchnorm
+
+    model = tv_model(name)
+    x = images(2, TV_SIZES[name])
+    with torch.no_grad():
+        ref = model(x)
+    assert len(fold_batchnorm(model, (x,))) == n
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
