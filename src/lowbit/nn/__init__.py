@@ -1,6 +1,8 @@
 """Quantized modules, the TensorQuantizer, KV-cache quantizers and recipe application."""
 
+from lowbit.nn.fold import fold_batchnorm
 from lowbit.nn.kv_cache import attach_kv_quantizers, find_attention_modules
+from lowbit.nn.mha import QuantMultiheadAttention
 from lowbit.nn.modules import (QuantConv1d, QuantConv2d, QuantLinear, QuantMixin,
                                quant_class_for, quantize_module)
 from lowbit.nn.quantizer import TensorQuantizer
@@ -10,6 +12,7 @@ from lowbit.nn.utils import (disable_quantizers, enable_quantizers, print_summar
 
 __all__ = [
     "ApplyReport", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantMixin",
+    "QuantMultiheadAttention", "fold_batchnorm",
     "TensorQuantizer", "apply_recipe", "attach_kv_quantizers", "disable_quantizers",
     "enable_quantizers", "find_attention_modules", "print_summary", "quant_class_for",
     "quantize_module", "quantizers", "summary_rows",
