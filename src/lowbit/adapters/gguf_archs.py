@@ -9,8 +9,9 @@ architecture (so that the exporter can refuse a model llama.cpp would run differ
 * ``qwen2``/``qwen3``: no permutation (NeoX rotary), q/k norms as they are;
 * ``gemma2``/``gemma3``: every RMSNorm computes ``x * (1 + w)`` (the adapter's declared norm
   kind ``"1+w"``, :func:`lowbit.adapters.facts.norm_offset`: not declared again here);
-  llama.cpp's converter writes ``w + 1`` and llama.cpp multiplies by it; llama.cpp scales the token embeddings by
-  ``sqrt(n_embd)`` itself (the file holds them unscaled, as the checkpoint does); the output
+  llama.cpp's converter writes ``w + 1`` and llama.cpp multiplies by it; llama.cpp scales
+  the token embeddings by ``sqrt(n_embd)`` itself (the file holds them unscaled, as the
+  checkpoint does); the output
   layer is always the token embedding (no ``output.weight``); the attention scale is
   ``1/sqrt(head_dim)`` (``1/sqrt(n_embd/n_head)`` for the 27B models, picked by layer count), so
   ``query_pre_attn_scalar`` must be that number; sliding-window layers follow a fixed pattern

@@ -135,7 +135,8 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`), ``unreached`` (towers
     the adapter declares text calibration never runs, e.g. Gemma-3's vision tower: what
     happened to each, :mod:`lowbit.pipeline.unreached`) and ``coverage``: the
-    quantized share of the weights and why every other weight parameter is not; :func:`lowbit.print_summary` prints it). Warnings (ConfigError with
+    quantized share of the weights and why every other weight parameter is not
+    (:func:`lowbit.print_summary` prints it). Warnings (ConfigError with
     ``strict: true`` in the recipe): a recipe targeting every linear that leaves more than 2%
     of the non-embedding weights with no quantized class; recipe group sizes that fell back
     (one line for all layers). A ``group_size`` override that does not divide a layer's
