@@ -84,6 +84,7 @@ def _group(preset: str) -> dict:
     kw = group_over(preset, GROUP)
     return {**kw, "group_policy": "fallback"} if kw else kw
 
+
 _FLOAT: dict[str, torch.nn.Module] = {}
 _QUANT: dict[tuple[str, str], "torch.nn.Module | BaseException"] = {}
 
@@ -207,7 +208,7 @@ def check_coverage(family: str) -> None:
     other = sum(p.numel() for n, p in m.named_parameters()
                 if p.dim() >= 2 and n.startswith(skip)) if skip else 0
     left = [u for u in cov.unquantized if u.kind not in ("embedding", "lm_head")
-            and not u.name.startswith(skip or ("\0",))]
+            and not u.name.startswith(skip)]
     body = cov.body - other
     share = 1 - sum(u.numel for u in left) / body
     if share < COVERAGE_MIN:
