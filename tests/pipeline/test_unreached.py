@@ -92,3 +92,20 @@ def test_starving_quantizer_outside_a_declared_tower_still_raises():
     m.model.unused = nn.Linear(64, 64)  # never called by the forward
     with pytest.raises(CalibrationError, match="model.unused"):
         _quantize(m, "fp8", loop_over(calib_ids(2)))
+
+
+def test_kv_cache_quantizers_only_on_the_decoder_attention():
+    """The vision encoder's attention keeps no KV cache: the swap's KV quantizer there is
+    removed and listed, even when the loop feeds images."""
+    m = build("gemma3_mm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.quantize(m, "fp8", _image_loop(), kv_cache="fp8")
+    rep = m.lowbit_report
+    assert [n for n, _ in rep.kv_cache] == [f"model.language_model.layers.{i}.self_attn"
+                                           for i in range(2)]
+    enc = "model.vision_tower.encoder.layers.0.self_attn"
+    assert [n for n, _ in rep.kv_cache_skipped] == [enc]
+    assert not hasattr(m.get_submodule(enc), "k_cache_quantizer")
+    assert all(a.k_cache_quantizer.amax is not None for a in
+               (m.model.language_model.layers[i].self_attn for i in range(2)))

@@ -162,6 +162,9 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     unfused = unfuse_experts(model)
     report = apply_recipe(model, recipe)
     report.unfused_experts = unfused
+    from lowbit.pipeline.unreached import kv_outside_decoder
+
+    kv_outside_decoder(model, report)
     moe = bool(experts_modules(model))
     if moe:
         report = moe_report(report)

@@ -15,6 +15,10 @@ projector of Gemma-3's multimodal class), each with a one-line reason. The rule 
   algorithm steps: those run on the decoder blocks only) keeps its weights quantized without
   data (round to nearest); ``report.unreached`` says so for each declared tower;
 * a starving quantizer anywhere else is still a :class:`~lowbit.errors.CalibrationError`.
+
+KV-cache quantizers belong to the decoder's attention only: those the swap attached to other
+attention modules (the vision encoder's) are removed before calibration and listed in
+``report.kv_cache_skipped`` (:func:`kv_outside_decoder`).
 """
 
 from __future__ import annotations
@@ -121,6 +125,36 @@ def release(model: nn.Module, found: dict) -> list[dict]:
     return rows
 
 
+def kv_outside_decoder(model: nn.Module, report) -> list[str]:
+    """Remove the KV-cache quantizers that the swap attached to attention modules outside
+    the decoder blocks the adapter declares (:func:`lowbit.adapters.facts.attention_modules`:
+    a vision encoder's attention keeps no KV cache); returns their names, also kept in
+    ``report.kv_cache_skipped``. Nothing changes for a model whose adapter declares no
+    attention modules (the generic one)."""
+    from lowbit.adapters import facts
+
+    if not report.kv_cache:
+        return []
+    declared_attn = {n for n, _ in facts.attention_modules(model)}
+    if not declared_attn:
+        return []
+    mods = dict(model.named_modules())
+    gone = []
+    for name, _ in report.kv_cache:
+        if name in declared_attn:
+            continue
+        for attr in _KV:
+            q = mods[name]._modules.pop(attr, None)
+            if q is not None:
+                q.disable()  # a projection hook may still hold it: it passes through
+        gone.append(name)
+    report.kv_cache = [kv for kv in report.kv_cache if kv[0] not in gone]
+    report.kv_cache_skipped = [
+        (n, "not a decoder attention of the model's adapter: it keeps no KV cache")
+        for n in gone]
+    return gone
+
+
 def update_report(model: nn.Module, report, recipe, rows: list[dict]) -> None:
     """Record ``rows`` (:func:`release`) in ``report.unreached`` with a row per declared tower
     that keeps quantized weights without data, drop released modules from
@@ -163,4 +197,5 @@ def update_report(model: nn.Module, report, recipe, rows: list[dict]) -> None:
     report.coverage = cov
 
 
-__all__ = ["declared", "release", "starving", "unswap", "update_report"]
+__all__ = ["declared", "kv_outside_decoder", "release", "starving", "unswap",
+           "update_report"]
