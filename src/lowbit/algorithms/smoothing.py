@@ -27,6 +27,7 @@ from lowbit.adapters import NORM_KINDS, InputGroup, norm_kind
 from lowbit.adapters.base import is_conv1d
 from lowbit.core import QuantSpec, fake_quant
 from lowbit.errors import ConfigError
+from lowbit.nn.mha import linear_input
 from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import disabled
 
@@ -113,9 +114,11 @@ def capture_inputs(block: nn.Module, names: list[str], run) -> dict[str, list[to
     hs = []
     for n in names:
         m = block.get_submodule(n)
-        hs.append(m.register_forward_pre_hook(
-            lambda mod, a, n=n: got[n].append(a[0].detach().reshape(-1, a[0].shape[-1])
-                                              .float())))
+        def hook(mod, a, k, n=n):
+            x = linear_input(mod, a, k, n).detach()
+            got[n].append(x.reshape(-1, x.shape[-1]).float())
+
+        hs.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         run()
     finally:

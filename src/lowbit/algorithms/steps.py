@@ -47,6 +47,7 @@ from lowbit.algorithms.smoothing import GroupProbe, input_spec, weight_spec
 from lowbit.algorithms.smoothquant import smooth_group
 from lowbit.config.recipe import match
 from lowbit.errors import ConfigError
+from lowbit.nn.mha import linear_input
 from lowbit.pipeline.algorithms import register_algorithm
 
 if TYPE_CHECKING:
@@ -299,8 +300,9 @@ def gptq_step(ctx, args: dict) -> None:
         mods = [ctx.block.get_submodule(n) for n in grp]
         later = [ctx.block.get_submodule(n) for g in groups[i:] for n in g]
         accs = {n: HessianAccumulator(m.weight_2d().shape[1], dtype) for n, m in zip(grp, mods)}
-        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: add(accs[n], a[0]))
-                 for n, m in zip(grp, mods)]
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, a, k, n=n: add(accs[n], linear_input(mod, a, k, n)), with_kwargs=True)
+            for n, m in zip(grp, mods)]
         try:  # this group and the later ones in full precision, the earlier ones quantized
             with ctx.weights_fp(later), ctx.all_experts():
                 ctx.run(until=mods)

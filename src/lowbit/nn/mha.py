@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core import QuantSpec
-from lowbit.errors import ConfigError
+from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.modules import QuantMixin
 
 
@@ -168,3 +168,25 @@ def _merged_mask(attn_mask, key_padding_mask, dtype, n: int, h: int, tgt: int, s
 
 
 __all__ = ["QuantMultiheadAttention", "per_part_spec"]
+
+
+def linear_input(mod: nn.Module, args: tuple, kwargs: dict | None = None,
+                 name: str = "") -> torch.Tensor:
+    """The input tensor of a linear-like module from a forward pre-hook's ``args``/``kwargs``
+    (``[..., in]``). For an ``nn.MultiheadAttention`` that is its query, which is the input of
+    the whole packed in-projection only under self-attention (query, key and value one
+    tensor): cross-attention is a CalibrationError naming ``name``, since statistics taken
+    from the query would be applied to the key/value parts."""
+    kwargs = kwargs or {}
+    if not isinstance(mod, nn.MultiheadAttention):
+        return args[0]
+    q = args[0] if len(args) > 0 else kwargs.get("query")
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    value = args[2] if len(args) > 2 else kwargs.get("value")
+    if q is None or key is not q or value is not q:
+        raise CalibrationError(
+            f"{name or type(mod).__name__}: nn.MultiheadAttention called with a key/value "
+            "other than its query (cross-attention): its in-projection's statistics (GPTQ, "
+            "AWQ, SmoothQuant) come from one input; exclude it from the algorithm steps or "
+            "quantize it without them (weight-only RTN)")
+    return q

@@ -32,6 +32,7 @@ from torch import nn
 
 from lowbit.adapters import Adapter, get_adapter, is_linear
 from lowbit.errors import CalibrationError, ConfigError
+from lowbit.nn.mha import linear_input
 from lowbit.nn.modules import QuantMixin
 from lowbit.nn.utils import disabled, quantizers
 from lowbit.pipeline.capture import (Captured, Chunk, _capture_model_inputs, _detach, _Stop,
@@ -243,9 +244,14 @@ class BlockContext:
         in full precision with ``fp``); the passes stop after the last of them."""
         got: dict[str, list] = {n: [] for n in names}
         mods = [self.block.get_submodule(n) for n in names]
-        hs = [m.register_forward_pre_hook(
-            lambda mod, a, k, n=n: got[n].append((_detach(tuple(a)), _detach(dict(k)))),
-            with_kwargs=True) for n, m in zip(names, mods)]
+
+        def hook(mod, a, k, n):
+            if isinstance(mod, nn.MultiheadAttention):  # refuses cross-attention
+                linear_input(mod, a, k, n)
+            got[n].append((_detach(tuple(a)), _detach(dict(k))))
+
+        hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
+                                          with_kwargs=True) for n, m in zip(names, mods)]
         try:
             with self.all_experts():
                 if fp:
@@ -272,8 +278,8 @@ class BlockContext:
         total = sum(t for _, t in layout)
         per_chunk = max(1, math.ceil(self.sample_tokens / max(1, len(layout))))
 
-        def hook(mod, a, n):
-            x = a[0].detach()
+        def hook(mod, a, k, n):
+            x = linear_input(mod, a, k, n).detach()
             x = x.reshape(-1, x.shape[-1]).float()
             st = acc[n]
             ax = x.abs()
@@ -290,8 +296,8 @@ class BlockContext:
                 st[3].append(x.clone())
 
         mods = [self.block.get_submodule(n) for n in names]
-        hs = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n))
-              for n, m in zip(names, mods)]
+        hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
+                                          with_kwargs=True) for n, m in zip(names, mods)]
         try:
             with self.weights_fp(), self.all_experts():
                 self.run(until=mods)
@@ -582,3 +588,4 @@ def run_blocks(model: nn.Module, steps: list[tuple], forward_loop,
     if report is not None:
         report.blocks = rows
     return rows
+
