@@ -505,6 +505,13 @@ def export(model: nn.Module, out_dir: Path, example_inputs=None, opset: int | No
                                      custom_translation_table=_translations(opset),
                                      input_names=input_names, output_names=output_names,
                                      dynamic_shapes=dynamic_shapes)
+    except Exception as e:
+        if "complex-valued" in str(e):  # torch.onnx cannot lower complex tensors
+            raise ConfigError(
+                "ONNX export: the model computes with complex numbers (e.g. a rotary "
+                "embedding written with torch.polar, as DeepSeek-V2's), which torch.onnx's "
+                "exporter cannot convert (ONNX has no complex type for these ops)") from e
+        raise
     finally:
         quiet.setLevel(level)
         model.train(was_training)

@@ -124,6 +124,13 @@ def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def _exporting() -> bool:
+    """Whether torch.export / dynamo is tracing (``torch.compiler.is_exporting`` where this
+    torch has it)."""
+    f = getattr(torch.compiler, "is_exporting", None)
+    return bool(f()) if f is not None else torch.compiler.is_compiling()
+
+
 class MoEExperts(nn.ModuleList):
     """The routed experts of one MoE block as a ``ModuleList`` of :class:`ExpertMLP`.
 
@@ -260,6 +267,14 @@ class MoEExperts(nn.ModuleList):
         n = self.num_experts
         out = torch.zeros_like(hidden_states)
         idx = top_k_index.long()
+        if _exporting():
+            # torch.export (ONNX): no data-dependent branches; every expert runs on every
+            # token, weighted by its routing weight (0 where not routed): the same sums in
+            # the same order of experts as below
+            for e in range(n):
+                w = (top_k_weights * (idx == e).to(top_k_weights.dtype)).sum(-1)
+                out = out + (self[e](hidden_states) * w[:, None]).to(out.dtype)
+            return out
         counts = self.count(idx)
         hit = counts.nonzero().flatten().tolist()
         todo = range(n) if self.calibrate_all else hit
