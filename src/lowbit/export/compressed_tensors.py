@@ -330,7 +330,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     for name, m in quantized_modules(model):
         if not isinstance(m, nn.Linear):
             raise ConfigError(f"{name}: compressed-tensors quantizes Linear layers only, not "
-                              f"{type(m).__name__}")
+                              f"{type(m).__name__}; leave it out of the recipe (an exclude "
+                              "pattern naming it) to export the rest")
         roles = {}
         for role, key in (("weight", "weights"), ("input", "input_activations"),
                           ("output", "output_activations")):
