@@ -30,12 +30,15 @@ def _config(family: str):
                                            num_experts=E, num_experts_per_tok=K)), \
             tf.Qwen2MoeForCausalLM
     if family == "qwen3_moe":
+        # norm_topk_prob as every released Qwen3-MoE sets it (transformers' default is False)
         return tf.Qwen3MoeConfig(**_common(num_key_value_heads=2, intermediate_size=I,
                                            moe_intermediate_size=I, head_dim=16,
+                                           norm_topk_prob=True,
                                            num_experts=E, num_experts_per_tok=K)), \
             tf.Qwen3MoeForCausalLM
     if family == "olmoe":
-        return tf.OlmoeConfig(**_common(num_key_value_heads=2, intermediate_size=I,
+        # key/value heads = query heads, as OLMoE is released (llama.cpp reads only that)
+        return tf.OlmoeConfig(**_common(num_key_value_heads=4, intermediate_size=I,
                                         num_experts=E, num_experts_per_tok=K)), \
             tf.OlmoeForCausalLM
     if family == "deepseek_v2":

@@ -358,3 +358,26 @@ def test_widen_stores_affine_codes_as_exact_q8_0():
     assert kind == "Q8_0"
     back = gguf.quants.dequantize(arr, gguf.GGMLQuantizationType.Q8_0)
     assert torch.equal(torch.from_numpy(np.array(back, dtype=np.float32)), dequantize(qt))
+
+
+@pytest.mark.parametrize("family,field,value,match", [
+    ("qwen3_moe", "norm_topk_prob", False, "always renormalises"),
+    ("qwen2_moe", "norm_topk_prob", True, "never renormalises"),
+    ("olmoe", "num_key_value_heads", 2, "sizes the q/k norms"),
+])
+def test_gguf_refuses_what_llama_cpp_hard_codes_otherwise(tmp_path, family, field, value,
+                                                         match):
+    """llama.cpp's MoE graphs hard-code top-k renormalisation (qwen3moe: on; qwen2moe,
+    olmoe: off) and OLMoE's full-width q/k norms: a config that says otherwise would give a
+    file llama.cpp computes differently (measured with bench/gguf_families.py: Qwen3-MoE
+    with norm_topk_prob False, 0.56 of the largest logit) or cannot load."""
+    from tests.moe_models import _config
+
+    cfg, cls = _config(family)
+    setattr(cfg, field, value)
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    lowbit.quantize(m, "gguf-q8_0")
+    with pytest.raises(ConfigError, match=match):
+        lowbit.save(m, tmp_path / "g", format="gguf")
+    assert not (tmp_path / "g").exists()

@@ -48,6 +48,9 @@ def moe_arch(model: nn.Module, model_type: str) -> GgufMoeArch | None:
         raise ConfigError(f"GGUF export: MoE family {model_type!r} is not supported; the MoE "
                           f"families lowbit writes as GGUF are {', '.join(GGUF_MOE_ARCHS)} "
                           "(llama.cpp: llama with experts, qwen2moe, qwen3moe, olmoe)")
+    why = arch.config_mismatch(getattr(model, "config", None))
+    if why is not None:
+        raise ConfigError(f"GGUF export ({model_type}): {why}")
     split = moe_experts(model)
     fused = [f"{b}.{c}" for b, (c, _) in blocks.items() if f"{b}.{c}" not in split]
     if fused:
