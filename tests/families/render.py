@@ -43,7 +43,7 @@ Outcomes:
 * **FAIL**: any other error, or a reader that computes something else than lowbit: a bug.
 
 GGUF files are read back with the `gguf` package and transformers' GGUF loader; llama.cpp
-itself (`llama-cpp-python`) runs them in `tests/export/test_gguf.py` where it is installed,
+itself runs every GGUF family in `bench/gguf_families.py` (docs/deploy.md has its figures),
 not here. Regenerate with `python -m tests.families.render` (or check with `--check`).
 """
 
