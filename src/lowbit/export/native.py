@@ -300,6 +300,10 @@ def check_modules(model: nn.Module, meta: dict, where: str, src: str) -> None:
                                   f"weight is {qm['shape']}")
 
 
+_KV_ATTRS = ("k_cache_quantizer", "v_cache_quantizer", "k_cache_quantizer_fallback",
+             "v_cache_quantizer_fallback")
+
+
 def _insert(model, meta, where, src, attach_kv_quantizers, quantize_module) -> None:
     check_modules(model, meta, where, src)
     mods = dict(model.named_modules())
@@ -315,7 +319,17 @@ def _insert(model, meta, where, src, attach_kv_quantizers, quantize_module) -> N
                                   f"is {qm['shape']}")
     kv = meta.get("kv_cache") or {}
     if kv.get("spec") is not None:
-        attach_kv_quantizers(model, _spec(kv["spec"], f"{where}: kv_cache"))
+        attached = attach_kv_quantizers(model, _spec(kv["spec"], f"{where}: kv_cache"))
+        saved = kv.get("quantizers")
+        if saved is not None:  # only the attention modules that had them when saved (the
+            keep = set(saved)  # pipeline removes a vision encoder's, see pipeline.unreached)
+            mods = dict(model.named_modules())
+            for name, _ in attached:
+                for attr in _KV_ATTRS:
+                    if f"{name}.{attr}" not in keep:
+                        q = mods[name]._modules.pop(attr, None)
+                        if q is not None:
+                            q.disable()  # a projection hook may still hold it
 
 
 def _pretrained_class(model) -> bool:
