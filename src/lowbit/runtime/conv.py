@@ -29,7 +29,8 @@ from torch import nn
 
 from lowbit.core import QTensor, QuantSpec
 from lowbit.errors import ConfigError
-from lowbit.runtime.storage import dequantize_packed, pack_weight, packed_nbytes
+from lowbit.runtime.storage import (PackedBuffersMixin, dequantize_packed, pack_weight,
+                                    packed_nbytes)
 
 KERNEL = "conv_int8"
 
@@ -59,7 +60,7 @@ def spec_refusal(spec: QuantSpec) -> str | None:
             f"int8 weights only; stays fake-quantized")
 
 
-class PackedConv2d(nn.Module):
+class PackedConv2d(PackedBuffersMixin, nn.Module):
     """``y = conv2d(Qi(x), dequantize(codes, scales)) + b`` with the weight kept as int8
     codes. ``x [N, C_in, H, W] -> [N, C_out, H', W']`` as ``nn.Conv2d``.
 
@@ -135,22 +136,6 @@ class PackedConv2d(nn.Module):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-
-    def resident_nbytes(self) -> int:
-        """Bytes of this layer's own buffers (the packed weight)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values()
-                   if b is not None)
-
-    def _apply(self, fn, recurse=True):
-        # casts must not touch codes and scales: a buffer whose dtype fn would change only
-        # follows fn's device (as PackedLinear)
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for k, b in before.items():
-            nb = self._buffers.get(k)
-            if b is not None and nb is not None and nb.dtype != b.dtype:
-                self._buffers[k] = b.to(nb.device)
-        return self
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

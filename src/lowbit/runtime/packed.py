@@ -38,10 +38,10 @@ from lowbit.errors import ConfigError
 from lowbit.hardware import fell_back, took_hardware
 from lowbit.runtime import cuda as _cuda  # noqa: F401  (registers the GPU kernels)
 from lowbit.runtime.kernels import LayerInfo, check_act_dtype, get_kernel, select_kernel
-from lowbit.runtime.storage import packed_nbytes
+from lowbit.runtime.storage import PackedBuffersMixin, packed_nbytes
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(PackedBuffersMixin, nn.Module):
     """``y = x W^T + b`` with ``W [out, in]`` stored packed for kernel ``kernel``.
 
     Build it with :meth:`from_qtensor` (or :func:`lowbit.runtime.convert`). ``packed_nbytes``
@@ -165,22 +165,6 @@ class PackedLinear(nn.Module):
                                   "zero_point": self.zero_point,
                                   "global_scale": self.global_scale}, self.spec,
                                  (self.out_features, self.in_features), self.compute_dtype)
-
-    def resident_nbytes(self) -> int:
-        """Bytes of this layer's own buffers (the packed weight as the kernel keeps it)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values()
-                   if b is not None)
-
-    def _apply(self, fn, recurse=True):
-        # casts (model.half(), .to(bfloat16)) must not touch codes and scales: a buffer
-        # whose dtype fn would change only follows fn's device
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for k, b in before.items():
-            nb = self._buffers.get(k)
-            if b is not None and nb is not None and nb.dtype != b.dtype:
-                self._buffers[k] = b.to(nb.device)
-        return self
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -151,3 +151,24 @@ def dequantize_packed(buffers: dict[str, torch.Tensor | None], spec: QuantSpec,
         vals = vals - lay.from_natural(qt.zero_point.float())
     return lay.unview(vals * s).to(dtype)
 
+
+
+class PackedBuffersMixin:
+    """For ``nn.Module`` layers that keep a packed weight in buffers (PackedLinear,
+    PackedConv2d): byte accounting, and casts that leave codes and scales alone."""
+
+    def resident_nbytes(self) -> int:
+        """Bytes of this layer's own buffers (the packed weight as the kernel keeps it)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values()
+                   if b is not None)
+
+    def _apply(self, fn, recurse=True):
+        # casts (model.half(), .to(bfloat16)) must not touch codes and scales: a buffer
+        # whose dtype fn would change only follows fn's device
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for k, b in before.items():
+            nb = self._buffers.get(k)
+            if b is not None and nb is not None and nb.dtype != b.dtype:
+                self._buffers[k] = b.to(nb.device)
+        return self
