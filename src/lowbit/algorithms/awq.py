@@ -13,7 +13,10 @@ down to ``min_ratio``; the ratio minimising ``||(Q(W_g) - W_g) X_g||^2`` on a to
 is kept per group, and the resulting scales become the weight quantizer's fixed scales
 (``set_fixed_scale``). Every format whose scales follow a range works: integer groups
 (symmetric and affine), NVFP4 (block scales under the tensor's global scale), MXFP4/6/8
-(power-of-two shared exponents), per-channel specs (one group per row).
+(power-of-two shared exponents), per-channel specs (one group per row). The GGUF block
+types (``gguf_*``) are not clipped: their scales and mins come from an importance-weighted
+search (:mod:`lowbit.core.ggml`; the ``imatrix`` step after ``awq`` runs it with the
+scaled weights' calibration inputs).
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def clip_groups(module: nn.Module):
     """``(group size, groups per row)`` of ``module``'s weight spec for clipping, or None
     when its scales do not follow a range per row or group (per-tensor, 2-D blocks)."""
     spec = weight_spec(module)
-    if spec is None:
+    if spec is None or spec.format.startswith("gguf_"):
+        # GGUF block types: scales (and mins) come from lowbit.core.ggml's importance-
+        # weighted search, not from a range that a ratio could shrink
         return None
     w = weight_2d(module)
     if spec.granularity == "group" and spec.axis in (-1, 1):

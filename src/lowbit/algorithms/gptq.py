@@ -27,6 +27,16 @@ Scales (all computed by :func:`lowbit.core.compute_scales`, all rounding by
   other quantized weight: no ``g_idx`` is needed; ``perm`` is only informative.
   (``static_groups`` has no effect without ``act_order``: groups are then reached in order.)
 * NVFP4: the per-tensor global scale comes from the whole weight's amax, up front.
+* GGUF block types (``gguf_q4_k``, ``gguf_q6_k``, ``gguf_iq4_nl``, ``gguf_q5_0``...,
+  :mod:`lowbit.core.ggml`): the groups are the type's super-blocks (256 columns for the K
+  types and IQ4_XS, 64 for NVFP4, 32 for the legacy types and IQ4_NL). When the sweep
+  reaches a super-block, its sub-block scales, mins and super scales come from
+  :func:`lowbit.core.ggml.search_scales` on the current weights, with the Hessian's
+  diagonal ``diag(H) / 2 = mean x^2`` (llama.cpp's imatrix, from this layer's calibration
+  inputs) as the importance; each column is rounded by
+  :func:`lowbit.core.ggml.round_column`. Act-order works as above. The result's
+  ``zero_point`` holds float offsets (``dmin * mn``) and ``global_scale`` the super scales,
+  the stored layout of the ``gguf_*`` specs.
 """
 
 from __future__ import annotations
@@ -141,6 +151,72 @@ def _scales(x: torch.Tensor, spec: QuantSpec, nv_amax):
     stored = lay.to_natural(extra[0] if extra is not None else s)
     return (full(s), None if zp is None else full(zp), stored,
             None if zp is None else lay.to_natural(zp), None if extra is None else extra[1])
+
+
+def ggml_block(spec: QuantSpec, in_features: int, name: str = "weight") \
+        -> tuple[str, int, int] | None:
+    """``(ggml type, sub-block size, super-block size)`` of a ``gguf_*`` weight spec (e.g.
+    ``("Q4_K", 32, 256)``), None for any other spec. ``in_features`` must be a multiple of
+    the super-block: :class:`ConfigError` otherwise (the mixes pick a fallback type)."""
+    if not spec.format.startswith("gguf_"):
+        return None
+    from lowbit.core.ggml import ggml_type
+    from lowbit.formats.ggml_blocks import GGML_BLOCKS
+
+    t = ggml_type(spec)
+    blk = GGML_BLOCKS[t]
+    if in_features % blk.super:
+        raise ConfigError(f"GPTQ {name}: {t} quantizes rows in blocks of {blk.super} values; "
+                          f"in_features {in_features} is not a multiple of it (the GGUF mixes "
+                          "give such tensors a fallback type)")
+    return t, blk.sub, blk.super
+
+
+class _GgmlScales:
+    """Scales of a ``gguf_*`` weight ``[out, in]`` for GPTQ, one super-block at a time.
+
+    ``search(k, w [out, super])``: the super-block ``k``'s scales from
+    :func:`lowbit.core.ggml.search_scales` on ``w`` (the current, error-compensated
+    weights) with the Hessian's diagonal as importance; ``round(w [out], col)``: column
+    ``col`` rounded by :func:`lowbit.core.ggml.round_column` with its sub-block's scales;
+    ``stored()``: ``(scale [out, in/sub], zero_point [out, in/sub] | None, global_scale
+    [out, in/super(, 2)] | None)`` as ``fake_quant`` with fixed scales takes them. Without
+    ``sweep`` every super-block is searched up front from ``W`` (act-order, static groups).
+    """
+
+    def __init__(self, gg, W: torch.Tensor, importance: torch.Tensor, sweep: bool):
+        from lowbit.core.ggml import round_column, search_scales
+
+        self.t, self.sub, self.sup = gg
+        self.imp = importance
+        self._search, self._round = search_scales, round_column
+        n = W.shape[1] // self.sup
+        self.parts: list = [None] * n
+        if not sweep:
+            s, z, gs = search_scales(W, self.t, importance)
+            per = self.sup // self.sub
+            for k in range(n):
+                self.parts[k] = (s[:, k * per:(k + 1) * per],
+                                 None if z is None else z[:, k * per:(k + 1) * per],
+                                 None if gs is None else gs[:, k:k + 1])
+
+    def search(self, k: int, w: torch.Tensor) -> None:
+        """Scales of super-block ``k`` from its weights ``w [out, super]``."""
+        imp = self.imp[k * self.sup:(k + 1) * self.sup]
+        self.parts[k] = self._search(w.contiguous(), self.t, imp)
+
+    def round(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """Column ``col`` (values ``w [out]``) on the grid of its sub-block's scales."""
+        s, z, _ = self.parts[col // self.sup]
+        j = (col % self.sup) // self.sub
+        return self._round(w, s[:, j], None if z is None else z[:, j], self.t)
+
+    def stored(self):
+        """``(scale, zero_point, global_scale)`` of the whole weight (stored layout)."""
+        def cat(i):
+            got = [p[i] for p in self.parts]
+            return None if got[0] is None else torch.cat(got, dim=1).contiguous()
+        return cat(0), cat(1), cat(2)
 
 
 def _all_finite(t: torch.Tensor, elements: int = 1 << 20) -> bool:
@@ -292,12 +368,19 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
 
-    lay = Layout(spec, (out_f, in_f))  # checks that the group size divides in_features
-    bf = spec.block_format
-    grouped = spec.granularity == "group" and lay.axis == 1
-    g = spec.group_size if grouped else in_f
+    gg = ggml_block(spec, in_f, name)  # (type, sub, super) of a gguf_* spec, else None
+    if gg is not None:
+        # the imatrix of this layer: mean x^2 per input channel (H = 2 mean x x^T)
+        importance = (torch.diag(H) / 2).to(torch.float32, copy=True)
+        bf, grouped, g = None, True, gg[2]
+        col_spec = None
+    else:
+        lay = Layout(spec, (out_f, in_f))  # checks that the group size divides in_features
+        bf = spec.block_format
+        grouped = spec.granularity == "group" and lay.axis == 1
+        g = spec.group_size if grouped else in_f
+        col_spec = _column_spec(spec)
     sweep = grouped and not (act_order and static_groups)
-    col_spec = _column_spec(spec)
 
     perm = None
     if act_order:
@@ -330,7 +413,10 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     nv_amax = W.abs().amax() if bf is not None and bf.global_scale else None
 
     # per-element scales S (and zero points Z), transposed [in, out] so a column is a row
-    if sweep:
+    if gg is not None:
+        ggs = _GgmlScales(gg, W, importance, sweep)
+        ST = ZT = scale = zp = gscale = None
+    elif sweep:
         ST = torch.empty(in_f, out_f, device=dev)
         ZT = None if spec.symmetric else torch.empty(in_f, out_f, device=dev)
         scale = torch.empty(out_f, in_f // g, device=dev)
@@ -367,18 +453,24 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
                 if not bool(inb.all()):
                     p = pos[~inb]
                     cur[~inb] = WT[p] - Hinv[i1:i2, p].t() @ Err1
-                s_el, z_el, s_st, z_st, gs = _scales(cur.t(), spec, nv_amax)
-                ST[k * g:(k + 1) * g] = s_el.t()
-                scale[:, k:k + 1] = s_st
-                if ZT is not None:
-                    ZT[k * g:(k + 1) * g] = z_el.t()
-                    zp[:, k:k + 1] = z_st
-                gscale = gs
+                if gg is not None:
+                    ggs.search(k, cur.t())
+                else:
+                    s_el, z_el, s_st, z_st, gs = _scales(cur.t(), spec, nv_amax)
+                    ST[k * g:(k + 1) * g] = s_el.t()
+                    scale[:, k:k + 1] = s_st
+                    if ZT is not None:
+                        ZT[k * g:(k + 1) * g] = z_el.t()
+                        zp[:, k:k + 1] = z_st
+                    gscale = gs
                 known[k] = True
             w = W1[i]
-            q = fake_quant(w[:, None], col_spec, scale=ST[col][:, None],
-                           zero_point=None if ZT is None else ZT[col][:, None],
-                           check_finite=False)[:, 0]
+            if gg is not None:
+                q = ggs.round(w, col)
+            else:
+                q = fake_quant(w[:, None], col_spec, scale=ST[col][:, None],
+                               zero_point=None if ZT is None else ZT[col][:, None],
+                               check_finite=False)[:, 0]
             QT[i1 + i] = q
             err = (w - q) / Hinv1[i, i]
             Err1[i] = err
@@ -389,6 +481,10 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     Q = QT.t()
     if perm is not None:
         Q = Q[:, pos_of]
+    if gg is not None:  # float offsets and super-block scales, as lowbit.core.ggml stores them
+        scale, zp, gscale = ggs.stored()
+        return GPTQResult(weight=Q.contiguous(), scale=scale, zero_point=zp,
+                          global_scale=gscale, perm=perm, loss=float(loss), damp=damp)
     return GPTQResult(weight=Q.contiguous(), scale=scale.contiguous(),
                       zero_point=None if zp is None else zp.to(torch.int32).contiguous(),
                       global_scale=gscale, perm=perm, loss=float(loss), damp=damp)

@@ -1,4 +1,4 @@
-"""The algorithm steps a recipe can name: ``smoothquant``, ``awq``, ``gptq``.
+"""The algorithm steps a recipe can name: ``smoothquant``, ``awq``, ``gptq``, ``imatrix``.
 
 Each is ``fn(ctx, args)`` on one decoder block (``ctx``: a
 :class:`lowbit.pipeline.blocks.BlockContext`, which runs the block on its captured inputs
@@ -30,7 +30,10 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   group of linears reading one input gets its Hessian after the groups before it are
   quantized), ``token_weight`` ``none`` (``norm``: every calibration token scaled to unit
   norm in the Hessian, ``H = sum x x^T / ||x||^2``, so that a few tokens with massive
-  activations do not dominate it).
+  activations do not dominate it). On ``gguf_*`` specs each super-block's scales come from
+  the importance-weighted search with the Hessian's diagonal (see :mod:`lowbit.algorithms.gptq`).
+* ``imatrix``: ``file`` None (a llama.cpp imatrix GGUF file instead of calibration data);
+  importance-weighted scales of the ``gguf_*`` weights (:mod:`lowbit.algorithms.imatrix`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 from lowbit.adapters import groups_by_inspection
 from lowbit.algorithms.awq import awq_clip, awq_search
 from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize_weight
+from lowbit.algorithms.imatrix import IMATRIX_ARGS, imatrix_step
 from lowbit.algorithms.smoothing import GroupProbe, input_spec, weight_spec
 from lowbit.algorithms.smoothquant import smooth_group
 from lowbit.config.recipe import match
@@ -219,14 +223,23 @@ def _awq(ctx, args, groups, stats, sample) -> None:
     if args["clip"]:
         skip = list(args["clip_skip"] or [])
         ratios = {}
+        ggml = []
         for n in ctx.quantized_linears():
             if not ctx.selected(n) or any(match(p, n) for p in skip) or n not in stats:
+                continue
+            if weight_spec(ctx.block.get_submodule(n)).format.startswith("gguf_"):
+                ggml.append(n)
                 continue
             r = awq_clip(ctx.block.get_submodule(n), stats[n].sample, int(args["clip_grid"]),
                          float(args["min_ratio"]), token_weight=args["token_weight"])
             if r is not None:
                 ratios[n] = round(r, 4)
         ctx.info["awq_clip"] = ratios
+        if ggml:
+            ctx.info.setdefault("notes", []).append(
+                f"awq: block {ctx.name}: no clip search for the {len(ggml)} gguf_* weights "
+                "(their scales come from the importance-weighted search; an imatrix step "
+                "after awq runs it on the scaled weights)")
 
 
 def _no_tokens(ctx, group, step: str) -> None:
@@ -336,3 +349,4 @@ def gptq_step(ctx, args: dict) -> None:
 register_algorithm("smoothquant", smoothquant_step, args=SMOOTHQUANT_ARGS)
 register_algorithm("awq", awq_step, args=AWQ_ARGS)
 register_algorithm("gptq", gptq_step, args=GPTQ_ARGS)
+register_algorithm("imatrix", imatrix_step, args=IMATRIX_ARGS)

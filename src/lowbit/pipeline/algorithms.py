@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lowbit.errors import ConfigError
+from lowbit.errors import CalibrationError, ConfigError
 
 _ALGORITHMS: dict[str, tuple[Callable, str, dict | None]] = {}
 
@@ -35,7 +35,7 @@ def algorithm_args(name: str) -> dict | None:
 
 
 def _load_builtins() -> None:
-    import lowbit.algorithms.steps  # noqa: F401  (registers smoothquant, awq, gptq)
+    import lowbit.algorithms.steps  # noqa: F401  (registers smoothquant, awq, gptq, imatrix)
 
 
 def algorithm_names() -> list[str]:
@@ -81,10 +81,78 @@ def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
     from lowbit.pipeline.blocks import run_blocks
 
     model_steps, block_steps = recipe_steps(recipe)
+    block_steps, rows = _imatrix_files(model, recipe, model_steps, block_steps, forward_loop)
     for fn, step in model_steps:
         fn(model, step, forward_loop, report)
-    if not block_steps:
-        return []
-    return run_blocks(model, block_steps, forward_loop, report, feed=feed,
-                      chunk_size=chunk_size, progress=progress, comm=comm, moe_all=moe_all,
-                      moe_min_tokens=moe_min_tokens)
+    if block_steps:
+        rows += run_blocks(model, block_steps, forward_loop, None, feed=feed,
+                           chunk_size=chunk_size, progress=progress, comm=comm,
+                           moe_all=moe_all, moe_min_tokens=moe_min_tokens)
+    if report is not None and (rows or block_steps):
+        report.blocks = rows
+    return rows
+
+
+def imatrix_importance(model, path) -> dict:
+    """``{module name: mean x^2 [in] (float32)}`` from the llama.cpp imatrix file ``path``
+    (:func:`lowbit.calib.imatrix_file.read_imatrix`), its tensor names mapped to ``model``'s
+    modules by :func:`lowbit.adapters.gguf_names.gguf_tensor_names`; a split expert gets
+    its own row of the stacked ``*_exps`` entry. Modules the file does not name are left
+    out; an entry whose width does not match its module is a :class:`CalibrationError`."""
+    import torch
+
+    from lowbit.adapters.gguf_names import gguf_tensor_names
+    from lowbit.calib.imatrix_file import imatrix_means, read_imatrix
+    from lowbit.errors import CalibrationError
+    from lowbit.pipeline.moe import expert_of
+
+    entries = read_imatrix(path)
+    out = {}
+    for mod, t in gguf_tensor_names(model).items():
+        if t.name not in entries:
+            continue
+        means = imatrix_means(*entries[t.name])  # [n_mat, I]
+        row = 0
+        if t.expert:
+            found = expert_of(model, mod)
+            row = found[2] if found is not None else 0
+        if means.shape[-1] != t.n_cols or row >= means.shape[0]:
+            raise CalibrationError(f"imatrix file {str(path)!r}: {t.name} has "
+                                   f"{means.shape[0]}x{means.shape[-1]} values; module {mod} "
+                                   f"needs {'expert ' + str(row) + ' of ' if t.expert else ''}"
+                                   f"{t.n_cols} (in_features): a file of another model?")
+        out[mod] = torch.from_numpy(means[row].copy())
+    return out
+
+
+def _imatrix_files(model, recipe, model_steps, block_steps, forward_loop):
+    """Apply the ``imatrix`` steps that name a ``file`` (model-wide, before the block steps:
+    the file's statistics describe the model's unchanged weights, so such a step must come
+    first) and check that a step without one has data. Returns the remaining block steps and
+    the report rows of the applied files."""
+    from lowbit.algorithms.imatrix import apply_importance, imatrix_step
+
+    rest, rows = [], []
+    for i, (fn, args, targets) in enumerate(block_steps):
+        if fn is not imatrix_step:
+            rest.append((fn, args, targets))
+            continue
+        if args.get("file") is None:
+            if forward_loop is None:
+                raise CalibrationError(
+                    f"recipe {recipe.name}: the imatrix step needs calibration data (pass "
+                    "forward_loop= or calib_data=, or --calib TEXT) or an imatrix file "
+                    "(args: {file: imatrix.gguf}); without data use the preset without "
+                    "-imatrix (data-free weighting)")
+            rest.append((fn, args, targets))
+            continue
+        if rest or model_steps:
+            raise ConfigError(f"recipe {recipe.name}: an imatrix step with a file must come "
+                              "before the other algorithm steps (the file's statistics are of "
+                              "the model's original weights)")
+        if targets:
+            raise ConfigError(f"recipe {recipe.name}: an imatrix step with a file takes no "
+                              "targets (every gguf_* weight the file names is set)")
+        info = apply_importance(model, imatrix_importance(model, args["file"]))
+        rows.append({"block": "(imatrix file)", "file": str(args["file"]), **info})
+    return rest, rows
