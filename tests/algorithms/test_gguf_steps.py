@@ -170,3 +170,36 @@ def test_imatrix_per_expert_counts():
         checked += 1
     assert checked >= 4
     _reproduces(m)
+
+
+@pytest.mark.parametrize("fmt", ["gguf_q4_k", "gguf_q6_k"])
+def test_gguf_file_holds_the_gptq_weights(tmp_path, ref, fmt):
+    """The exporter writes GPTQ's weights: ggml's own dequantization (gguf package) of every
+    tensor equals the fake-quantized weight (q/k rows are permuted by the exporter, as
+    llama.cpp's rotary wants: compared after the same permutation)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from lowbit.adapters.gguf_names import gguf_tensor_names
+    from lowbit.export.gguf import qk_rows
+
+    m, _ = _run(fmt, [{"name": "gptq"}], ref)
+    out = lowbit.save(m, tmp_path / "g", format="gguf")
+    r = gguf.GGUFReader(out / "model.gguf")
+    tensors = {t.name: t for t in r.tensors}
+    n = 0
+    for mod, t in gguf_tensor_names(m).items():
+        if ".layers." not in mod:
+            continue
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensors[t.name].data,
+                                                                tensors[t.name].tensor_type),
+                                        dtype=np.float32))
+        want = m.get_submodule(mod).quantized_weight().detach().float()
+        if mod.endswith("q_proj"):
+            want = want[qk_rows(want.shape[0], 4)]
+        elif mod.endswith("k_proj"):
+            want = want[qk_rows(want.shape[0], 2)]
+        assert tensors[t.name].tensor_type.name == fmt[5:].upper(), t.name
+        assert torch.equal(got.reshape(want.shape), want), t.name
+        n += 1
+    assert n == 14
