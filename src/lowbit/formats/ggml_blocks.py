@@ -29,7 +29,10 @@ Q8_0 ``q`` and Q6_K ``sc``); any integer dtype in range is accepted as input.
 
 The element values are those of ``gguf.quants.dequantize`` (the `gguf` package, the
 reference used to test this module), computed with the same float32 operations in the same
-order, so :func:`dequantize` equals it bit for bit. NVFP4 scale bytes are ue4m3 as
+order, so :func:`dequantize` equals it bit for bit. Every product above is exact in float32
+(a float16 scale has 11 significant bits, the integer factors' product, e.g. ``sc*(q-32)``,
+at most 12), so only the final ``+ m`` / ``- (dmin*mn)`` rounds: the order of the
+multiplications never changes a bit, the terms added do. NVFP4 scale bytes are ue4m3 as
 ``ggml_fp32_to_ue4m3`` writes them (0..0x7E; 0x7F, ggml's other zero, and bytes >= 0x80 are
 rejected). :func:`pack`/:func:`unpack` (in :mod:`lowbit.formats.ggml_pack`) convert fields
 to and from ggml's bytes (the ``block_*`` structs of ggml-common.h).
