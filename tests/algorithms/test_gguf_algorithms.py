@@ -19,7 +19,7 @@ pytest.importorskip("lowbit.core.ggml")
 from lowbit.algorithms.gptq import gptq_quantize_weight  # noqa: E402
 from lowbit.core import QuantSpec, fake_quant, quantize  # noqa: E402
 from lowbit.core.ggml import ggml_type, search_scales  # noqa: E402
-from lowbit.errors import CalibrationError, ConfigError  # noqa: E402
+from lowbit.errors import ConfigError  # noqa: E402
 from lowbit.formats import ggml_blocks  # noqa: E402
 
 TYPES = ["gguf_q4_k", "gguf_q6_k", "gguf_iq4_nl", "gguf_q5_0"]
@@ -64,6 +64,20 @@ def test_gptq_beats_data_free_and_reproduces(fmt):
     got = _err(r.weight, w, x)
     assert got < 0.8 * rtn, (fmt, got, rtn)
     assert got < imat_err, (fmt, got, imat_err)
+
+
+@pytest.mark.parametrize("fmt", ["gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_1",
+                                 "gguf_q2_k", "gguf_q3_k", "gguf_q5_k", "gguf_iq4_xs",
+                                 "gguf_nvfp4"])
+def test_gptq_other_types_reproduce(fmt):
+    spec = QuantSpec(format=fmt)
+    w, x, H = _layer(n_out=16, n_tok=384, seed=3)
+    r = gptq_quantize_weight(w, H, spec, act_order=True)
+    assert torch.equal(_fixed(r.weight, spec, r), r.weight)
+    qt = quantize(r.weight, spec, scale=r.scale, zero_point=r.zero_point,
+                  global_scale=r.global_scale)
+    assert torch.equal(ggml_blocks.dequantize(ggml_type(spec), qt.fields), r.weight)
+    assert _err(r.weight, w, x) < _err(fake_quant(w, spec), w, x)
 
 
 @pytest.mark.parametrize("fmt", ["gguf_q4_k", "gguf_q5_0"])
