@@ -410,6 +410,28 @@ def plan(model: nn.Module, ftype: str, output_type: str | None = None,
     return out
 
 
-__all__ = ["FTYPES", "ALIASES", "BLOCK", "FALLBACK", "MixModel", "MixPlan", "canonical_ftype",
+def expand(model: nn.Module, recipe):
+    """``(recipe with the mix's targets, MixPlan)``: ``recipe.gguf_mix`` (a
+    :class:`lowbit.config.recipe.GgufMix`) planned for ``model`` (after its experts are
+    split) and turned into one target per type (``{pattern: [modules], weight: {format:
+    gguf_<type>}}``) placed before the recipe's own targets, which still override. The
+    importance-matrix rules are on when ``gguf_mix.imatrix`` is true or, when it is null,
+    when the recipe has an ``imatrix`` step."""
+    from lowbit.config.recipe import Recipe
+
+    mix = recipe.gguf_mix
+    has_imatrix = mix.imatrix if mix.imatrix is not None else \
+        any(a.name == "imatrix" for a in recipe.algorithms)
+    p = plan(model, mix.ftype, mix.output_type, mix.embedding_type, mix.pure, has_imatrix)
+    by_type: dict[str, list[str]] = {}
+    for mod, (_, t, _) in p.modules.items():
+        by_type.setdefault(t, []).append(mod)
+    d = recipe.to_dict()
+    d["targets"] = [{"pattern": mods, "weight": {"format": "gguf_" + t.lower()}}
+                    for t, mods in by_type.items()] + d["targets"]
+    return Recipe.parse(d, f"recipe {recipe.name} (gguf_mix {mix.ftype})"), p
+
+
+__all__ = ["FTYPES", "expand", "ALIASES", "BLOCK", "FALLBACK", "MixModel", "MixPlan", "canonical_ftype",
            "canonical_type", "category", "fallback", "mix_model", "plan", "quantizable",
            "tensor_type", "tensor_type_why", "use_more_bits"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -15,10 +16,21 @@ NO_VOCAB = ("gguf: write no vocabulary (for a tokenizer that is not byte-level B
             "llama.cpp then runs on token ids)")
 
 
-def gguf_options(format: str, allow_requantize: bool, no_vocab: bool) -> dict:
-    """The exporter options of --allow-requantize and --no-vocab (an error unless gguf)."""
+EMBEDDING_TYPE = ("gguf: type of the token embedding (llama-quantize's --token-embedding-type): "
+                  "f32, f16, bf16 or a ggml type (q8_0, q6_k, q4_k...); default: the GGUF "
+                  "mix's rule (gguf-* presets), else the float type")
+OUTPUT_TYPE = ("gguf: type of the output layer (llama-quantize's --output-tensor-type), as "
+               "--embedding-type; a tied embedding takes it too")
+
+
+def gguf_options(format: str, allow_requantize: bool, no_vocab: bool,
+                 embedding_type: "str | None" = None, output_type: "str | None" = None) -> dict:
+    """The exporter options of --allow-requantize, --no-vocab, --embedding-type and
+    --output-type (an error unless gguf)."""
     given = [f for f, on in (("--allow-requantize", allow_requantize),
-                             ("--no-vocab", no_vocab)) if on]
+                             ("--no-vocab", no_vocab),
+                             ("--embedding-type", embedding_type is not None),
+                             ("--output-type", output_type is not None)) if on]
     if given and format != "gguf":
         fail(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} only for --format "
              f"gguf, not {format}")
@@ -27,6 +39,10 @@ def gguf_options(format: str, allow_requantize: bool, no_vocab: bool) -> dict:
         opts["allow_requantize"] = True
     if no_vocab:
         opts["tokenizer"] = None
+    if embedding_type is not None:
+        opts["embedding_type"] = embedding_type.lower()
+    if output_type is not None:
+        opts["output_type"] = output_type.lower()
     return opts
 
 
@@ -75,6 +91,11 @@ def export_cmd(
     force: bool = typer.Option(False, help="replace --out if it exists"),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help=ALLOW_REQUANTIZE),
     no_vocab: bool = typer.Option(False, "--no-vocab", help=NO_VOCAB),
+    embedding_type: Optional[str] = typer.Option(None, "--embedding-type",
+                                                 "--token-embedding-type",
+                                                 help=EMBEDDING_TYPE),
+    output_type: Optional[str] = typer.Option(None, "--output-type", "--output-tensor-type",
+                                              help=OUTPUT_TYPE),
 ) -> None:
     """Re-export a quantized checkpoint in another format: the stored codes and scales are
     written as they are, nothing is recalibrated (exit 0 ok, 2 bad input, 1 failure)."""
@@ -84,7 +105,7 @@ def export_cmd(
     _check_model_path(checkpoint)
     if format not in exporter_names():
         fail(f"unknown --format {format!r}; expected one of: {', '.join(exporter_names())}")
-    gguf_opts = gguf_options(format, allow_requantize, no_vocab)
+    gguf_opts = gguf_options(format, allow_requantize, no_vocab, embedding_type, output_type)
     if out.exists() and not force:
         fail(f"output folder {out} exists; pass --force to replace it")
     if out.resolve() == Path(checkpoint).resolve():

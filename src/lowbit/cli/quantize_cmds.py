@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lowbit.cli import app, console, fail, one_line_errors
-from lowbit.cli.export_cmd import ALLOW_REQUANTIZE, NO_VOCAB, export_options, gguf_options
+from lowbit.cli.export_cmd import (ALLOW_REQUANTIZE, EMBEDDING_TYPE, NO_VOCAB, OUTPUT_TYPE,
+                                   export_options, gguf_options)
 
 
 def _progress() -> Progress:
@@ -112,6 +113,20 @@ def quantize_cmd(
         None, "--moe-calibrate-all-experts/--no-moe-calibrate-all-experts",
         help="MoE models: every calibration token also passes through every expert, for "
              "statistics only (default: on when the recipe has algorithm steps)"),
+    algorithm: Optional[str] = typer.Option(
+        None, "--algorithm", help="add algorithm steps to the recipe (comma-separated: gptq, "
+        "awq, imatrix, smoothquant); with a gguf-* mix preset, gptq/awq/imatrix pick its "
+        "-gptq/-awq/-imatrix variant; needs --calib"),
+    imatrix: Optional[Path] = typer.Option(
+        None, "--imatrix", help="GGUF block types: an importance matrix file written by "
+        "llama-imatrix (adds an imatrix step reading it; no --calib needed)"),
+    embedding_type: Optional[str] = typer.Option(None, "--embedding-type",
+                                                 "--token-embedding-type",
+                                                 help=EMBEDDING_TYPE),
+    output_type: Optional[str] = typer.Option(None, "--output-type", "--output-tensor-type",
+                                              help=OUTPUT_TYPE),
+    pure: bool = typer.Option(False, "--pure", help="gguf-* mixes: every linear the mix's "
+                              "default type (llama-quantize's --pure; fallbacks still apply)"),
 ) -> None:
     """Quantize a model with a recipe (or --auto BITS) and write a checkpoint (exit 0 ok, 2 bad
     input, 1 failure). Under torchrun (torchrun --nproc-per-node N -m lowbit quantize ...)
@@ -154,10 +169,17 @@ def quantize_cmd(
     if moe_calibrate_all_experts is not None:
         over["moe_calibrate_all_experts"] = moe_calibrate_all_experts
     rec = None
+    if recipe is None and (algorithm or imatrix or pure or embedding_type or output_type):
+        fail("--algorithm, --imatrix, --pure, --embedding-type and --output-type go with "
+             "--recipe, not --auto")
     if recipe is not None:
         with one_line_errors("loading the recipe"):
             rec = recipes.load(recipe, **over)
-        if calib is None and (rec.has_static_activations() or rec.algorithms):
+            rec = _recipe_options(rec, algorithm, imatrix, pure, embedding_type,
+                                  output_type)
+        if rec.gguf_mix is None and (embedding_type or output_type):
+            gguf_opts.update(gguf_options(format, False, False, embedding_type, output_type))
+        if calib is None and (rec.has_static_activations() or _needs_data(rec)):
             fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
     with one_line_errors("starting torch.distributed"):
         comm = init_from_env()
@@ -167,6 +189,52 @@ def quantize_cmd(
     else:
         _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format, force,
                             comm, auto, candidates, over, chunk_size, gguf_opts)
+
+
+def _needs_data(rec) -> bool:
+    """Whether ``rec``'s algorithm steps need calibration data (an imatrix step reading a
+    file does not)."""
+    return any(not (a.name == "imatrix" and a.args.get("file")) for a in rec.algorithms)
+
+
+def _recipe_options(rec, algorithm, imatrix, pure, embedding_type, output_type):
+    """``rec`` with the command line's --algorithm / --imatrix steps and (a gguf_mix recipe)
+    --pure / --embedding-type / --output-type as its mix options."""
+    from lowbit import recipes
+    from lowbit.pipeline.algorithms import algorithm_names
+
+    from lowbit.config import Recipe
+
+    steps = [a.model_dump(exclude_defaults=True) for a in rec.algorithms]
+    names = [a.strip() for a in (algorithm or "").split(",") if a.strip()]
+    for name in names:
+        if name not in algorithm_names():
+            fail(f"--algorithm {name!r}; expected one of: {', '.join(algorithm_names())}")
+        if name not in {a["name"] for a in steps}:
+            steps.append({"name": name})
+    variant = f"{rec.name}-{names[0]}" if len(names) == 1 else None
+    if rec.gguf_mix is not None and not rec.algorithms and variant in recipes.names():
+        v = recipes.load(variant)  # a gguf-* mix preset + --algorithm X is its -X variant
+        if [a.model_dump(exclude_defaults=True) for a in v.algorithms] == steps:
+            rec = Recipe.parse({**rec.to_dict(), "name": v.name,
+                                "description": v.description}, f"recipe {v.name}")
+    if imatrix is not None:
+        if not imatrix.is_file():
+            fail(f"--imatrix {imatrix}: no such file")
+        steps = [a for a in steps if a["name"] != "imatrix"]
+        steps.insert(0, {"name": "imatrix", "args": {"file": str(imatrix)}})
+    over: dict = {}
+    if steps != [a.model_dump(exclude_defaults=True) for a in rec.algorithms]:
+        over["algorithms"] = steps
+    mix = {k: v for k, v in (("embedding_type", embedding_type), ("output_type", output_type),
+                             ("pure", True if pure else None)) if v is not None}
+    if mix:
+        if rec.gguf_mix is None:
+            if pure:
+                fail(f"--pure is for gguf-* mix presets; recipe {rec.name} has no gguf_mix")
+        else:
+            over["gguf_mix"] = mix
+    return recipes.apply_overrides(rec, **over) if over else rec
 
 
 def _calib_ids(tok, calib, samples: int, seq_len: int):

@@ -25,6 +25,9 @@ YAML::
                              # algorithm steps (see Recipe.calibrate_all_experts)
     moe_min_tokens: null     # MoE: an expert routed fewer calibration tokens is named in the
                              # report with its fallback (null: the expert's input width)
+    gguf_mix: null           # llama-quantize's per-tensor types, e.g. q4_k_m or
+                             # {ftype: q4_k_m, output_type: null, embedding_type: null,
+                             #  pure: false, imatrix: null} (see GgufMix)
 
 ``group_policy`` applies to group sizes written in the recipe: ``fallback`` uses the largest
 divisor of a layer's width below the group size (every such layer is listed in the report
@@ -92,6 +95,52 @@ class AlgorithmStep(BaseModel):
     targets: list[str] | None = None
 
 
+class GgufMix(BaseModel):
+    """A llama-quantize mix (``Q4_K_M``...) named by a recipe (``gguf_mix:``).
+
+    At quantize time (:func:`lowbit.pipeline.quantize.quantize`) it becomes one weight spec
+    per linear (format ``gguf_<type>``, the type llama.cpp's rules give its tensor,
+    :func:`lowbit.adapters.gguf_mix.plan`) placed before the recipe's own ``targets`` (which
+    still override, like llama-quantize's ``--tensor-type``). ``ftype``: the file type
+    (``q4_k_m``, llama-quantize's spelling accepted too); ``output_type`` /
+    ``embedding_type``: llama-quantize's ``--output-tensor-type`` / ``--token-embedding-type``
+    (a ggml type name, ``q8_0``, ``f16``...; null: the mix's rule); ``pure``: ``--pure``
+    (every tensor the default type, fallbacks still apply); ``imatrix``: whether llama.cpp's
+    rules see an importance matrix (null: whether the recipe has an ``imatrix`` step). The
+    token embedding and output types are for the GGUF exporter (lowbit's model keeps them in
+    float): the plan is in ``model.lowbit_report.gguf_mix``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ftype: str
+    output_type: str | None = None
+    embedding_type: str | None = None
+    pure: bool = False
+    imatrix: bool | None = None
+
+    @field_validator("ftype")
+    @classmethod
+    def _ftype(cls, v):
+        from lowbit.adapters.gguf_mix import canonical_ftype  # llama.cpp's table lives there
+
+        try:
+            return canonical_ftype(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("output_type", "embedding_type")
+    @classmethod
+    def _tensor_type(cls, v, info):
+        if v is None:
+            return v
+        from lowbit.adapters.gguf_mix import canonical_type
+
+        try:
+            return canonical_type(v, info.field_name).lower()
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+
 class Recipe(BaseModel):
     """A whole quantization recipe; build with :func:`lowbit.recipes.load` or ``parse``."""
 
@@ -107,6 +156,12 @@ class Recipe(BaseModel):
     strict: bool = False
     moe_calibrate_all_experts: bool | None = None
     moe_min_tokens: int | None = None
+    gguf_mix: GgufMix | None = None
+
+    @field_validator("gguf_mix", mode="before")
+    @classmethod
+    def _mix(cls, v):
+        return {"ftype": v} if isinstance(v, str) else v
 
     @field_validator("moe_min_tokens")
     @classmethod
@@ -160,9 +215,12 @@ class Recipe(BaseModel):
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
+                fields = GgufMix.model_fields if err["loc"][0] == "gguf_mix" else \
+                    cls.model_fields
                 raise ConfigError(f"{source}: unknown key {loc!r}; expected one of: "
-                                  f"{', '.join(cls.model_fields)}") from None
-            raise ConfigError(f"{source}: {loc}: {err['msg']}") from None
+                                  f"{', '.join(fields)}") from None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{source}: {loc}: {msg}") from None
 
     def to_dict(self) -> dict:
         """Plain dict (YAML-ready) that :meth:`parse` turns back into an equal recipe."""
@@ -182,6 +240,8 @@ class Recipe(BaseModel):
             "group_policy": self.group_policy, "strict": self.strict,
             **{k: getattr(self, k) for k in ("moe_calibrate_all_experts", "moe_min_tokens")
                if getattr(self, k) is not None},
+            **({"gguf_mix": self.gguf_mix.model_dump(exclude_defaults=True)}
+               if self.gguf_mix is not None else {}),
         }
 
     # --- matching -------------------------------------------------------------------------

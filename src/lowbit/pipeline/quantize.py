@@ -131,7 +131,11 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
 
     The report of what was done is in ``model.lowbit_report`` (quantized and excluded
     modules, MoE routers left in float, group-size fallbacks, KV-cache attachment, times,
-    ``experts`` (MoE: tokens routed to each expert in calibration and the fallback of each
+    ``gguf_mix`` (a recipe's llama-quantize mix, :class:`lowbit.config.recipe.GgufMix`:
+    the plan of :func:`lowbit.adapters.gguf_mix.plan` as a dict: ``ftype``, ``modules``
+    ``{module: {tensor, type, why}}``, ``token_embd`` and ``output`` types for the GGUF
+    exporter, ``float_modules`` kept in float because no block type fits, ``fallbacks``;
+    None without a mix), ``experts`` (MoE: tokens routed to each expert in calibration and the fallback of each
     expert under ``moe_min_tokens``, :mod:`lowbit.pipeline.moe`), ``unreached`` (towers
     the adapter declares text calibration never runs, e.g. Gemma-3's vision tower: what
     happened to each, :mod:`lowbit.pipeline.unreached`) and ``coverage``: the
@@ -160,8 +164,24 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     from lowbit.adapters.experts import unfuse_experts
 
     unfused = unfuse_experts(model)
+    mix_plan = None
+    if recipe.gguf_mix is not None:  # llama-quantize's mix -> one gguf_* spec per linear
+        from lowbit.adapters.gguf_mix import expand
+
+        recipe, mix_plan = expand(model, recipe)
+        if mix_plan.fallbacks or mix_plan.float_modules:
+            import warnings
+
+            first = next(iter(mix_plan.fallbacks.items()))
+            warnings.warn(
+                f"recipe {recipe.name}: {len(mix_plan.fallbacks)} layers took llama.cpp's "
+                f"type fallback (e.g. {first[0]}: {first[1]})"
+                + (f"; {len(mix_plan.float_modules)} stay float (no block type fits)"
+                   if mix_plan.float_modules else "")
+                + " (all in model.lowbit_report.gguf_mix)", stacklevel=2)
     report = apply_recipe(model, recipe)
     report.unfused_experts = unfused
+    report.gguf_mix = None if mix_plan is None else mix_plan.as_dict()
     from lowbit.pipeline.unreached import kv_outside_decoder
 
     kv_outside_decoder(model, report)

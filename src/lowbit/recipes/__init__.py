@@ -23,12 +23,70 @@ from lowbit.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 OVERRIDES = ("group_size", "kv_cache", "calibrator", "strict", "group_policy", "exclude",
-             "algorithms", "moe_calibrate_all_experts", "moe_min_tokens")
+             "algorithms", "moe_calibrate_all_experts", "moe_min_tokens", "gguf_mix")
+
+_FALLBACK_NOTE = ("output (and a tied token embedding) Q6_K, written by the GGUF exporter; a "
+                  "layer whose width is not a multiple of 256 takes llama.cpp's fallback "
+                  "(Q4_K -> Q5_0, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL...)")
+#: llama-quantize mixes shipped as presets ``gguf-<ftype>`` (+ the variants below); the rules
+#: are :mod:`lowbit.adapters.gguf_mix`'s (llama.cpp's llama_tensor_get_type)
+GGUF_MIX_PRESETS = {
+    "q2_k": "Q2_K with attn_v Q4_K (Q3_K below 4 query heads per KV head), ffn_down and "
+            "attn_output Q3_K",
+    "q3_k_m": "Q3_K with attn_v Q5_K in the first two layers then Q4_K, ffn_down and "
+              "attn_output Q4_K",
+    "q4_k_s": "Q4_K with attn_v Q5_K in the first four layers and ffn_down Q5_K in the first "
+              "eighth",
+    "q4_k_m": "Q4_K with attn_v and ffn_down Q6_K in the first and last eighth of the layers "
+              "and every third layer between",
+    "q5_k_m": "Q5_K with attn_v and ffn_down Q6_K in the first and last eighth of the layers "
+              "and every third layer between",
+    "q6_k": "Q6_K for every linear",
+    "iq4_xs": "IQ4_XS (non-linear 4-bit codes, super-blocks of 256) with attn_v Q5_K at 4 or "
+              "more query heads per KV head and, without an imatrix, ffn_down Q5_K in the "
+              "first eighth",
+    "iq4_nl": "IQ4_NL (non-linear 4-bit codes, blocks of 32) with attn_v Q5_K at 4 or more "
+              "query heads per KV head and, without an imatrix, ffn_down Q5_K in the first "
+              "eighth",
+}
+#: preset suffix -> (algorithm steps, what the variant does)
+GGUF_MIX_VARIANTS = {
+    "": ([], "Data-free: llama.cpp's own weighting of the scale search, no calibration."),
+    "-imatrix": ([{"name": "imatrix"}], "Scales searched with an importance matrix from the "
+                 "calibration activations (mean x^2 per input channel, as llama-imatrix); "
+                 "needs --calib (or an imatrix step with args {file: imatrix.gguf})."),
+    "-gptq": ([{"name": "gptq"}], "GPTQ: block types' scales searched first, then codes "
+              "rounded column by column with the Hessian of the calibration inputs; needs "
+              "--calib."),
+    "-awq": ([{"name": "awq"}], "AWQ activation-aware scales folded into the preceding "
+             "norms before the block types' scales are searched; needs --calib."),
+}
+
+
+def _mix_presets() -> dict[str, dict]:
+    """``{name: recipe dict}`` of the generated ``gguf-<mix>[-variant]`` presets."""
+    out = {}
+    for ftype, what in GGUF_MIX_PRESETS.items():
+        for suffix, (steps, how) in GGUF_MIX_VARIANTS.items():
+            name = f"gguf-{ftype}{suffix}"
+            out[name] = {"name": name, "gguf_mix": {"ftype": ftype},
+                         "algorithms": [dict(a) for a in steps],
+                         "description": f"llama.cpp's {ftype.upper()} mix, per tensor as "
+                                        f"llama-quantize picks it: {what}; {_FALLBACK_NOTE}. "
+                                        f"{how}"}
+    return out
 
 
 def names() -> list[str]:
-    """Names of the preset recipes, sorted."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Names of the preset recipes (YAML files and the generated GGUF mixes), sorted."""
+    return sorted({p.stem for p in PRESET_DIR.glob("*.yaml")} | set(_mix_presets()))
+
+
+def _preset(name: str) -> Recipe:
+    gen = _mix_presets()
+    if name in gen and not (PRESET_DIR / f"{name}.yaml").exists():
+        return Recipe.parse(gen[name], f"preset {name}")
+    return Recipe.parse(_read_yaml(PRESET_DIR / f"{name}.yaml"), f"preset {name}")
 
 
 def _read_yaml(path: Path) -> Any:
@@ -50,7 +108,9 @@ def load(name_or_path: "str | os.PathLike | Recipe | dict", **overrides: Any) ->
     ``kv_cache`` (``"fp8"``, ``"int8"``, a spec dict or None), ``calibrator`` (every static
     activation spec), ``strict``, ``group_policy``, ``exclude`` (replaces the list),
     ``algorithms`` (replaces the steps), ``moe_calibrate_all_experts`` and
-    ``moe_min_tokens`` (MoE calibration, see :class:`lowbit.config.Recipe`).
+    ``moe_min_tokens`` (MoE calibration, see :class:`lowbit.config.Recipe`), ``gguf_mix``
+    (a dict merged into the recipe's llama-quantize mix, e.g. ``{"output_type": "q8_0"}``;
+    a recipe without a mix needs ``ftype`` in it; see :class:`lowbit.config.recipe.GgufMix`).
     """
     if isinstance(name_or_path, Recipe):
         recipe = name_or_path
@@ -60,7 +120,7 @@ def load(name_or_path: "str | os.PathLike | Recipe | dict", **overrides: Any) ->
         s = str(name_or_path)
         p = Path(s)
         if s in names():
-            recipe = Recipe.parse(_read_yaml(PRESET_DIR / f"{s}.yaml"), f"preset {s}")
+            recipe = _preset(s)
         elif p.suffix in (".yaml", ".yml") or p.exists():
             if not p.is_file():
                 raise ConfigError(f"recipe file {s} does not exist")
@@ -109,6 +169,13 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
                 s["calibrator"] = cal
     if "kv_cache" in overrides:
         d["kv_cache"] = kv_cache_spec(overrides["kv_cache"])
+    if overrides.get("gguf_mix") is not None:
+        mix = overrides["gguf_mix"]
+        mix = {"ftype": mix} if isinstance(mix, str) else dict(mix)
+        if d.get("gguf_mix") is None and "ftype" not in mix:
+            raise ConfigError(f"recipe {recipe.name} has no gguf_mix: the gguf_mix override "
+                              f"{mix} needs an ftype (e.g. q4_k_m) to start one")
+        d["gguf_mix"] = {**(d.get("gguf_mix") or {}), **mix}
     if gs is not None and "group_policy" not in overrides:
         d["group_policy"] = "strict"  # the user asked for this group size: no fallback
     for k in ("strict", "group_policy", "exclude", "algorithms", "moe_calibrate_all_experts",
