@@ -179,6 +179,9 @@ def quantize_cmd(
                                   output_type)
         if rec.gguf_mix is None and (embedding_type or output_type):
             gguf_opts.update(gguf_options(format, False, False, embedding_type, output_type))
+        if stream and rec.gguf_mix is not None:
+            fail(f"--stream does not expand GGUF mixes (recipe {rec.name}); quantize in "
+                 "memory (without --stream)")
         if calib is None and (rec.has_static_activations() or _needs_data(rec)):
             fail(f"recipe {rec.name} needs calibration data: pass --calib TEXT_FILE")
     with one_line_errors("starting torch.distributed"):

@@ -1,0 +1,65 @@
+"""`lowbit quantize -r gguf-q4_k_m --algorithm gptq --calib TEXT -f gguf` as a user runs it,
+and the command line's llama-quantize options (--embedding-type, --output-type, --pure)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.cli.test_cli_quantize import model_dir, run  # noqa: F401  (fixture)
+
+
+def _gguf_ready() -> bool:
+    from lowbit.core import QuantSpec
+
+    try:
+        QuantSpec(format="gguf_q4_k")
+        return True
+    except Exception:  # noqa: BLE001 - core's gguf_* formats not there yet
+        return False
+
+
+def test_recipes_lists_the_mixes():
+    p = subprocess.run([sys.executable, "-m", "lowbit", "recipes"], capture_output=True,
+                       text=True, timeout=120, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    for name in ("gguf-q4_k_m", "gguf-q4_k_m-gptq", "gguf-iq4_xs-imatrix", "gguf-q2_k-awq"):
+        assert name in p.stdout
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--algorithm", "magic"], "--algorithm 'magic'; expected one of:"),
+    (["-r", "int8", "--pure"], "--pure is for gguf-\\* mix presets"),
+    (["-r", "int8", "--embedding-type", "q8_0"], "--embedding-type is only for --format gguf"),
+    (["--imatrix", "/no/such.gguf"], "--imatrix /no/such.gguf: no such file"),
+    (["--algorithm", "gptq"], "needs calibration data: pass --calib"),
+    (["--output-type", "q9_k"], "output_type 'q9_k'"),
+])
+def test_bad_options(model_dir, tmp_path, extra, msg):  # noqa: F811
+    import re
+
+    d, _ = model_dir
+    args = ["quantize", str(d), "-o", str(tmp_path / "q")]
+    if "-r" not in extra:
+        args += ["-r", "gguf-q4_k_m"]
+    rc, o, e = run(*args, *extra)
+    assert rc == 2 and re.search(msg, " ".join((o + e).split())), (o, e)
+
+
+@pytest.mark.skipif(not _gguf_ready(), reason="lowbit.core has no gguf_* formats yet")
+def test_quantize_mix_gptq_to_gguf(model_dir, tmp_path):  # noqa: F811
+    import gguf
+
+    d, text = model_dir
+    out = tmp_path / "q"
+    rc, o, e = run("quantize", str(d), "-r", "gguf-q4_k_m", "--algorithm", "gptq", "--calib",
+                   str(text), "--samples", "4", "--seq-len", "32", "-f", "gguf",
+                   "--output-type", "q8_0", "-o", str(out))
+    assert rc == 0, e
+    r = gguf.GGUFReader(out / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    # the tiny Llama (hidden 64): llama.cpp's fallbacks Q4_K -> Q5_0, Q6_K -> Q8_0
+    assert types["blk.0.attn_q.weight"] == "Q5_0"
+    assert types["blk.1.attn_v.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
+    assert types["output.weight"] == "Q8_0"   # --output-type
+    assert types["token_embd.weight"] == "Q5_0"  # untied: the default Q4_K, fallen back
