@@ -19,17 +19,27 @@ What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` write
   ``q_proj``/``k_proj`` (weights and biases) permuted for llama.cpp's rotary layout on the
   ``llama`` architecture (Llama, Mistral; not Qwen2/Qwen3), codes and scales together;
 * quantized weights in the ggml type that holds lowbit's codes and scales exactly (see
-  :mod:`lowbit.export.gguf_types`: Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, MXFP4), so that
-  ``gguf.quants.dequantize`` of the file gives the fake-quantized weights bit for bit
-  (fused projections too: their codes and scales are written as they are);
-  a weight with no exact type is a ConfigError naming it, unless ``allow_requantize=True``
-  (then ``gguf.quants`` requantizes the fake-quantized weight to ``requantize_type`` and a
-  warning says which layers and how much they moved);
+  :mod:`lowbit.export.gguf_types`: Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, MXFP4; and every weight
+  quantized with a ``gguf_*`` spec, K-quants, IQ4_NL/IQ4_XS and NVFP4 included, whose
+  ggml fields are packed as they are), so that ``gguf.quants.dequantize`` of the file gives
+  the fake-quantized weights bit for bit (fused projections too);
+  a weight with no exact type is a ConfigError naming it, unless ``allow_requantize=True``:
+  then ``requantize_type="nearest"`` (default) writes it in the smallest ggml type that
+  keeps its codes (its own scales rounded to float16, or a type searched by lowbit.core; see
+  :mod:`lowbit.export.gguf_requant`), or ``requantize_type`` names one type (``"q8_0"``,
+  ``"q4_k"``...); a warning lists each such layer with its type and max/RMS change;
 * norms and biases in F32, other unquantized matrices in ``float_type`` (``"f32"``, exact;
-  ``"f16"`` or ``"bf16"``), the token embedding in ``embedding_type`` (default
-  ``float_type``; ``"q8_0"``... quantizes it with ``gguf.quants``, which lowbit's own model
-  does not do); tied embeddings give no ``output.weight`` unless ``lm_head`` is quantized
-  (refused for Gemma, whose llama.cpp architecture has no output layer);
+  ``"f16"`` or ``"bf16"``); the token embedding in ``embedding_type`` and an unquantized
+  output head in ``output_type`` (llama-quantize's ``--token-embedding-type`` /
+  ``--output-tensor-type``): ``f32``/``f16``/``bf16`` or a ggml type (``q8_0`` ...
+  ``q6_k``, ``iq4_xs``...), quantized at export by lowbit.core's quantizer with data-free
+  weighting (as llama-quantize does for token_embd, which it never weights by an imatrix);
+  lowbit's own model keeps these in float, so a warning says so. Defaults: the types of
+  the GGUF mix the model was quantized with (``model.lowbit_recipe.gguf_mix``, see
+  :mod:`lowbit.adapters.gguf_mix`), else ``float_type``. A tied embedding takes
+  ``output_type`` when no ``embedding_type`` is given (llama.cpp's rule). Tied embeddings
+  give no ``output.weight`` unless ``lm_head`` is quantized (refused for Gemma, whose
+  llama.cpp architecture has no output layer);
 * hyperparameters (context length, heads, KV heads, head size, rope theta and scaling,
   RMS-norm epsilon, the family's soft-caps and sliding window) from ``model.config``; the
   tokenizer (byte-level BPE or SentencePiece, see :mod:`lowbit.export.gguf_vocab`) from a
@@ -56,7 +66,7 @@ from lowbit.adapters import facts, family
 from lowbit.adapters.gguf_archs import GGUF_ARCHS, GgufArch
 from lowbit.adapters.moe_export import GGUF_MOE_ARCHS
 from lowbit.errors import ConfigError
-from lowbit.export import gguf_moe
+from lowbit.export import gguf_moe, gguf_requant
 from lowbit.export.base import weight_qtensor
 from lowbit.export.gguf_types import NotExact, ggml_type_for, to_blocks
 from lowbit.export.gguf_vocab import write_vocab
@@ -66,7 +76,8 @@ from lowbit.options import accepted_options, reject_unknown
 
 FILENAME = "model.gguf"
 FLOAT_TYPES = ("f32", "f16", "bf16")
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf.quants can produce these
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
+               "q6_k", "iq4_nl", "iq4_xs")  # lowbit.core quantizes a float matrix to these
 SUPPORTED = (
     "Q8_0 (int2..int8 symmetric), Q4_0 (int2..int4 symmetric), Q5_0 (int5 symmetric), "
     "Q4_1/Q5_1 (4/5-bit affine), MXFP4 (mxfp4), each with one scale per 32 input values "
@@ -91,9 +102,9 @@ def qk_rows(n_rows: int, n_head: int) -> torch.Tensor:
 
 # --- export ------------------------------------------------------------------------------
 def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f32",
-           embedding_type: str | None = None, allow_requantize: bool = False,
-           requantize_type: str = "q8_0", tokenizer_pre: str | None = None,
-           name: str | None = None, **unknown) -> None:
+           embedding_type: str | None = None, output_type: str | None = None,
+           allow_requantize: bool = False, requantize_type: str = "nearest",
+           tokenizer_pre: str | None = None, name: str | None = None, **unknown) -> None:
     """Write ``model`` (a transformers causal LM of a family in
     :data:`lowbit.adapters.gguf_archs.GGUF_ARCHS`, the multimodal Gemma-3's text tower, or a
     Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE one with its experts split by lowbit.quantize) as
@@ -104,13 +115,11 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
 
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"float_type {float_type!r}; expected one of: {', '.join(FLOAT_TYPES)}")
-    emb_type = embedding_type or float_type
-    if emb_type not in FLOAT_TYPES + QUANT_TYPES:
-        raise ConfigError(f"embedding_type {embedding_type!r}; expected one of: "
-                          f"{', '.join(FLOAT_TYPES + QUANT_TYPES)}")
-    if requantize_type not in QUANT_TYPES + FLOAT_TYPES:
-        raise ConfigError(f"requantize_type {requantize_type!r}; expected one of: "
-                          f"{', '.join(QUANT_TYPES + FLOAT_TYPES)}")
+    embedding_type = _type_option(embedding_type, "embedding_type")
+    output_type = _type_option(output_type, "output_type")
+    if requantize_type != "nearest":
+        requantize_type = _type_option(requantize_type, "requantize_type", "'nearest', ")
+    mix_emb, mix_out, mix_ftype = _mix_types(model)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "model_type"):
         raise ConfigError("GGUF export needs a transformers causal LM (a model with .config)")
@@ -125,12 +134,19 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
     _check_family(arch, cfg)
     _check_ignored(model, arch)
     _warn_activation_quantizers(model)
-    tensors = _tensors(model, cfg, arch, float_type, emb_type, allow_requantize,
-                       requantize_type)
+    tied = _is_tied(model, cfg)
+    if tied:  # llama.cpp: a tied token_embd takes the output type (llama_tensor_get_type)
+        emb_type = embedding_type or output_type or mix_emb or float_type
+    else:
+        emb_type = embedding_type or mix_emb or float_type
+    out_type = output_type or mix_out or float_type
+    tensors = _tensors(model, cfg, arch, float_type, emb_type, out_type, allow_requantize,
+                       requantize_type, output_type)
     tensors += _rope_tensors(cfg)
     writer = gguf.GGUFWriter(Path(out_dir) / FILENAME,
                              gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.arch)])
-    _write_hparams(writer, model, mcfg, cfg, arch, name, _file_type(tensors, float_type))
+    _write_hparams(writer, model, mcfg, cfg, arch, name,
+                   _file_type(tensors, float_type, mix_ftype))
     if moe is not None:
         gguf_moe.write_moe_hparams(writer, model, cfg, moe)
     write_vocab(writer, tokenizer, cfg.vocab_size, tokenizer_pre)
@@ -216,7 +232,40 @@ def _is_tied(model: nn.Module, cfg) -> bool:
     return head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
 
 
-def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantize_type):
+def _type_option(value: str | None, what: str, extra: str = "") -> str | None:
+    """A tensor type option (``"q6_k"``, ``"Q6_K"``, ``"f16"``) in lower case; ConfigError
+    naming ``what`` and the accepted values otherwise."""
+    if value is None:
+        return None
+    v = str(value).lower()
+    if v not in FLOAT_TYPES + QUANT_TYPES:
+        raise ConfigError(f"{what} {value!r}; expected one of: {extra}"
+                          f"{', '.join(FLOAT_TYPES + QUANT_TYPES)}")
+    return v
+
+
+def _mix_types(model: nn.Module) -> tuple[str | None, str | None, str | None]:
+    """``(token_embd type, output type, ftype)`` of the GGUF mix ``model`` was quantized
+    with: the plan lowbit.quantize kept in ``model.lowbit_report.gguf_mix`` (see
+    :func:`lowbit.adapters.gguf_mix.plan`), else the recipe's ``gguf_mix``
+    (:class:`lowbit.config.recipe.GgufMix`) planned again; Nones without a mix."""
+    low = (lambda t: None if t is None else str(t).lower())
+    plan = getattr(getattr(model, "lowbit_report", None), "gguf_mix", None)
+    if isinstance(plan, dict) and plan.get("ftype"):
+        return low(plan.get("token_embd")), low(plan.get("output")), low(plan["ftype"])
+    mix = getattr(getattr(model, "lowbit_recipe", None), "gguf_mix", None)
+    if mix is None:
+        return None, None, None
+    from lowbit.adapters import gguf_mix
+
+    p = gguf_mix.plan(model, mix.type, output_type=mix.output_type,
+                      embedding_type=mix.embedding_type, pure=mix.pure,
+                      has_imatrix=bool(mix.imatrix))
+    return low(p.token_embd), low(p.output), low(p.ftype)
+
+
+def _tensors(model, cfg, arch, float_type, emb_type, out_type, allow_requantize,
+             requantize_type, output_option=None):
     """[(gguf name, numpy array, ggml type or None)] for every tensor of ``model``."""
     import gguf
 
@@ -228,7 +277,7 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
     tied = _is_tied(model, cfg)
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
-    out, inexact, requantized, widened = [], [], [], []
+    out, inexact, requantized, widened, file_quantized = [], [], [], [], []
     experts = gguf_moe.moe_experts(model)
     out += gguf_moe.expert_tensors(model, tmap, float_type, allow_requantize, requantize_type,
                                    _encode, _decode, inexact, requantized, widened)
@@ -274,6 +323,11 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
             rows = qk_rows(t.shape[0], heads)
         if quantized:
             qt = weight_qtensor(m)
+            if gname == "output.weight" and output_option is not None:
+                raise ConfigError(f"GGUF export: output_type {output_option!r} applies to a "
+                                  f"float output head, but {mod_name} is quantized "
+                                  f"({qt.spec.short()}); exclude it from quantization or "
+                                  "drop output_type")
             try:
                 arr, kind = to_blocks(qt, rows)
                 if kind != ggml_type_for(qt):
@@ -286,10 +340,17 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
                     continue
                 with torch.no_grad():
                     w = m.weight_2d(m.quantized_weight()).detach().float().cpu()
+                if requantize_type == "nearest":
+                    r = gguf_requant.nearest(qt, w, rows, gname)
+                    requantized.append((mod_name, r.kind, r.max_change, r.rms_change,
+                                        r.codes_kept))
+                    out.append((gname, r.arr, getattr(gguf.GGMLQuantizationType, r.kind)))
+                    continue
                 w = w[rows] if rows is not None else w
                 arr, qtype = _encode(w, requantize_type, gname)
-                back = _decode(arr, qtype)
-                requantized.append((mod_name, float((back - w).abs().max())))
+                diff = _decode(arr, qtype) - w
+                requantized.append((mod_name, requantize_type.upper(), float(diff.abs().max()),
+                                    float(diff.pow(2).mean().sqrt()), None))
                 out.append((gname, arr, qtype))
                 continue
         data = t.detach().float().cpu()
@@ -304,9 +365,12 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
         elif gname.split(".")[-2] in gguf_moe.ROUTER_TENSORS:  # routers: F32, as llama.cpp
             out.append((gname, data.numpy().astype(np.float32), None))
         else:
-            kind = emb_type if gname == "token_embd.weight" else float_type
+            kind = {"token_embd.weight": emb_type, "output.weight": out_type}.get(gname,
+                                                                                float_type)
             arr, qtype = _encode(data, kind, gname)
             out.append((gname, arr, qtype))
+            if kind not in FLOAT_TYPES:
+                file_quantized.append((gname, kind.upper()))
     if towers:
         warnings.warn("GGUF export wrote the text model only: llama.cpp reads "
                       + ", ".join(f"{p} ({n} tensors, {tower_q[p]} quantized)"
@@ -325,17 +389,39 @@ def _tensors(model, cfg, arch, float_type, emb_type, allow_requantize, requantiz
             f"{widened[0][2]} instead of {widened[0][1]}: exact, but larger (the {widened[0][1]} "
             "offset d*(qmin - zero_point) is not a float16 number)", stacklevel=3)
     if requantized:
-        worst = max(requantized, key=lambda r: r[1])
+        _warn_requantized(requantized, requantize_type)
+    if file_quantized:
         warnings.warn(
-            f"GGUF export requantized {len(requantized)} layers to {requantize_type.upper()} "
-            f"from their fake-quantized weights (no exact GGUF type; e.g. "
-            f"{requantized[0][0]}); largest weight change {worst[1]:.3g} in {worst[0]}",
+            "GGUF export quantized " + ", ".join(f"{n} to {k}" for n, k in file_quantized)
+            + " in the file (lowbit.core, data-free weighting), while the in-memory model "
+            "keeps them in float: llama.cpp's logits differ slightly from lowbit's",
             stacklevel=3)
     return out
 
 
+def _warn_requantized(requantized: list, requantize_type: str) -> None:
+    """One warning: how many layers were requantized, to which types, and per layer the
+    type and the max/RMS change of the weight (file vs lowbit's fake-quantized weight)."""
+    kinds = Counter(r[1] for r in requantized)
+    worst = max(requantized, key=lambda r: r[2])
+    lost = [r[0] for r in requantized if r[4] is False]
+    how = "the nearest GGUF type" if requantize_type == "nearest" else \
+        requantize_type.upper()
+    lines = [f"GGUF export requantized {len(requantized)} layers to {how} from their "
+             f"fake-quantized weights (no exact GGUF type): "
+             + ", ".join(f"{n} x {k}" for k, n in kinds.most_common())
+             + f"; largest weight change {worst[2]:.3g} in {worst[0]}"
+             + (f"; {len(lost)} layers do not keep every code (e.g. {lost[0]})" if lost
+                else "")]
+    lines += [f"  {r[0]}: {r[1]}, max change {r[2]:.3g}, rms change {r[3]:.3g}"
+              for r in requantized]
+    warnings.warn("\n".join(lines), stacklevel=4)
+
+
 def _encode(w: torch.Tensor, kind: str, gname: str):
-    """A float matrix as ``kind`` (f32/f16/bf16 or a gguf.quants type)."""
+    """A float matrix (2-D, or experts stacked 3-D) as ``kind``: f32/f16/bf16 (bf16 by
+    ``gguf.quants``, a plain conversion) or a ggml type quantized by lowbit.core
+    (:func:`lowbit.export.gguf_requant.quantize_matrix`)."""
     import gguf
 
     a = np.ascontiguousarray(w.float().numpy())
@@ -344,10 +430,12 @@ def _encode(w: torch.Tensor, kind: str, gname: str):
     if kind == "f16":
         return a.astype(np.float16), None
     qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
-    if kind != "bf16" and a.shape[-1] % 32:
-        raise ConfigError(f"GGUF export: {gname} has {a.shape[-1]} columns, not a multiple of "
-                          f"32, so it cannot be {kind.upper()}; choose f16 or f32")
-    return gguf.quants.quantize(a, qtype), qtype
+    if kind == "bf16":
+        return gguf.quants.quantize(a, qtype), qtype
+    if w.ndim == 3:  # stacked experts
+        return np.stack([gguf_requant.quantize_matrix(x, kind.upper(), gname)[0]
+                         for x in w.float()]), qtype
+    return gguf_requant.quantize_matrix(w.float(), kind.upper(), gname)[0], qtype
 
 
 def _decode(arr: np.ndarray, qtype) -> torch.Tensor:
@@ -408,10 +496,14 @@ def _rope_tensors(cfg) -> list:
     return [("rope_freqs.weight", np.asarray(out, dtype=np.float32), None)]
 
 
-def _file_type(tensors, float_type: str) -> int:
+def _file_type(tensors, float_type: str, mix_ftype: str | None = None) -> int:
+    """``general.file_type``: the mix's (``MOSTLY_Q4_K_M``...) when the model was quantized
+    with a GGUF mix, else the most common type of the weight matrices."""
     import gguf
 
     LFT = gguf.LlamaFileType
+    if mix_ftype is not None and hasattr(LFT, "MOSTLY_" + mix_ftype.upper()):
+        return getattr(LFT, "MOSTLY_" + mix_ftype.upper())
     kinds = Counter(q.name if q is not None else ("F16" if a.dtype == np.float16 else "F32")
                     for n, a, q in tensors
                     if n not in ("token_embd.weight", "output.weight") and
@@ -420,7 +512,10 @@ def _file_type(tensors, float_type: str) -> int:
     return {"F32": LFT.ALL_F32, "F16": LFT.MOSTLY_F16, "BF16": LFT.MOSTLY_BF16,
             "Q8_0": LFT.MOSTLY_Q8_0, "Q4_0": LFT.MOSTLY_Q4_0, "Q4_1": LFT.MOSTLY_Q4_1,
             "Q5_0": LFT.MOSTLY_Q5_0, "Q5_1": LFT.MOSTLY_Q5_1,
-            "MXFP4": LFT.MOSTLY_MXFP4_MOE}.get(top, LFT.ALL_F32)
+            "MXFP4": LFT.MOSTLY_MXFP4_MOE, "Q2_K": LFT.MOSTLY_Q2_K,
+            "Q3_K": LFT.MOSTLY_Q3_K_M, "Q4_K": LFT.MOSTLY_Q4_K_M, "Q5_K": LFT.MOSTLY_Q5_K_M,
+            "Q6_K": LFT.MOSTLY_Q6_K, "IQ4_NL": LFT.MOSTLY_IQ4_NL, "IQ4_XS": LFT.MOSTLY_IQ4_XS,
+            }.get(top, getattr(LFT, "MOSTLY_" + top, LFT.ALL_F32))
 
 
 def _write_hparams(w, model, mcfg, cfg, arch: GgufArch, name, file_type) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from lowbit.adapters.moe_export import GGUF_MOE_ARCHS, GgufMoeArch
 from lowbit.errors import ConfigError
+from lowbit.export import gguf_requant
 from lowbit.export.base import weight_qtensor
 from lowbit.export.gguf_types import NotExact, ggml_type_for, to_blocks
 from lowbit.export.moe_names import moe_experts
@@ -119,10 +120,33 @@ def expert_tensors(model: nn.Module, tmap, float_type: str, allow_requantize: bo
                 with torch.no_grad():
                     w = torch.stack([m.weight_2d(m.quantized_weight()).detach().float().cpu()
                                      for m in mods])
+                if requantize_type == "nearest":
+                    out.append(_nearest_stack(qts, w, gname, where, requantized))
+                    continue
                 arr, qtype = encode(w, requantize_type, gname)
-                requantized.append((where, float((decode(arr, qtype) - w).abs().max())))
+                diff = decode(arr, qtype).reshape(w.shape) - w
+                requantized.append((where, requantize_type.upper(), float(diff.abs().max()),
+                                    float(diff.pow(2).mean().sqrt()), None))
                 out.append((gname, arr, qtype))
     return out
+
+
+def _nearest_stack(qts: list, w: torch.Tensor, gname: str, where: str,
+                   requantized: list) -> tuple:
+    """The experts requantized to the nearest ggml type (one for all: the largest any
+    expert needs); appends the report row ``(where, type, max, rms, codes kept)``."""
+    import gguf
+
+    rs = [gguf_requant.nearest(qt, x, None, gname) for qt, x in zip(qts, w)]
+    kinds = {r.kind for r in rs}
+    if len(kinds) > 1:
+        kind = max(kinds, key=gguf_requant.bits_per_weight)
+        rs = [gguf_requant.nearest(qt, x, None, gname, only=kind) for qt, x in zip(qts, w)]
+    kind = rs[0].kind
+    requantized.append((where, kind, max(r.max_change for r in rs),
+                        float(np.sqrt(np.mean([r.rms_change ** 2 for r in rs]))),
+                        all(r.codes_kept for r in rs)))
+    return gname, np.stack([r.arr for r in rs]), getattr(gguf.GGMLQuantizationType, kind)
 
 
 def write_moe_hparams(writer, model: nn.Module, cfg, arch: GgufMoeArch) -> None:

@@ -24,8 +24,14 @@ that happen to be fp16 numbers pass too). Nibble order of the 4-bit types (llama
 byte ``j`` of a block holds value ``j`` in its low nibble and value ``j + 16`` in its high
 nibble; Q5's fifth bits are a little-endian uint32, bit ``j`` for value ``j``.
 
+Weights quantized with a ``gguf_*`` spec (``QuantSpec(format="gguf_q4_k")``: Q2_K..Q6_K,
+IQ4_NL, IQ4_XS, NVFP4 and the legacy types) are already on a ggml grid: their
+``QTensor.fields`` are packed by :func:`lowbit.formats.ggml_blocks.pack`, rows of every field
+permuted together.
+
 Everything else raises :class:`NotExact` with the reason; the exporter turns it into a
-ConfigError or, when asked, requantizes the fake-quantized weight with ``gguf.quants``.
+ConfigError or, when asked, requantizes the fake-quantized weight (see
+:mod:`lowbit.export.gguf_requant`).
 """
 
 from __future__ import annotations
@@ -85,12 +91,32 @@ def _fp16_exact(v: torch.Tensor, what: str) -> np.ndarray:
     return h.numpy()
 
 
+def gguf_spec_type(spec) -> str | None:
+    """The ggml type name of a ``gguf_*`` spec (``gguf_q4_k`` -> ``"Q4_K"``), else None."""
+    f = getattr(spec, "format", None)
+    return f[5:].upper() if isinstance(f, str) and f.startswith("gguf_") else None
+
+
+def pack_fields(kind: str, fields: dict, rows: torch.Tensor | None = None) -> np.ndarray:
+    """ggml bytes ``uint8 [out, in/super*type_size]`` of ``fields`` (see
+    :mod:`lowbit.formats.ggml_blocks`), the rows of every field reordered by ``rows``."""
+    from lowbit.formats import ggml_blocks
+
+    f = {k: v.detach().cpu() for k, v in fields.items()}
+    if rows is not None:
+        f = {k: v[rows.cpu()] for k, v in f.items()}
+    return ggml_blocks.pack(kind, f)
+
+
 def ggml_type_for(qt: QTensor) -> str:
     """The ggml type name lowbit's ``qt`` maps to exactly (raises NotExact otherwise).
 
     Only the spec is looked at; :func:`to_blocks` also checks the values.
     """
     spec = qt.spec
+    kind = gguf_spec_type(spec)
+    if kind is not None:
+        return kind
     fmt = spec.element_format
     if len(qt.shape) != 2:
         raise NotExact(f"ggml weights are 2-D; got shape {list(qt.shape)}")
@@ -132,6 +158,11 @@ def to_blocks(qt: QTensor, rows: torch.Tensor | None = None, widen: bool = False
     NotExact when no type holds it exactly.
     """
     kind = ggml_type_for(qt)
+    if gguf_spec_type(qt.spec) is not None:  # already ggml fields
+        fields = getattr(qt, "fields", None)
+        if not fields:
+            raise NotExact(f"its {qt.spec.format} QTensor carries no ggml fields")
+        return pack_fields(kind, fields, rows), kind
     fmt = qt.spec.element_format
     qt = replace(qt, codes=qt.codes.cpu(), scale=qt.scale.cpu(),
                  zero_point=None if qt.zero_point is None else qt.zero_point.cpu())

@@ -1,0 +1,172 @@
+"""GGUF export: float matrices and inexact weights quantized to ggml types by lowbit.core.
+
+Two uses, both rounding with :mod:`lowbit.core` (never ``gguf.quants``):
+
+* :func:`quantize_matrix`: a float matrix (the token embedding, an unquantized output
+  head, a requantized weight) to a ggml type with
+  :func:`lowbit.core.ggml.quantize_fields` and its data-free weighting (llama.cpp's
+  weighting without an imatrix, as llama-quantize treats ``token_embd``);
+* :func:`nearest`: a lowbit int weight with no exact ggml type (fp32/bf16 scales, groups
+  ggml blocks cannot hold) to the smallest ggml type that keeps its codes. Candidates, by
+  bits per weight: the legacy types with the weight's own scales rounded to float16 (Q4_0
+  for int2..int4 symmetric, Q5_0 for int5, Q4_1/Q5_1 for affine 4/5-bit ones with offset
+  ``d*(qmin - zero_point)`` in float16, Q8_0 for up to 8 bits, ``codes - zero_point`` for
+  affine ones), rounded to nearest at those fixed scales by lowbit.core; and every ggml
+  type with at least as many element bits searched by ``quantize_fields``. The first size
+  whose result keeps every code (``|w_file - w| < scale / 2`` element by element: lowbit's
+  scales would quantize the file's weight back to the same codes) wins, the smaller RMS
+  change among types of that size; when none does, the candidate with the least RMS change.
+  The caller reports each layer's type and max/RMS change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lowbit.core import QTensor
+from lowbit.errors import ConfigError
+from lowbit.export.gguf_types import NotExact, _full, _per_block, pack_fields
+
+#: element bits of each ggml type (the resolution of its grid), for picking candidates
+ELEMENT_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
+                "IQ4_XS": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
+
+
+def ggml_types() -> tuple[str, ...]:
+    """ggml type names lowbit writes (``lowbit.formats.ggml_blocks.GGML_BLOCKS``)."""
+    from lowbit.formats.ggml_blocks import GGML_BLOCKS
+
+    return tuple(GGML_BLOCKS)
+
+
+def bits_per_weight(kind: str) -> float:
+    """Bits per element of ggml type ``kind`` in the file (``type_size * 8 / block``)."""
+    from lowbit.formats.ggml_blocks import GGML_BLOCKS
+
+    b = GGML_BLOCKS[kind]
+    return b.type_size * 8 / b.super
+
+
+def quantize_matrix(w: torch.Tensor, kind: str, gname: str,
+                    rows: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """``w`` (float ``[O, I]``) as ggml type ``kind``: ``(bytes uint8 [O, I/super*size],
+    dequantized float32 [O, I])`` (rows reordered by ``rows``, bytes and values alike),
+    rounded by :func:`lowbit.core.ggml.quantize_fields` with data-free weighting.
+    ConfigError naming ``gname`` when ``I`` is not a multiple of the type's block."""
+    from lowbit.core.ggml import quantize_fields
+    from lowbit.formats import ggml_blocks
+
+    b = ggml_blocks.block(kind)
+    if w.ndim != 2 or w.shape[-1] % b.super:
+        raise ConfigError(f"GGUF export: {gname} has {w.shape[-1]} columns, not a multiple "
+                          f"of {b.super}, so it cannot be {kind}; choose a type with "
+                          f"{'32-' if b.super > 32 else ''}blocks that fit, f16 or f32")
+    fields = quantize_fields(w.detach().float().cpu(), kind, importance=None)
+    back = ggml_blocks.dequantize(kind, fields)
+    if rows is not None:
+        back = back[rows]
+    return pack_fields(kind, fields, rows), back
+
+
+@dataclass
+class Requantized:
+    """One weight written in a type other than its spec's: ``kind``, ``arr`` (ggml bytes),
+    ``max_change``/``rms_change`` (file vs lowbit's fake-quantized weight, absolute),
+    ``codes_kept`` (every element within half a source step), ``how``."""
+
+    kind: str
+    arr: np.ndarray
+    max_change: float
+    rms_change: float
+    codes_kept: bool
+    how: str
+
+
+def _fixed_candidates(qt: QTensor, w: torch.Tensor):
+    """``(kind, fields, dequantized, how)`` of the legacy types at the weight's own scales
+    (and offsets) rounded to float16, one per block of 32, rounded to nearest by
+    :func:`lowbit.core.ggml.fields_from_scales`."""
+    from lowbit.core.ggml import fields_from_scales
+    from lowbit.formats import ggml_blocks
+
+    fmt = qt.spec.element_format
+    if fmt.kind != "int" or qt.spec.block_format is not None or len(qt.shape) != 2 or \
+            qt.shape[1] % 32:
+        return []
+    try:
+        d = _per_block(qt, qt.scale.cpu(), "scale")
+        zp = None if qt.zero_point is None else \
+            _per_block(qt, qt.zero_point.cpu(), "zero-point")
+    except NotExact:
+        return []
+    d16 = d.to(torch.float16).float()
+    if not bool(torch.isfinite(d16).all()) or bool(((d16 == 0) & (d != 0)).any()):
+        return []
+    sym = qt.spec.symmetric and fmt.qmin < 0 and zp is None
+    tries = []
+    if sym:
+        tries += [(k, None) for k, b in (("Q4_0", 4), ("Q5_0", 5)) if fmt.bits <= b]
+    elif fmt.bits <= 5:  # x = d*(q - qmin) + d*(qmin - zp): Q4_1/Q5_1, offset -m
+        m16 = (d * (fmt.qmin - (zp if zp is not None else 0))).to(torch.float16).float()
+        if bool(torch.isfinite(m16).all()):
+            tries += [(k, -m16) for k, b in (("Q4_1", 4), ("Q5_1", 5)) if fmt.bits <= b]
+    if sym or fmt.bits <= 7:  # q - zp fits int8
+        tries.append(("Q8_0", None))
+    out = []
+    for kind, off in tries:
+        f = fields_from_scales(w, kind, d16, off)
+        out.append((kind, f, ggml_blocks.dequantize(kind, f),
+                    f"{kind} at its own scales rounded to float16"))
+    return out
+
+
+def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
+            only: str | None = None) -> Requantized:
+    """The smallest ggml type keeping the codes of ``qt`` (see the module doc). ``w``: the
+    fake-quantized weight ``[O, I]`` (rows in lowbit's order); ``rows``: the file's row
+    order (llama.cpp's q/k permutation) applied to the bytes; ``only``: consider this ggml
+    type alone (experts stacked in one tensor share a type)."""
+    from lowbit.core.ggml import quantize_fields
+    from lowbit.formats import ggml_blocks
+
+    w = w.detach().float().cpu()
+    src_bits = qt.spec.element_format.bits
+    step = _full(qt, qt.scale.cpu()).abs().reshape(w.shape) if qt.spec.block_format is None \
+        else None
+    cands = list(_fixed_candidates(qt, w))
+    fixed = {c[0] for c in cands}
+    for kind, bits in ELEMENT_BITS.items():
+        if bits < src_bits or kind in fixed or w.shape[1] % ggml_blocks.block(kind).super:
+            continue
+        cands.append((kind, None, None, f"{kind} searched by lowbit.core.ggml"))
+    if only is not None:
+        cands = [c for c in cands if c[0] == only] or \
+            [(only, None, None, f"{only} searched by lowbit.core.ggml")]
+    if not cands:
+        raise ConfigError(f"GGUF export: {gname} ({qt.spec.short()}, {w.shape[1]} columns) "
+                          "fits no ggml type lowbit writes")
+    cands.sort(key=lambda c: (bits_per_weight(c[0]), c[0]))
+    best, tier = None, None
+    for kind, obj, back, how in cands:
+        bpw = bits_per_weight(kind)
+        if tier is not None and bpw > tier:
+            break  # a smaller size kept the codes
+        if obj is None:
+            obj = quantize_fields(w, kind, importance=None)
+            back = ggml_blocks.dequantize(kind, obj)
+        diff = (back - w).abs()
+        kept = bool((diff < step / 2).all()) if step is not None else False
+        r = (kind, obj, float(diff.max()), float(diff.pow(2).mean().sqrt()), kept, how)
+        if kept:
+            tier = bpw
+        if best is None or (r[4], -r[3]) > (best[4], -best[3]):
+            best = r
+    kind, fields, mx, rms, kept, how = best
+    return Requantized(kind, pack_fields(kind, fields, rows), mx, rms, kept, how)
+
+
+__all__ = ["ELEMENT_BITS", "Requantized", "bits_per_weight", "ggml_types", "nearest",
+           "quantize_matrix"]
