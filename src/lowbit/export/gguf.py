@@ -75,9 +75,7 @@ from lowbit.nn.utils import quantizers
 from lowbit.options import accepted_options, reject_unknown
 
 FILENAME = "model.gguf"
-FLOAT_TYPES = ("f32", "f16", "bf16")
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
-               "q6_k", "iq4_nl", "iq4_xs")  # lowbit.core quantizes a float matrix to these
+FLOAT_TYPES, QUANT_TYPES = gguf_requant.FLOAT_TYPES, gguf_requant.QUANT_TYPES
 SUPPORTED = (
     "Q8_0 (int2..int8 symmetric), Q4_0 (int2..int4 symmetric), Q5_0 (int5 symmetric), "
     "Q4_1/Q5_1 (4/5-bit affine), MXFP4 (mxfp4), each with one scale per 32 input values "
@@ -115,11 +113,12 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
 
     if float_type not in FLOAT_TYPES:
         raise ConfigError(f"float_type {float_type!r}; expected one of: {', '.join(FLOAT_TYPES)}")
-    embedding_type = _type_option(embedding_type, "embedding_type")
-    output_type = _type_option(output_type, "output_type")
+    embedding_type = gguf_requant.type_option(embedding_type, "embedding_type")
+    output_type = gguf_requant.type_option(output_type, "output_type")
     if requantize_type != "nearest":
-        requantize_type = _type_option(requantize_type, "requantize_type", "'nearest', ")
-    mix_emb, mix_out, mix_ftype = _mix_types(model)
+        requantize_type = gguf_requant.type_option(requantize_type, "requantize_type",
+                                                   "'nearest', ")
+    mix_emb, mix_out, mix_ftype = gguf_requant.mix_types(model)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "model_type"):
         raise ConfigError("GGUF export needs a transformers causal LM (a model with .config)")
@@ -230,38 +229,6 @@ def _is_tied(model: nn.Module, cfg) -> bool:
     if emb is None or head is None:
         return bool(getattr(cfg, "tie_word_embeddings", False))
     return head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
-
-
-def _type_option(value: str | None, what: str, extra: str = "") -> str | None:
-    """A tensor type option (``"q6_k"``, ``"Q6_K"``, ``"f16"``) in lower case; ConfigError
-    naming ``what`` and the accepted values otherwise."""
-    if value is None:
-        return None
-    v = str(value).lower()
-    if v not in FLOAT_TYPES + QUANT_TYPES:
-        raise ConfigError(f"{what} {value!r}; expected one of: {extra}"
-                          f"{', '.join(FLOAT_TYPES + QUANT_TYPES)}")
-    return v
-
-
-def _mix_types(model: nn.Module) -> tuple[str | None, str | None, str | None]:
-    """``(token_embd type, output type, ftype)`` of the GGUF mix ``model`` was quantized
-    with: the plan lowbit.quantize kept in ``model.lowbit_report.gguf_mix`` (see
-    :func:`lowbit.adapters.gguf_mix.plan`), else the recipe's ``gguf_mix``
-    (:class:`lowbit.config.recipe.GgufMix`) planned again; Nones without a mix."""
-    low = (lambda t: None if t is None else str(t).lower())
-    plan = getattr(getattr(model, "lowbit_report", None), "gguf_mix", None)
-    if isinstance(plan, dict) and plan.get("ftype"):
-        return low(plan.get("token_embd")), low(plan.get("output")), low(plan["ftype"])
-    mix = getattr(getattr(model, "lowbit_recipe", None), "gguf_mix", None)
-    if mix is None:
-        return None, None, None
-    from lowbit.adapters import gguf_mix
-
-    p = gguf_mix.plan(model, mix.type, output_type=mix.output_type,
-                      embedding_type=mix.embedding_type, pure=mix.pure,
-                      has_imatrix=bool(mix.imatrix))
-    return low(p.token_embd), low(p.output), low(p.ftype)
 
 
 def _tensors(model, cfg, arch, float_type, emb_type, out_type, allow_requantize,
@@ -389,7 +356,7 @@ def _tensors(model, cfg, arch, float_type, emb_type, out_type, allow_requantize,
             f"{widened[0][2]} instead of {widened[0][1]}: exact, but larger (the {widened[0][1]} "
             "offset d*(qmin - zero_point) is not a float16 number)", stacklevel=3)
     if requantized:
-        _warn_requantized(requantized, requantize_type)
+        gguf_requant.warn_requantized(requantized, requantize_type)
     if file_quantized:
         warnings.warn(
             "GGUF export quantized " + ", ".join(f"{n} to {k}" for n, k in file_quantized)
@@ -397,25 +364,6 @@ def _tensors(model, cfg, arch, float_type, emb_type, out_type, allow_requantize,
             "keeps them in float: llama.cpp's logits differ slightly from lowbit's",
             stacklevel=3)
     return out
-
-
-def _warn_requantized(requantized: list, requantize_type: str) -> None:
-    """One warning: how many layers were requantized, to which types, and per layer the
-    type and the max/RMS change of the weight (file vs lowbit's fake-quantized weight)."""
-    kinds = Counter(r[1] for r in requantized)
-    worst = max(requantized, key=lambda r: r[2])
-    lost = [r[0] for r in requantized if r[4] is False]
-    how = "the nearest GGUF type" if requantize_type == "nearest" else \
-        requantize_type.upper()
-    lines = [f"GGUF export requantized {len(requantized)} layers to {how} from their "
-             f"fake-quantized weights (no exact GGUF type): "
-             + ", ".join(f"{n} x {k}" for k, n in kinds.most_common())
-             + f"; largest weight change {worst[2]:.3g} in {worst[0]}"
-             + (f"; {len(lost)} layers do not keep every code (e.g. {lost[0]})" if lost
-                else "")]
-    lines += [f"  {r[0]}: {r[1]}, max change {r[2]:.3g}, rms change {r[3]:.3g}"
-              for r in requantized]
-    warnings.warn("\n".join(lines), stacklevel=4)
 
 
 def _encode(w: torch.Tensor, kind: str, gname: str):

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -30,6 +33,10 @@ from lowbit.core import QTensor
 from lowbit.errors import ConfigError
 from lowbit.export.gguf_types import NotExact, _full, _per_block, pack_fields
 
+FLOAT_TYPES = ("f32", "f16", "bf16")
+#: ggml types lowbit.core quantizes a float matrix to (token_embd, output, requantizing)
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
+               "q6_k", "iq4_nl", "iq4_xs")
 #: element bits of each ggml type (the resolution of its grid), for picking candidates
 ELEMENT_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
                 "IQ4_XS": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
@@ -168,5 +175,57 @@ def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
     return Requantized(kind, pack_fields(kind, fields, rows), mx, rms, kept, how)
 
 
-__all__ = ["ELEMENT_BITS", "Requantized", "bits_per_weight", "ggml_types", "nearest",
-           "quantize_matrix"]
+def type_option(value: str | None, what: str, extra: str = "") -> str | None:
+    """A tensor type option (``"q6_k"``, ``"Q6_K"``, ``"f16"``) in lower case; ConfigError
+    naming ``what`` and the accepted values otherwise."""
+    if value is None:
+        return None
+    v = str(value).lower()
+    if v not in FLOAT_TYPES + QUANT_TYPES:
+        raise ConfigError(f"{what} {value!r}; expected one of: {extra}"
+                          f"{', '.join(FLOAT_TYPES + QUANT_TYPES)}")
+    return v
+
+
+def mix_types(model) -> tuple[str | None, str | None, str | None]:
+    """``(token_embd type, output type, ftype)`` of the GGUF mix ``model`` was quantized
+    with: the plan lowbit.quantize kept in ``model.lowbit_report.gguf_mix`` (see
+    :func:`lowbit.adapters.gguf_mix.plan`), else the recipe's ``gguf_mix``
+    (:class:`lowbit.config.recipe.GgufMix`) planned again; Nones without a mix."""
+    low = (lambda t: None if t is None else str(t).lower())
+    plan = getattr(getattr(model, "lowbit_report", None), "gguf_mix", None)
+    if isinstance(plan, dict) and plan.get("ftype"):
+        return low(plan.get("token_embd")), low(plan.get("output")), low(plan["ftype"])
+    mix = getattr(getattr(model, "lowbit_recipe", None), "gguf_mix", None)
+    if mix is None:
+        return None, None, None
+    from lowbit.adapters import gguf_mix
+
+    p = gguf_mix.plan(model, mix.type, output_type=mix.output_type,
+                      embedding_type=mix.embedding_type, pure=mix.pure,
+                      has_imatrix=bool(mix.imatrix))
+    return low(p.token_embd), low(p.output), low(p.ftype)
+
+
+def warn_requantized(requantized: list, requantize_type: str) -> None:
+    """One warning: how many layers were requantized, to which types, and per layer the
+    type and the max/RMS change of the weight (file vs lowbit's fake-quantized weight)."""
+    kinds = Counter(r[1] for r in requantized)
+    worst = max(requantized, key=lambda r: r[2])
+    lost = [r[0] for r in requantized if r[4] is False]
+    how = "the nearest GGUF type" if requantize_type == "nearest" else \
+        requantize_type.upper()
+    lines = [f"GGUF export requantized {len(requantized)} layers to {how} from their "
+             f"fake-quantized weights (no exact GGUF type): "
+             + ", ".join(f"{n} x {k}" for k, n in kinds.most_common())
+             + f"; largest weight change {worst[2]:.3g} in {worst[0]}"
+             + (f"; {len(lost)} layers do not keep every code (e.g. {lost[0]})" if lost
+                else "")]
+    lines += [f"  {r[0]}: {r[1]}, max change {r[2]:.3g}, rms change {r[3]:.3g}"
+              for r in requantized]
+    warnings.warn("\n".join(lines), stacklevel=4)
+
+
+__all__ = ["ELEMENT_BITS", "FLOAT_TYPES", "QUANT_TYPES", "Requantized", "bits_per_weight",
+           "ggml_types", "mix_types", "nearest", "quantize_matrix", "type_option",
+           "warn_requantized"]
