@@ -5,6 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -203,18 +204,29 @@ def _model(kind):
                             num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
                             pad_token_id=0)
         return tf.Phi3ForCausalLM(cfg).eval()
-    if kind == "mixtral":
+    if kind in ("mixtral", "qwen2_moe"):
         from tests.moe_models import build_moe
         from lowbit.adapters.experts import unfuse_experts
 
-        m = build_moe("mixtral")
+        m = build_moe(kind)
+        unfuse_experts(m)
+        return m
+    if kind == "mixtral_8x_256":  # 8 experts: llama.cpp's n_expert == 8 rules
+        import transformers as tf
+        from lowbit.adapters.experts import unfuse_experts
+
+        torch.manual_seed(0)
+        cfg = tf.MixtralConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2,
+                               num_local_experts=8, num_experts_per_tok=2, vocab_size=128)
+        m = tf.MixtralForCausalLM(cfg).eval()
         unfuse_experts(m)
         return m
     return build(kind)
 
 
 KINDS = ["tiny_llama", "llama_256", "llama_256_tied_gqa2", "smollm2_like", "phi3", "qwen2",
-         "gpt2", "mixtral"]
+         "gpt2", "mixtral", "qwen2_moe", "mixtral_8x_256"]
 
 
 @pytest.mark.external
@@ -239,6 +251,25 @@ def test_against_llama_quantize(kind, tmp_path):
             args += ["--pure"]
         ref = _dry_run(gguf_file, ftype, *args)
         got = _by_tensor(gm.plan(m, ftype, **opt), m)
+        ref = {k: v for k, v in ref.items() if k in got or k == "output.weight"}
+        assert got == ref, (kind, ftype, opt,
+                            {k: (got.get(k), ref.get(k)) for k in set(got) | set(ref)
+                             if got.get(k) != ref.get(k)})
+    # with an importance matrix (the IQ4 and Q4_0/Q5_0 ffn_down rules; Q2_K_S needs one)
+    from lowbit.calib.imatrix_file import write_imatrix
+
+    names = gguf_tensor_names(m)
+    data = {}
+    for t in names.values():
+        n_mat = 1
+        if t.expert:
+            n_mat = sum(1 for x in names.values() if x.name == t.name) // 1
+        data[t.name] = (np.ones((n_mat, t.n_cols), np.float32), np.ones(n_mat, np.float32))
+    im = tmp_path / "imatrix.gguf"
+    write_imatrix(im, data, dataset="ones", chunks=1, chunk_size=1)
+    for ftype in ("iq4_xs", "iq4_nl", "q4_0", "q5_0", "q2_k_s", "q4_k_m"):
+        ref = _dry_run(gguf_file, ftype, "--imatrix", str(im))
+        got = _by_tensor(gm.plan(m, ftype, has_imatrix=True), m)
         ref = {k: v for k, v in ref.items() if k in got or k == "output.weight"}
         assert got == ref, (kind, ftype, opt,
                             {k: (got.get(k), ref.get(k)) for k in set(got) | set(ref)

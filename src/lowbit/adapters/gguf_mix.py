@@ -377,13 +377,15 @@ def plan(model: nn.Module, ftype: str, output_type: str | None = None,
         tensors.setdefault(t.name, []).append(t)
     if m.tied:  # lowbit writes no output.weight for a tied, unquantized head
         tensors.pop("output.weight", None)
-    n_wv = sum(1 for g in tensors if is_attn_v(category(g)) and quantizable(g))
+    n_wv = sum(1 for g in tensors if is_attn_v(category(g)))  # init_quantize_state_counters
     out = MixPlan(ftype)
     i_wv = 0
     ffn_counts = {"ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
     for gname in sorted(tensors, key=_sort_key):
         ts = tensors[gname]
-        if not quantizable(gname):
+        # tensor_allows_quantization: ggml_n_dims >= 2 (a [n, 1] matrix, e.g. Qwen2-MoE's
+        # shared-expert gate, counts as 1-D: ggml drops trailing dimensions of size 1)
+        if not quantizable(gname) or (ts[0].n_rows == 1 and not ts[0].expert):
             continue
         cat = category(gname)
         t, why = tensor_type_why(gname, ts[0].n_cols, ftype, m, i_wv, n_wv, output_type,
