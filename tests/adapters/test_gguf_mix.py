@@ -148,6 +148,22 @@ def test_smollm2_widths():
     assert gm.tensor_type("blk.9.attn_q.weight", 100, "q4_k_m", **kw) == "F16"
 
 
+def test_plan_smollm2_135m_shape():
+    # SmolLM2-135M's config (meta tensors): 30 layers, 576 wide, ffn 1536, 9/3 heads, tied
+    m = _llama(hidden=576, inter=1536, layers=30, heads=9, kv=3, tied=True)
+    p = gm.plan(m, "q4_k_m")
+    more = [i for i in range(30) if gm.use_more_bits(i, 30)]
+    want = {}
+    for i in range(30):
+        for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"):
+            want[f"blk.{i}.{t}.weight"] = "Q5_0"  # Q4_K, 576 % 256 != 0 -> Q5_0
+        want[f"blk.{i}.attn_v.weight"] = "Q8_0" if i in more else "Q5_0"  # Q6_K -> Q8_0
+        want[f"blk.{i}.ffn_down.weight"] = "Q6_K" if i in more else "Q4_K"  # 1536 fits
+    want["token_embd.weight"] = "Q8_0"  # tied: the output rule, 576 % 256 != 0 -> Q8_0
+    assert _by_tensor(p, m) == want and p.output is None
+    assert len(p.fallbacks) == 30 * 6
+
+
 def test_options():
     m = _llama()
     p = gm.plan(m, "q4_k_m", output_type="q8_0", embedding_type="Q5_K")
