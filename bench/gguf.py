@@ -377,8 +377,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     q = QUICK if a.quick else {"types": list(TYPES), "chunks": 32, "calib_samples": 32}
     a.types = a.types or q["types"]
-    a.chunks = a.chunks or q["chunks"]
-    a.calib_samples = a.calib_samples or q["calib_samples"]
+    a.chunks = q["chunks"] if a.chunks is None else a.chunks
+    a.calib_samples = q["calib_samples"] if a.calib_samples is None else a.calib_samples
     for k in ("chunks", "calib_samples", "seq_len", "threads"):
         if getattr(a, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(a, k)}")
