@@ -76,6 +76,8 @@ def _file_weights(model, reader):
     tensors = {t.name: t for t in reader.tensors}
     out = {}
     for name, m in quantized_modules(model):
+        if ".experts." in name:
+            continue  # stacked: checked by the MoE test
         layer = int(name.split("layers.")[1].split(".")[0])
         t = tensors[f"blk.{layer}.{SHORT[name.rsplit('.', 1)[1]]}.weight"]
         back = _deq(t).reshape(m.weight.shape)
@@ -246,3 +248,37 @@ def test_explicit_requantize_type(tmp_path):
     r, warns, _ = _save(m, tmp_path / "g", allow_requantize=True, requantize_type="q5_k")
     assert {t for _, t in _file_weights(m, r).values()} == {"Q5_K"}
     assert any("requantized 14 layers to Q5_K" in w for w in warns)
+
+
+# --- MoE: experts stacked in one tensor ---------------------------------------------------
+@pytest.mark.parametrize("spec,kind,exact", [
+    ({"format": "gguf_iq4_nl"}, "IQ4_NL", True),
+    ({"format": "int4", "granularity": "group", "group_size": 32}, "Q4_0", False),  # fp32
+])
+def test_moe_experts_stacked(tmp_path, spec, kind, exact):
+    from tests.export.test_moe_export import _build_wide
+    from tests.tiny_models import calib_ids, loop_over
+
+    m = _build_wide("mixtral")
+    lowbit.quantize(m, _recipe(spec), forward_loop=loop_over(calib_ids(4, 16)))
+    r, warns, _ = _save(m, tmp_path / "g", allow_requantize=True)
+    tensors = {t.name: t for t in r.tensors}
+    for layer in (0, 1):
+        experts = m.model.layers[layer].mlp.experts
+        for short, role in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            t = tensors[f"blk.{layer}.ffn_{short}_exps.weight"]
+            want = torch.stack([getattr(e, role).quantized_weight().detach() for e in experts])
+            back = _deq(t).reshape(want.shape)
+            assert t.tensor_type.name == kind, t.name
+            if exact:
+                assert torch.equal(back, want), t.name
+            else:
+                assert float((back - want).abs().max()) < 2e-3 * float(want.abs().max())
+    # q/k rows of a gguf_* weight are permuted with every field: read back == lowbit's
+    for name, (back, t) in _file_weights(m, r).items():
+        if name.endswith(("q_proj", "k_proj")):
+            want = dict(m.named_modules())[name].quantized_weight().detach().float()
+            assert t == kind
+            assert torch.equal(back, want) if exact else \
+                float((back - want).abs().max()) < 2e-3 * float(want.abs().max())
+    assert exact or any("model.layers.0.mlp.experts.*.down_proj: Q4_0" in w for w in warns)
