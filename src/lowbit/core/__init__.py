@@ -10,12 +10,15 @@ True
 """
 
 from lowbit.core.blocks import BlockFormat, block_format_names, get_block_format
+from lowbit.core.ggml import (GGML_FORMATS, fields_effective, ggml_type, quantize_fields,
+                              round_column, search_scales)
 from lowbit.core.layout import Layout
 from lowbit.core.quant import (QTensor, compute_scales, dequantize, fake_quant, quantize,
                                round_scale)
 from lowbit.core.spec import QuantSpec
 
 __all__ = [
-    "BlockFormat", "Layout", "QTensor", "QuantSpec", "block_format_names", "compute_scales",
-    "dequantize", "fake_quant", "get_block_format", "quantize", "round_scale",
+    "BlockFormat", "GGML_FORMATS", "Layout", "QTensor", "QuantSpec", "block_format_names",
+    "compute_scales", "dequantize", "fake_quant", "fields_effective", "get_block_format",
+    "ggml_type", "quantize", "quantize_fields", "round_column", "round_scale", "search_scales",
 ]

@@ -14,7 +14,8 @@ Scales (AbsMax):
   ``q = clamp(round(x / scale) + zero_point)`` and ``x_hat = (q - zero_point) * scale``;
 * NVFP4: ``global = amax(tensor) / (6 * 448)``, block scale ``e4m3(amax(block) / 6 / global)``
   (at least e4m3's smallest subnormal), ``x_hat = e2m1 * block_scale * global``;
-* MX: ``scale = 2^(floor(log2 amax(block)) - emax(element))`` (an e8m0 value).
+* MX: ``scale = 2^(floor(log2 amax(block)) - emax(element))`` (an e8m0 value);
+* ggml types (``gguf_*``): searched per block, see :mod:`lowbit.core.ggml`.
 
 An all-zero unit gets scale 1 (or the smallest block scale) and codes 0, never NaN.
 Inputs are computed in float32 and returned in their dtype (float16/bfloat16/float32).
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit import formats
+from lowbit.core import ggml
 from lowbit.core.layout import Layout
 from lowbit.core.spec import QuantSpec
 from lowbit.errors import FormatError
@@ -42,6 +44,9 @@ class QTensor:
 
     ``scale`` (float32) and ``zero_point`` (int32, affine only) are in the stored layout of
     :mod:`lowbit.core.layout`; ``global_scale`` is NVFP4's per-tensor float32 scale.
+    ggml types (``gguf_*``, see :mod:`lowbit.core.ggml`): ``codes`` are ggml's codes,
+    ``scale``/``zero_point`` (float32) the effective sub-block scale/offset,
+    ``global_scale`` the super scales, and ``fields`` ggml's fields for the exporter.
     """
 
     codes: torch.Tensor
@@ -51,14 +56,20 @@ class QTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     global_scale: torch.Tensor | None = None
+    fields: dict | None = None
 
     @property
     def element_format(self) -> formats.Format:
-        """The format of the codes."""
+        """The format of the codes (ConfigError for ggml types: see :attr:`fields`)."""
         return self.spec.element_format
 
     def packed_codes(self) -> torch.Tensor:
-        """Codes packed along the last axis (see :mod:`lowbit.formats.packing`)."""
+        """Codes packed along the last axis (see :mod:`lowbit.formats.packing`); for ggml
+        types, ggml's bytes of the whole weight (uint8 ``[O, I/super*type_size]``)."""
+        if self.fields is not None:
+            from lowbit.formats.ggml_blocks import pack
+
+            return torch.from_numpy(pack(self.spec.ggml_type, self.fields))
         return formats.pack(self.codes, self.element_format.bits)
 
     def scale_codes(self) -> torch.Tensor | None:
@@ -69,6 +80,9 @@ class QTensor:
 
     def nbytes(self) -> int:
         """Storage bytes: packed codes + scales (+ zero-points, + global scale)."""
+        if self.spec.ggml_type is not None:
+            t = ggml.ggml_type_info(self.spec.ggml_type)
+            return self.codes.numel() // t.sup * t.block.type_size
         n = self.packed_codes().numel()
         n += self.scale.numel() * self.spec.scale_bits() // 8
         if self.zero_point is not None:
@@ -131,6 +145,14 @@ def compute_scales(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
     """
     lay = Layout(spec, x.shape)
     xf = x.float() if x.dtype != torch.float32 else x
+    if spec.ggml_type is not None:
+        _no_stats(spec, amax, amin)
+        if check_finite:
+            _check(xf, "input")
+        fields = _ggml_fields(xf, spec, scale, zero_point, global_scale)
+        s, zp, gs = ggml.fields_effective(spec.ggml_type, fields)
+        return lay, lay.view(xf), lay.from_natural(s), \
+            lay.from_natural(zp) if zp is not None else None, (fields, gs)
     if check_finite and (amax is not None or amin is not None or scale is not None):
         _check(xf, "input")
     xv = lay.view(xf)
@@ -177,6 +199,19 @@ def compute_scales(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
     x_exp = torch.where(bamax > 0, e - 1 - fmt.emax, torch.full_like(e, -127)).clamp(-127, 127)
     s = torch.ldexp(torch.ones_like(bamax), x_exp)
     return lay, xv, s, None, None
+
+
+def _no_stats(spec: QuantSpec, amax, amin) -> None:
+    if amax is not None or amin is not None:
+        raise FormatError(f"{spec.format}: ggml types search their own scales; calibrated "
+                          "amax/amin do not apply (pass scale=... to fix the scales)")
+
+
+def _ggml_fields(xf, spec, scale, zero_point, global_scale) -> dict:
+    x2 = xf.reshape(-1, xf.shape[-1]) if xf.dim() != 2 else xf
+    if scale is None:
+        return ggml.quantize_fields(x2, spec.ggml_type)
+    return ggml.fields_from_scales(x2, spec.ggml_type, scale, zero_point, global_scale)
 
 
 def _round_owned(fmt: formats.Format, q: torch.Tensor) -> torch.Tensor:
@@ -233,6 +268,15 @@ def quantize(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
     ``scale``/``zero_point``/``global_scale`` fix the scales instead (stored layout).
     Raises FormatError on NaN/Inf input (unless ``check_finite=False``).
     """
+    if spec.ggml_type is not None:
+        _no_stats(spec, amax, amin)
+        xf = x.detach().float()
+        if check_finite:
+            _check(xf, "input")
+        fields = _ggml_fields(xf, spec, scale, zero_point, global_scale)
+        s, zp, gs = ggml.fields_effective(spec.ggml_type, fields)
+        return QTensor(fields["q"].reshape(x.shape), s, zp, spec, tuple(x.shape), x.dtype, gs,
+                       fields)
     lay, xv, s, zp, extra = compute_scales(x, spec, amax, amin, check_finite, scale,
                                            zero_point, global_scale)
     codes = lay.unview(spec.element_format.encode(_scaled(xv, s, zp)))
@@ -248,6 +292,9 @@ def quantize(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
 
 def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Real values of a :class:`QTensor`, shape ``qt.shape``, in ``dtype`` (default its own)."""
+    if qt.spec.ggml_type is not None:
+        y = ggml.dequantize_ggml(qt.spec.ggml_type, qt.codes, qt.scale, qt.zero_point)
+        return y.to(dtype or qt.dtype)
     lay = Layout(qt.spec, qt.shape)
     vals = lay.view(qt.spec.element_format.decode(qt.codes))
     s = lay.from_natural(qt.scale)
@@ -282,6 +329,11 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
     incoming gradient where ``x`` lies inside the clipping range (``[-max*scale, max*scale]``,
     or ``[(qmin-zp)*scale, (qmax-zp)*scale]`` for affine specs) and 0 outside.
     """
+    if spec.ggml_type is not None:
+        _no_stats(spec, amax, amin)
+        if check_finite:
+            _check(x.detach().float(), "input")
+        return ggml.fake_quant_ggml(x, spec.ggml_type, scale, zero_point, global_scale)
     lay, xv, s, zp, _ = compute_scales(x.detach(), spec, amax, amin, check_finite, scale,
                                        zero_point, global_scale)
     fmt = spec.element_format

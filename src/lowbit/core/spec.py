@@ -13,6 +13,12 @@ Granularities (``axis`` counts from 0; negative values count from the end):
 
 Block-scaled formats (``nvfp4``, ``mxfp4``, ...) fix their own granularity: groups of
 16 or 32 along the last axis with e4m3 or e8m0 scales.
+
+ggml block types (``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q4_1``, ``gguf_q5_0``, ``gguf_q5_1``,
+``gguf_q2_k``, ``gguf_q3_k``, ``gguf_q4_k``, ``gguf_q5_k``, ``gguf_q6_k``, ``gguf_iq4_nl``,
+``gguf_iq4_xs``, ``gguf_nvfp4``; see :mod:`lowbit.core.ggml`) are weight formats that fix
+their granularity too: groups of the type's sub-block (16 or 32) along the last axis, whose
+length must be a multiple of ggml's block (256, 64 or 32: checked when quantizing).
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lowbit import formats
 from lowbit.core.blocks import block_format_names, get_block_format
+from lowbit.core.ggml_types import GGML_TYPES
 from lowbit.errors import ConfigError, FormatError
+
+_GGML_FORMATS = {"gguf_" + n.lower(): n for n in GGML_TYPES}
 
 Granularity = Literal["tensor", "channel", "group", "block", "token"]
 ScaleFormat = Literal["fp32", "fp16", "bf16", "e8m0", "e4m3"]
@@ -53,6 +62,8 @@ class QuantSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
+        if self.format in _GGML_FORMATS:
+            return self._check_ggml()
         bf = get_block_format(self.format)
         if bf is not None:
             if self.granularity not in (None, "group"):
@@ -81,7 +92,7 @@ class QuantSpec(BaseModel):
         except FormatError:
             raise ConfigError(
                 f"unknown format {self.format!r}; expected one of: "
-                f"{', '.join(formats.names() + block_format_names())}"
+                f"{', '.join(formats.names() + block_format_names() + list(_GGML_FORMATS))}"
             ) from None
         if fmt.kind == "float" and not fmt.signed:
             raise ConfigError(f"format {self.format} is a scale format, not an element format")
@@ -107,6 +118,37 @@ class QuantSpec(BaseModel):
             raise ConfigError(f"asymmetric quantization needs an integer format, not {self.format}")
         if self.narrow_range and fmt.kind != "int":
             raise ConfigError(f"narrow_range is for integer formats, not {self.format}")
+        return self
+
+    def _check_ggml(self) -> "QuantSpec":
+        t = GGML_TYPES[_GGML_FORMATS[self.format]]
+        sub, sup = t.block.sub, t.block.super
+        if self.granularity not in (None, "group"):
+            raise ConfigError(f"format {self.format} has its own granularity (sub-blocks of "
+                              f"{sub} in blocks of {sup}); got granularity {self.granularity!r}")
+        if self.group_size not in (None, sub):
+            raise ConfigError(f"format {self.format} uses sub-blocks of {sub}; got group_size "
+                              f"{self.group_size}")
+        if self.axis not in (None, -1):
+            raise ConfigError(f"format {self.format} blocks along the last axis; got axis "
+                              f"{self.axis}")
+        if "symmetric" in self.model_fields_set and self.symmetric == t.affine:
+            raise ConfigError(f"format {self.format} is {'affine' if t.affine else 'symmetric'}; "
+                              f"got symmetric: {str(self.symmetric).lower()}")
+        for key in ("narrow_range", "dynamic", "block"):
+            if getattr(self, key):
+                raise ConfigError(f"{key} is not an option of ggml format {self.format}")
+        if "scale_format" in self.model_fields_set and self.scale_format != "fp16":
+            raise ConfigError(f"format {self.format} stores float16 scales; got scale_format "
+                              f"{self.scale_format!r}")
+        if self.calibrator != "max" or self.calibrator_args:
+            raise ConfigError(f"format {self.format} is a weight format that searches its own "
+                              "scales; calibrator options do not apply")
+        object.__setattr__(self, "granularity", "group")
+        object.__setattr__(self, "group_size", sub)
+        object.__setattr__(self, "axis", -1)
+        object.__setattr__(self, "symmetric", not t.affine)
+        object.__setattr__(self, "scale_format", "fp16")
         return self
 
     # --- helpers -------------------------------------------------------------------------
@@ -138,8 +180,19 @@ class QuantSpec(BaseModel):
         return get_block_format(self.format)
 
     @property
+    def ggml_type(self) -> str | None:
+        """The ggml type (``"Q4_K"``) of a ``gguf_*`` format, else None."""
+        return _GGML_FORMATS.get(self.format)
+
+    @property
     def element_format(self) -> formats.Format:
-        """The element (code) format: e2m1 for nvfp4, int4 for int4 ..."""
+        """The element (code) format: e2m1 for nvfp4, int4 for int4 ...
+
+        ConfigError for ``gguf_*`` formats: their codes are ggml's (see lowbit.core.ggml).
+        """
+        if self.format in _GGML_FORMATS:
+            raise ConfigError(f"format {self.format} is a ggml block type: its codes have no "
+                              "lowbit element format (write it with the gguf exporter)")
         bf = self.block_format
         fmt = formats.get(bf.element if bf else self.format)
         if self.narrow_range:
@@ -149,6 +202,8 @@ class QuantSpec(BaseModel):
     @property
     def bits(self) -> int:
         """Bits of one code."""
+        if self.format in _GGML_FORMATS:
+            return GGML_TYPES[_GGML_FORMATS[self.format]].code_bits
         return self.element_format.bits
 
     def scale_bits(self) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.core import QuantSpec, fake_quant
+from lowbit.core import QuantSpec, fake_quant, search_scales
 from lowbit.errors import CalibrationError
 
 MODES = ("disabled", "calibrating", "quantizing")
@@ -41,6 +41,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("zero_point", None)
         self.register_buffer("global_scale", None)
         self.calibrator = None
+        self._ggml_cache = None  # (weight key, scale, zero_point, global_scale)
         self.note = ""  # e.g. "group 128 -> 96 (576 % 128 != 0)"
 
     # --- state -----------------------------------------------------------------------------
@@ -114,9 +115,22 @@ class TensorQuantizer(nn.Module):
         if self.scale is not None:
             return fake_quant(x, spec, scale=self.scale, zero_point=self.zero_point,
                               global_scale=self.global_scale)
+        if spec.ggml_type is not None and self.role == "weight":
+            s, zp, gs = self._ggml_scales(x)
+            return fake_quant(x, spec, scale=s, zero_point=zp, global_scale=gs)
         amax = None if (spec.dynamic or self.role == "weight") else self.amax
         amin = None if amax is None else self.amin
         return fake_quant(x, spec, amax=amax, amin=amin)
+
+    def _ggml_scales(self, w: torch.Tensor):
+        """Searched scales of weight ``w`` for a ggml spec, cached until ``w`` changes (the
+        search costs far more than rounding; an in-place update bumps ``w._version``)."""
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, self.spec.format)
+        if self._ggml_cache is None or self._ggml_cache[0] != key:
+            with torch.no_grad():
+                w2 = w.detach().reshape(-1, w.shape[-1])
+                self._ggml_cache = (key, *search_scales(w2, self.spec.ggml_type))
+        return self._ggml_cache[1:]
 
     def set_fixed_scale(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None,
                         global_scale: torch.Tensor | None = None) -> None:
