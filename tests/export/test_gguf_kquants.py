@@ -282,3 +282,25 @@ def test_moe_experts_stacked(tmp_path, spec, kind, exact):
             assert torch.equal(back, want) if exact else \
                 float((back - want).abs().max()) < 2e-3 * float(want.abs().max())
     assert exact or any("model.layers.0.mlp.experts.*.down_proj: Q4_0" in w for w in warns)
+
+
+# --- the native checkpoint of gguf_* weights ----------------------------------------------
+@pytest.mark.parametrize("kind", ["q4_k", "q3_k", "iq4_xs", "q4_1", "nvfp4"])
+def test_native_checkpoint_holds_ggml_bytes(tmp_path, kind):
+    from safetensors.torch import load_file
+
+    m = _llama()
+    lowbit.quantize(m, _recipe({"format": f"gguf_{kind}"}))
+    out = lowbit.save(m, tmp_path / "n", format="lowbit")
+    sd = load_file(out / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert f"{key}.scale" not in sd and f"{key}.global_scale" not in sd
+    r, _, _ = _save(m, tmp_path / "g")
+    t = {t.name: t for t in r.tensors}["blk.0.ffn_down.weight"]
+    assert np.array_equal(sd[f"{key}.codes"].numpy(), np.asarray(t.data))  # same bytes
+    back = lowbit.load(out)
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, m(IDS).logits)
+    for name, mod in quantized_modules(m):
+        got = dict(back.named_modules())[name].quantized_weight()
+        assert torch.equal(got, mod.quantized_weight()), name

@@ -14,7 +14,9 @@ Layout of the folder:
   :mod:`lowbit.formats.packing`), ``m.weight.scale`` (stored layout, in the dtype of its scale
   format: float32/float16/bfloat16, e4m3/e8m0 as uint8 codes), ``m.weight.zero_point``
   (affine only: integer codes of the element format, packed along the last axis),
-  ``m.weight.global_scale`` (NVFP4, float32 [1]); calibrated statistics of activation and
+  ``m.weight.global_scale`` (NVFP4, float32 [1]); a ``gguf_*`` weight (ggml type) is
+  ``m.weight.codes`` alone, ggml's bytes ``[out, in/block*block_bytes]`` holding every
+  scale (as in a GGUF file, rows in lowbit's order); calibrated statistics of activation and
   KV-cache quantizers under their names (``...input_quantizer.amax``,
   ``...self_attn.k_cache_quantizer.amax``); every other parameter and buffer as it is, tied
   ones once;
@@ -110,11 +112,12 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
         skip.add(f"{name}.{weight_name(m)}")
         wt = weight_param(m)
         tensors[f"{key}.codes"] = qt.packed_codes().contiguous()
-        tensors[f"{key}.scale"] = _scale_tensor(qt)
-        if qt.zero_point is not None:
-            tensors[f"{key}.zero_point"] = _zero_point_codes(qt)
-        if qt.global_scale is not None:
-            tensors[f"{key}.global_scale"] = qt.global_scale.reshape(1).float()
+        if _ggml_type(qt.spec) is None:  # ggml types: the bytes hold every scale
+            tensors[f"{key}.scale"] = _scale_tensor(qt)
+            if qt.zero_point is not None:
+                tensors[f"{key}.zero_point"] = _zero_point_codes(qt)
+            if qt.global_scale is not None:
+                tensors[f"{key}.global_scale"] = qt.global_scale.reshape(1).float()
         qmeta[name] = {"shape": list(qt.shape), "dtype": str(wt.dtype).split(".")[-1],
                        "spec": qt.spec.model_dump(exclude_defaults=True),
                        "fixed": m.weight_quantizer.scale is not None,
@@ -198,10 +201,41 @@ def _split_like_checkpoint(model: nn.Module, meta: dict, where: str,
         raise CheckpointError(f"{where}: {e}") from None
 
 
+def _ggml_type(spec: QuantSpec) -> str | None:
+    """``"Q4_K"`` for a ``gguf_q4_k`` spec, else None."""
+    f = spec.format
+    return f[5:].upper() if isinstance(f, str) and f.startswith("gguf_") else None
+
+
+def _ggml_qtensor(spec: QuantSpec, kind: str, raw: torch.Tensor, shape: tuple, dtype,
+                  key: str) -> QTensor:
+    """The QTensor of a ``gguf_*`` weight stored as ggml's bytes ``raw`` (uint8 ``[O,
+    nbytes]``): fields unpacked (:func:`lowbit.formats.ggml_blocks.unpack`), effective
+    scales from :func:`lowbit.core.ggml.fields_effective`."""
+    from lowbit.core.ggml import fields_effective
+    from lowbit.errors import FormatError
+    from lowbit.formats import ggml_blocks
+
+    if len(shape) != 2 or raw.dtype != torch.uint8 or raw.ndim != 2 or raw.shape[0] != shape[0]:
+        raise CheckpointError(f"{key}.codes: {list(raw.shape)} {raw.dtype}; expected uint8 "
+                              f"[{shape[0] if shape else '?'}, bytes] of {kind} blocks")
+    try:
+        fields = ggml_blocks.unpack(kind, raw.numpy(), shape[1])
+    except FormatError as e:
+        raise CheckpointError(f"{key}.codes: {e}") from None
+    s, zp, gs = fields_effective(kind, fields)
+    return QTensor(fields["q"].reshape(shape), s, zp, spec, shape, dtype, gs, fields)
+
+
 def qtensor_from(meta: dict, tensors: dict[str, torch.Tensor], key: str) -> QTensor:
-    """Rebuild the QTensor of quantized weight ``key`` (``module.weight``) from a checkpoint."""
+    """Rebuild the QTensor of quantized weight ``key`` (``module.weight``) from a checkpoint
+    (``gguf_*`` weights: from ggml's bytes in ``key.codes``)."""
     spec = QuantSpec.parse(meta["spec"], key)
     shape = tuple(meta["shape"])
+    kind = _ggml_type(spec)
+    if kind is not None:
+        return _ggml_qtensor(spec, kind, tensors[f"{key}.codes"], shape,
+                             getattr(torch, meta.get("dtype", "float32")), key)
     fmt = spec.element_format
     codes = formats.unpack(tensors[f"{key}.codes"], fmt.bits, shape[-1])
     scale = tensors[f"{key}.scale"]
