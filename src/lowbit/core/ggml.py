@@ -38,7 +38,7 @@ __all__ = [
 #: spec format name -> ggml type name
 GGML_FORMATS: dict[str, str] = {"gguf_" + n.lower(): n for n in GGML_TYPES}
 
-_CHUNK = 1 << 19  # elements of one batched temporary ([blocks, candidates, sub])
+_CHUNK = 1 << 21  # elements of one batched temporary ([blocks, candidates, sub])
 
 
 def ggml_type(spec) -> str | None:

@@ -263,7 +263,7 @@ def _propose(t: GgmlType, x3, w3, c, prm: Params) -> Params:
     return Params(t, d=d2, isc=isc, dmin=dmin2, imn=imn)
 
 
-def search_blocks(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int = 10,
+def search_blocks(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int = 8,
                   passes: int = 2) -> tuple[Params, torch.Tensor]:
     """Search the parameters of blocks ``x, w [N, sup]``; returns ``(params, codes c)``
     with ``c [N, J, sub]`` the nearest code values given the params."""
