@@ -307,3 +307,30 @@ def test_native_checkpoint_holds_ggml_bytes(tmp_path, kind):
     for name, mod in quantized_modules(m):
         got = dict(back.named_modules())[name].quantized_weight()
         assert torch.equal(got, mod.quantized_weight()), name
+
+
+# --- llama-quantize agrees on the types ----------------------------------------------------
+LLAMA_BIN = "/work/cache/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
+
+
+@pytest.mark.external
+@pytest.mark.skipif(not __import__("os").path.exists(LLAMA_BIN + "/llama-quantize"),
+                    reason=f"needs llama.cpp's llama-quantize in {LLAMA_BIN}")
+def test_mix_file_has_llama_quantize_types_and_size(tmp_path):
+    """lowbit's gguf-q4_k_m file (mix types, token_embd/output from the mix plan) holds the
+    same tensor types as llama-quantize Q4_K_M of the F32 file, and the same size."""
+    import subprocess
+
+    f32 = _save(_llama(), tmp_path / "f32")[2] / "model.gguf"
+    subprocess.run([LLAMA_BIN + "/llama-quantize", str(f32), str(tmp_path / "q.gguf"),
+                    "Q4_K_M", "1"], check=True, capture_output=True, timeout=120)
+    m = _llama()
+    lowbit.quantize(m, "gguf-q4_k_m")
+    r, warns, out = _save(m, tmp_path / "g")
+    ref = gguf.GGUFReader(tmp_path / "q.gguf")
+    assert {t.name: t.tensor_type.name for t in r.tensors} == \
+        {t.name: t.tensor_type.name for t in ref.tensors}
+    assert sum(int(t.n_bytes) for t in r.tensors) == sum(int(t.n_bytes) for t in ref.tensors)
+    assert r.fields["general.file_type"].contents() == \
+        ref.fields["general.file_type"].contents()
+    assert any("token_embd.weight to Q4_K, output.weight to Q6_K" in w for w in warns)
