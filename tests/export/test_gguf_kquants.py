@@ -334,3 +334,26 @@ def test_mix_file_has_llama_quantize_types_and_size(tmp_path):
     assert r.fields["general.file_type"].contents() == \
         ref.fields["general.file_type"].contents()
     assert any("token_embd.weight to Q4_K, output.weight to Q6_K" in w for w in warns)
+
+
+def test_moe_experts_of_different_ggml_types(tmp_path):
+    """One stacked tensor has one type: experts quantized as IQ4_NL and Q8_0 are refused,
+    or requantized together to the nearest type that holds both."""
+    from tests.export.test_moe_export import _build_wide
+    from tests.tiny_models import calib_ids, loop_over
+
+    m = _build_wide("mixtral")
+    lowbit.quantize(m, {"name": "t", "exclude": ["lm_head"], "targets": [
+        {"pattern": "*", "weight": {"format": "gguf_iq4_nl"}},
+        {"pattern": "*experts.0.*", "weight": {"format": "gguf_q8_0"}}]},
+        forward_loop=loop_over(calib_ids(4, 16)))
+    with pytest.raises(ConfigError, match=r"experts\.\*\.gate_proj .*different ggml types "
+                                          r"\(\['IQ4_NL', 'Q8_0'\]\)"):
+        lowbit.save(m, tmp_path / "g0", format="gguf")
+    r, warns, _ = _save(m, tmp_path / "g", allow_requantize=True)
+    t = {t.name: t for t in r.tensors}["blk.0.ffn_down_exps.weight"]
+    experts = m.model.layers[0].mlp.experts
+    want = torch.stack([e.down_proj.quantized_weight().detach() for e in experts])
+    assert t.tensor_type.name == "Q8_0"
+    assert float((_deq(t).reshape(want.shape) - want).abs().max()) < 0.01 * float(want.abs().max())
+    assert any("6 x Q8_0" in w and "do not keep" not in w for w in warns)

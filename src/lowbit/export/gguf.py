@@ -80,7 +80,8 @@ SUPPORTED = (
     "Q8_0 (int2..int8 symmetric), Q4_0 (int2..int4 symmetric), Q5_0 (int5 symmetric), "
     "Q4_1/Q5_1 (4/5-bit affine), MXFP4 (mxfp4), each with one scale per 32 input values "
     "(per-tensor, per-channel, or groups of a multiple of 32) that is a float16 number "
-    "(scale_format: fp16); e.g. the presets gguf-q8_0 and gguf-q4_0"
+    "(scale_format: fp16), e.g. the presets gguf-q8_0 and gguf-q4_0; and every gguf_* "
+    "spec (Q2_K..Q6_K, IQ4_NL, IQ4_XS, NVFP4: the gguf-q4_k_m-style presets)"
 )
 
 

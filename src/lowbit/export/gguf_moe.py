@@ -145,6 +145,7 @@ def _nearest_stack(qts: list, w: torch.Tensor, gname: str, where: str,
     kind = rs[0].kind
     requantized.append((where, kind, max(r.max_change for r in rs),
                         float(np.sqrt(np.mean([r.rms_change ** 2 for r in rs]))),
+                        None if any(r.codes_kept is None for r in rs) else
                         all(r.codes_kept for r in rs)))
     return gname, np.stack([r.arr for r in rs]), getattr(gguf.GGMLQuantizationType, kind)
 

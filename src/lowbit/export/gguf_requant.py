@@ -31,7 +31,7 @@ import torch
 
 from lowbit.core import QTensor
 from lowbit.errors import ConfigError
-from lowbit.export.gguf_types import NotExact, _full, _per_block, pack_fields
+from lowbit.export.gguf_types import NotExact, _full, _per_block, gguf_spec_type, pack_fields
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 #: ggml types lowbit.core quantizes a float matrix to (token_embd, output, requantizing)
@@ -82,13 +82,14 @@ def quantize_matrix(w: torch.Tensor, kind: str, gname: str,
 class Requantized:
     """One weight written in a type other than its spec's: ``kind``, ``arr`` (ggml bytes),
     ``max_change``/``rms_change`` (file vs lowbit's fake-quantized weight, absolute),
-    ``codes_kept`` (every element within half a source step), ``how``."""
+    ``codes_kept`` (every element within half a source step; None where the source has
+    no lowbit grid to compare with, e.g. a ggml type already), ``how``."""
 
     kind: str
     arr: np.ndarray
     max_change: float
     rms_change: float
-    codes_kept: bool
+    codes_kept: bool | None
     how: str
 
 
@@ -140,10 +141,14 @@ def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
     from lowbit.formats import ggml_blocks
 
     w = w.detach().float().cpu()
-    src_bits = qt.spec.element_format.bits
-    step = _full(qt, qt.scale.cpu()).abs().reshape(w.shape) if qt.spec.block_format is None \
-        else None
-    cands = list(_fixed_candidates(qt, w))
+    src = gguf_spec_type(qt.spec)
+    if src is not None:  # a ggml type already (experts of mixed types): no lowbit grid
+        src_bits, step, cands = ELEMENT_BITS.get(src, 4), None, []
+    else:
+        src_bits = qt.spec.element_format.bits
+        step = _full(qt, qt.scale.cpu()).abs().reshape(w.shape) \
+            if qt.spec.block_format is None else None
+        cands = list(_fixed_candidates(qt, w))
     fixed = {c[0] for c in cands}
     for kind, bits in ELEMENT_BITS.items():
         if bits < src_bits or kind in fixed or w.shape[1] % ggml_blocks.block(kind).super:
@@ -172,7 +177,8 @@ def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
         if best is None or (r[4], -r[3]) > (best[4], -best[3]):
             best = r
     kind, fields, mx, rms, kept, how = best
-    return Requantized(kind, pack_fields(kind, fields, rows), mx, rms, kept, how)
+    return Requantized(kind, pack_fields(kind, fields, rows), mx, rms,
+                       kept if step is not None else None, how)
 
 
 def type_option(value: str | None, what: str, extra: str = "") -> str | None:
