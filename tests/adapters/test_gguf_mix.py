@@ -173,6 +173,9 @@ def test_options():
     assert gm.plan(m, "Q4_K").ftype == "q4_k_m"  # llama-quantize's alias
     with pytest.raises(ConfigError, match="GGUF mix 'iq2_xs' is not supported"):
         gm.plan(m, "iq2_xs")
+    with pytest.raises(ConfigError, match="output_type Q6_K: output.weight has rows of 64 "
+                                          "values, not a multiple of Q6_K's block of 256"):
+        gm.plan(build("llama"), "q4_k_m", output_type="q6_k")
     with pytest.raises(ConfigError, match="output_type 'q9_k'"):
         gm.plan(m, "q4_k_m", output_type="q9_k")
 
@@ -255,7 +258,7 @@ def test_against_llama_quantize(kind, tmp_path):
     lowbit.save(m, tmp_path / "f32", format="gguf")
     gguf_file = tmp_path / "f32" / "model.gguf"
     cases = [(f, {}) for f in gm.FTYPES if f != "q2_k_s"]
-    cases += [("q4_k_m", {"output_type": "q8_0", "embedding_type": "q4_k"}),
+    cases += [("q4_k_m", {"output_type": "q8_0", "embedding_type": "q5_1"}),
               ("q3_k_m", {"pure": True})]
     for ftype, opt in cases:
         args = []

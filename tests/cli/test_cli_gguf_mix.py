@@ -9,16 +9,6 @@ import pytest
 from tests.cli.test_cli_quantize import model_dir, run  # noqa: F401  (fixture)
 
 
-def _gguf_ready() -> bool:
-    from lowbit.core import QuantSpec
-
-    try:
-        QuantSpec(format="gguf_q4_k")
-        return True
-    except Exception:  # noqa: BLE001 - core's gguf_* formats not there yet
-        return False
-
-
 def test_recipes_lists_the_mixes():
     p = subprocess.run([sys.executable, "-m", "lowbit", "recipes"], capture_output=True,
                        text=True, timeout=120, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
@@ -46,7 +36,6 @@ def test_bad_options(model_dir, tmp_path, extra, msg):  # noqa: F811
     assert rc == 2 and re.search(msg, " ".join((o + e).split())), (o, e)
 
 
-@pytest.mark.skipif(not _gguf_ready(), reason="lowbit.core has no gguf_* formats yet")
 def test_quantize_mix_gptq_to_gguf(model_dir, tmp_path):  # noqa: F811
     import gguf
 
@@ -54,12 +43,14 @@ def test_quantize_mix_gptq_to_gguf(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "q"
     rc, o, e = run("quantize", str(d), "-r", "gguf-q4_k_m", "--algorithm", "gptq", "--calib",
                    str(text), "--samples", "4", "--seq-len", "32", "-f", "gguf",
-                   "--output-type", "q8_0", "-o", str(out))
+                   "--output-type", "q4_0", "--no-vocab", "-o", str(out))
     assert rc == 0, e
+    # the preset + --algorithm gptq is its -gptq variant
+    assert "gguf-q4_k_m-gptq: Q4_K_M, token_embd Q5_0, output Q4_0" in o
     r = gguf.GGUFReader(out / "model.gguf")
     types = {t.name: t.tensor_type.name for t in r.tensors}
     # the tiny Llama (hidden 64): llama.cpp's fallbacks Q4_K -> Q5_0, Q6_K -> Q8_0
     assert types["blk.0.attn_q.weight"] == "Q5_0"
     assert types["blk.1.attn_v.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
-    assert types["output.weight"] == "Q8_0"   # --output-type
+    assert types["output.weight"] == "Q4_0"   # --output-type (the mix's rule: Q8_0)
     assert types["token_embd.weight"] == "Q5_0"  # untied: the default Q4_K, fallen back

@@ -18,20 +18,6 @@ MIXES = ["q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs", "iq4_
 VARIANTS = {"": [], "-imatrix": ["imatrix"], "-gptq": ["gptq"], "-awq": ["awq"]}
 
 
-def _gguf_ready() -> bool:
-    from lowbit.core import QuantSpec
-
-    try:
-        QuantSpec(format="gguf_q4_k")
-        return True
-    except Exception:  # noqa: BLE001 - core's gguf_* formats not there yet
-        return False
-
-
-needs_gguf_specs = pytest.mark.skipif(not _gguf_ready(),
-                                      reason="lowbit.core has no gguf_* formats yet")
-
-
 def test_every_mix_preset_listed_with_description():
     names = recipes.names()
     for mix in MIXES:
@@ -92,7 +78,6 @@ def _formats(model) -> dict[str, str]:
             if isinstance(m, QuantMixin)}
 
 
-@needs_gguf_specs
 def test_quantize_expands_mix_tiny_llama():
     m = build("llama")
     plan = gm.plan(m, "q4_k_m")
@@ -110,7 +95,6 @@ def test_quantize_expands_mix_tiny_llama():
     assert torch.isfinite(m(calib_ids()[:1]).logits).all()
 
 
-@needs_gguf_specs
 def test_quantize_wide_model_gets_k_types():
     m = _wide()
     with warnings.catch_warnings():
@@ -125,7 +109,6 @@ def test_quantize_wide_model_gets_k_types():
     assert m.lowbit_report.gguf_mix["output"] == "Q6_K"
 
 
-@needs_gguf_specs
 def test_recipe_targets_override_the_mix_and_pure():
     m = build("llama")
     r = Recipe.parse({"name": "mine", "gguf_mix": {"ftype": "q4_k_m", "pure": True},
@@ -137,7 +120,6 @@ def test_recipe_targets_override_the_mix_and_pure():
     assert f["model.layers.1.self_attn.v_proj"] == "gguf_q5_0"  # --pure: Q4_K -> Q5_0
 
 
-@needs_gguf_specs
 @pytest.mark.parametrize("preset", ["gguf-q4_k_m-imatrix", "gguf-q4_k_m-gptq"])
 def test_calibrated_variants_run(preset):
     m = build("llama")
@@ -150,13 +132,11 @@ def test_calibrated_variants_run(preset):
 def test_imatrix_step_turns_on_imatrix_rules():
     # IQ4_XS without an imatrix raises the first eighth of ffn_down to Q5_K; with one not
     m = _wide(layers=8)
-    base, _ = gm.expand(m, recipes.load("gguf-iq4_nl")) if _gguf_ready() else (None, None)
     p0 = gm.plan(m, "iq4_nl")
     p1 = gm.plan(m, "iq4_nl", has_imatrix=True)
     assert p0.types()["model.layers.0.mlp.down_proj"] == "Q5_K"
     assert p1.types()["model.layers.0.mlp.down_proj"] == "IQ4_NL"
-    if _gguf_ready():
-        _, p = gm.expand(m, recipes.load("gguf-iq4_nl-imatrix"))
-        assert p.types() == p1.types()
-        _, p = gm.expand(m, recipes.load("gguf-iq4_nl"))
-        assert p.types() == p0.types()
+    _, p = gm.expand(m, recipes.load("gguf-iq4_nl-imatrix"))
+    assert p.types() == p1.types()
+    _, p = gm.expand(m, recipes.load("gguf-iq4_nl"))
+    assert p.types() == p0.types()

@@ -271,10 +271,14 @@ def tensor_type_why(gguf_name: str, n_cols: int, ftype: str, m: MixModel,
     ftype = canonical_ftype(ftype)
     cat = category(gguf_name)
     # llama_tensor_get_type: --token-embedding-type / --output-tensor-type win outright
-    if embedding_type is not None and cat == "token_embd":
-        return canonical_type(embedding_type, "embedding_type"), "--token-embedding-type"
-    if output_type is not None and cat == "output":
-        return canonical_type(output_type, "output_type"), "--output-tensor-type"
+    for opt, what, c in ((embedding_type, "embedding_type", "token_embd"),
+                         (output_type, "output_type", "output")):
+        if opt is not None and cat == c:  # given types bypass the fallback, as in llama.cpp
+            t = canonical_type(opt, what)
+            if n_cols % BLOCK[t]:  # (llama-quantize stops when it quantizes the tensor)
+                raise ConfigError(f"{what} {t}: {gguf_name} has rows of {n_cols} values, not "
+                                  f"a multiple of {t}'s block of {BLOCK[t]}")
+            return t, f"--{'token-embedding' if c == 'token_embd' else 'output-tensor'}-type"
     layer = _layer(gguf_name)
     if pure:  # --pure: no mix rules, the default type (still through the fallback)
         t, why = FTYPES[ftype], "--pure: the file type's default"

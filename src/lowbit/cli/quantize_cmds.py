@@ -310,6 +310,13 @@ def _quantize_in_memory(lowbit, model, rec, out, calib, samples, seq_len, format
         counts[key] = counts.get(key, 0) + 1
     for k, n in sorted(counts.items()):
         t.add_row(f"layers {k}", str(n))
+    mix = getattr(report, "gguf_mix", None)
+    if mix:
+        t.add_row("GGUF mix", f"{rec.name}: {mix['ftype'].upper()}, token_embd "
+                  f"{mix['token_embd']}, output {mix['output'] or '(tied)'}")
+        if mix["fallbacks"]:
+            t.add_row("GGUF mix fallbacks", f"{len(mix['fallbacks'])} layers "
+                      "(model.lowbit_report.gguf_mix)")
     t.add_row("excluded", str(len(report.excluded)))
     if getattr(report, "routers", None):
         t.add_row("MoE routers kept float", str(len(report.routers)))
