@@ -129,7 +129,8 @@ def test_imatrix_file_sets_the_scales_without_data(tmp_path):
 
 
 def test_awq_runs_on_gguf_without_clip(ref):
-    m, err = _run("gguf_q4_k", [{"name": "awq", "args": {"guard": False}}], ref)
+    m, err = _run("gguf_q4_k", [{"name": "awq", "args": {"guard": False, "grid": 3,
+                                                      "max_tokens": 64, "pairs": False}}], ref)
     notes = [n for r in m.lowbit_report.blocks for n in r.get("notes", [])]
     assert any("no clip search" in n for n in notes)
     assert all(not r["awq_clip"] for r in m.lowbit_report.blocks)
