@@ -53,15 +53,17 @@ def test_spec_quantize_dequantize_fake_and_gguf_exact(name):
     qt = quantize(w, spec)
     assert set(qt.fields) == set(b.field_names)
     x = dequantize(qt)
-    assert torch.equal(x, fake_quant(w, spec))
-    assert torch.equal(x, gb.dequantize(name, qt.fields))
+    bits = x.view(torch.int32)
+    assert torch.equal(bits, fake_quant(w, spec).view(torch.int32))
+    assert torch.equal(bits, gb.dequantize(name, qt.fields).view(torch.int32))
     ref = gguf.quants.dequantize(gb.pack(name, qt.fields), _qtype(name))
-    assert torch.equal(x, torch.from_numpy(np.ascontiguousarray(ref)))
+    ref = torch.from_numpy(np.ascontiguousarray(ref))
+    assert torch.equal(x.view(torch.int32), ref.view(torch.int32))  # bits, -0.0 included
     assert qt.nbytes() == 8 * 512 // b.super * b.type_size
     # fixed scales (what set_fixed_scale stores) reproduce codes and values
     fq = fake_quant(w, spec, scale=qt.scale, zero_point=qt.zero_point,
                     global_scale=qt.global_scale)
-    assert torch.equal(fq, x)
+    assert torch.equal(fq.view(torch.int32), x.view(torch.int32))
     qt2 = quantize(w, spec, scale=qt.scale, zero_point=qt.zero_point,
                    global_scale=qt.global_scale)
     for k in b.field_names:
@@ -72,7 +74,7 @@ def test_spec_quantize_dequantize_fake_and_gguf_exact(name):
     for col in (0, b.sub + 3, 511):
         g = col // b.sub
         xc = round_column(w[:, col], s[:, g], zp[:, g] if zp is not None else None, name)
-        assert torch.equal(xc, x[:, col])
+        assert torch.equal(xc.view(torch.int32), x[:, col].contiguous().view(torch.int32))
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "IQ4_NL", "Q4_1"])
@@ -109,6 +111,8 @@ def test_clear_errors():
     with pytest.raises(FormatError, match="not super scale"):
         fake_quant(w, qt.spec, scale=qt.scale * 1.001, zero_point=qt.zero_point,
                    global_scale=qt.global_scale)
+    f0 = quantize_fields(w, "Q4_K", torch.zeros(256))  # nothing seen: uniform
+    assert all(torch.equal(f0[k], v) for k, v in quantize_fields(w, "Q4_K", torch.ones(256)).items())
     with pytest.raises(FormatError, match="amax"):
         fake_quant(w, qt.spec, amax=torch.tensor(1.0))
 

@@ -83,7 +83,11 @@ def _importance(imp, shape: tuple[int, int]) -> torch.Tensor | None:
                           f"channel) or [{o}, {i}] for a weight of shape [{o}, {i}]")
     if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
         raise ConfigError("importance must be finite and >= 0 (e.g. mean x^2 of the inputs)")
-    return imp
+    top = imp.max()
+    if top == 0:  # no input ever seen: every input counts the same
+        return torch.ones_like(imp)
+    # a floor of 1e-6 of the mean, so a block of dead inputs still gets sensible scales
+    return imp.clamp_min(float(imp.mean()) * 1e-6)
 
 
 def quantize_fields(w: torch.Tensor, name: str, importance=None) -> dict[str, torch.Tensor]:

@@ -31,11 +31,11 @@ _EPS = 1e-30
 def weights(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     """Per-element weights ``[N, sup]`` for blocks ``x [N, sup]``.
 
-    ``importance`` (already ``[N, sup]``) is used as is (with a floor of 1e-6 of its mean, so
-    a block of dead inputs still gets scales); None -> llama.cpp's data-free weighting.
+    ``importance`` (already ``[N, sup]``, floored by the caller) is used as is; None ->
+    llama.cpp's data-free weighting of the type.
     """
     if importance is not None:
-        return importance.clamp_min(importance.mean().clamp_min(_EPS) * 1e-6)
+        return importance
     if t.free == "one":
         return torch.ones_like(x)
     if t.free == "abs":

@@ -157,7 +157,7 @@ def nearest(t: GgmlType, y: torch.Tensor, want_code: bool = False):
     types; the upper value at an exact midpoint of a code book). ``want_code``: also the
     stored ggml code ``q`` (uint8, or int8 for Q8_0). Same shape as ``y``."""
     if t.lut is None:
-        c = torch.round(y).clamp_(t.cmin, t.cmax)
+        c = torch.round(y).clamp_(t.cmin, t.cmax).add_(0.0)  # + 0.0: no -0 (as ggml's ints)
         if not want_code:
             return c
         q = (c + t.q_off).to(torch.int8 if t.cmin < -t.q_off or t.name == "Q8_0" else torch.uint8)
@@ -171,7 +171,7 @@ def nearest(t: GgmlType, y: torch.Tensor, want_code: bool = False):
 def nearest_(t: GgmlType, y: torch.Tensor, want_code: bool = False):
     """:func:`nearest` that may overwrite ``y`` (a temporary the caller owns)."""
     if t.lut is None and not want_code:
-        return y.round_().clamp_(t.cmin, t.cmax)
+        return y.round_().clamp_(t.cmin, t.cmax).add_(0.0)
     return nearest(t, y, want_code)
 
 
