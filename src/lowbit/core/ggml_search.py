@@ -46,8 +46,8 @@ def weights(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None) -> to
     return av + x.abs()
 
 
-def _cands(k: int, span: float) -> torch.Tensor:
-    return 1 + torch.linspace(-span, span, k)
+def _cands(k: int, span: float, device) -> torch.Tensor:
+    return 1 + torch.linspace(-span, span, k, device=device)
 
 
 def _search_sym(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ def _search_sym(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int) -> torch.
     zero = xm == 0
     xm = torch.where(zero, torch.ones_like(xm), xm)
     span = 1.2 / abs(t.cmin) if t.lut is None else 0.1
-    f = _cands(k, span)
+    f = _cands(k, span, x.device)
     tt = [t.cmin * f]
     if t.cmax != -t.cmin:
         tt.append(t.cmax * f)
@@ -95,9 +95,9 @@ def _search_affine(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int):
     flat = rng <= 0
     rng = torch.where(flat, torch.ones_like(rng), rng)
     # candidate steps around (max - min) / cmax, and the min shifted by up to half a step
-    f = _cands(k, 1.0 / t.cmax)
+    f = _cands(k, 1.0 / t.cmax, x.device)
     iscale = (t.cmax * f).view(1, -1) / rng  # [B, K]
-    shift = torch.tensor([0.0, 0.3])
+    shift = torch.tensor([0.0, 0.3], device=x.device)
     lo = (mn + shift.view(1, -1) * rng / t.cmax)  # [B, S]
     if t.min_le0:
         lo = lo.clamp_max(0)
@@ -130,11 +130,11 @@ def quant_level(v: torch.Tensor, a: torch.Tensor, lo: int, hi: int, k: int = 24)
     if lo < 0:
         i = v.abs().argmax(-1, keepdim=True)
         vm = v.gather(-1, i)
-        f = _cands(k, 1.5 / abs(lo))
+        f = _cands(k, 1.5 / abs(lo), v.device)
         tt = torch.cat([lo * f, hi * f])
     else:
         vm = v.amax(-1, keepdim=True).clamp_min(0)
-        tt = hi * _cands(k, 1.5 / hi)
+        tt = hi * _cands(k, 1.5 / hi, v.device)
     d = fp16(vm / tt.view(1, -1))  # [N, K]
     d = torch.cat([d, fp16(vm / (hi if lo >= 0 else lo))], -1)
 
