@@ -204,3 +204,22 @@ def test_gguf_file_holds_the_gptq_weights(tmp_path, ref, fmt):
         assert torch.equal(got.reshape(want.shape), want), t.name
         n += 1
     assert n == 14
+
+
+def test_imatrix_reaches_the_output_layer(ref):
+    """A gguf_* output layer (outside the decoder blocks) gets its importance from one more
+    calibration pass, as llama-imatrix sees output.weight."""
+    def rec(steps):
+        return Recipe.parse({"name": "t", "exclude": ["*embed*"], "algorithms": steps,
+                             "targets": [{"pattern": "*", "weight": {"format": "gguf_q3_k"}}]})
+
+    errs = []
+    for steps in ([], [{"name": "imatrix"}]):
+        m = lowbit.quantize(_model(), rec(steps), calib_data=CALIB)
+        with torch.no_grad():
+            errs.append(float((m(HELD).logits - ref).square().mean()))
+    assert m.lowbit_report.blocks[-1] == {"block": "(outside the blocks)",
+                                          "imatrix_tokens": {"lm_head": CALIB.numel()}}
+    assert m.lm_head.weight_quantizer.scale is not None
+    assert _reproduces(m) == 15
+    assert errs[1] < errs[0], errs

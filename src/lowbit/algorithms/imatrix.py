@@ -90,6 +90,41 @@ def collect_importance(ctx, names: list[str]) -> dict[str, tuple[torch.Tensor, i
     return {n: (st[0], st[1]) for n, st in acc.items()}
 
 
+@torch.no_grad()
+def collect_model_importance(model: nn.Module, names: list[str], forward_loop,
+                             comm=None) -> dict[str, tuple[torch.Tensor, int]]:
+    """``{name: (sum_t x_t^2 float64 [in], tokens)}`` of ``model``'s linears ``names`` over
+    one run of ``forward_loop(model)`` (for the linears outside the decoder blocks, e.g. the
+    output layer); ``comm``: a :class:`lowbit.pipeline.distributed.Collective` summing the
+    ranks' statistics."""
+    acc: dict[str, list] = {n: [None, 0] for n in names}
+    mods = [model.get_submodule(n) for n in names]
+
+    def hook(mod, a, k, n):
+        x = linear_input(mod, a, k, n).detach()
+        x = x.reshape(-1, x.shape[-1]).float()
+        sq = x.square().sum(0).double()
+        acc[n][0] = sq if acc[n][0] is None else acc[n][0] + sq
+        acc[n][1] += x.shape[0]
+
+    hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
+                                      with_kwargs=True) for n, m in zip(names, mods)]
+    try:
+        forward_loop(model)
+    finally:
+        for h in hs:
+            h.remove()
+    for n, m in zip(names, mods):
+        st = acc[n]
+        if st[0] is None:
+            st[0] = torch.zeros(m.weight_2d().shape[1], dtype=torch.float64,
+                                device=m.weight.device)
+        if comm is not None and comm.enabled:
+            comm.sum_(st[0])
+            st[1] = comm.sum_int(st[1])
+    return {n: (st[0], st[1]) for n, st in acc.items()}
+
+
 def imatrix_step(ctx, args: dict) -> None:
     """Importance-weighted scales for every ``gguf_*`` linear of the block (module doc)."""
     if args.get("file") is not None:

@@ -88,6 +88,9 @@ def run_algorithms(model, recipe, forward_loop, report, feed: str = "quantized",
         rows += run_blocks(model, block_steps, forward_loop, None, feed=feed,
                            chunk_size=chunk_size, progress=progress, comm=comm,
                            moe_all=moe_all, moe_min_tokens=moe_min_tokens)
+        row = _imatrix_outside_blocks(model, block_steps, forward_loop, comm)
+        if row is not None:
+            rows.append(row)
     if report is not None and (rows or block_steps):
         report.blocks = rows
     return rows
@@ -156,3 +159,42 @@ def _imatrix_files(model, recipe, model_steps, block_steps, forward_loop):
         info = apply_importance(model, imatrix_importance(model, args["file"]))
         rows.append({"block": "(imatrix file)", "file": str(args["file"]), **info})
     return rest, rows
+
+
+def _imatrix_outside_blocks(model, block_steps, forward_loop, comm) -> dict | None:
+    """The ``gguf_*`` linears outside the decoder blocks (the output layer) that an
+    ``imatrix`` step with data selects get their importance from one more pass of
+    ``forward_loop`` over the (quantized) model, as llama-imatrix sees ``output.weight``.
+    Returns the report row (None when there is nothing to do)."""
+    from lowbit.adapters import get_adapter
+    from lowbit.algorithms.imatrix import (collect_model_importance, imatrix_step, is_ggml,
+                                           set_importance_scales)
+    from lowbit.config.recipe import match
+    from lowbit.pipeline.distributed import current
+
+    steps = [(args, targets) for fn, args, targets in block_steps if fn is imatrix_step]
+    adapter = get_adapter(model)
+    found = adapter.find_blocks(model) if adapter is not None else None
+    if not steps or found is None:  # no decoder blocks: the whole model was the block
+        return None
+    prefix = found[0] + "."
+    targets = steps[-1][1]
+    names = [n for n, m in model.named_modules() if is_ggml(m) and not n.startswith(prefix)
+             and (not targets or any(match(p, n) for p in targets))]
+    if not names:
+        return None
+    got = collect_model_importance(model, names, forward_loop,
+                                   comm if comm is not None else current())
+    counts, none = {}, []
+    for n in names:
+        sq, tokens = got[n]
+        if tokens == 0:
+            none.append(n)
+            set_importance_scales(model.get_submodule(n), None, n)
+            continue
+        set_importance_scales(model.get_submodule(n), (sq / tokens).float(), n)
+        counts[n] = tokens
+    row = {"block": "(outside the blocks)", "imatrix_tokens": counts}
+    if none:
+        row["imatrix_no_tokens"] = none
+    return row
