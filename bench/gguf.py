@@ -14,7 +14,8 @@ calibration, last 20% held out, as in ``bench/ptq_quality.py``):
    ``llama`` (``llama-quantize F32 out TYPE``), ``llama-imatrix`` (the same with
    ``--imatrix``), ``lowbit`` (preset ``gguf-TYPE``: data-free importance),
    ``lowbit-imatrix`` (preset ``gguf-TYPE-imatrix``: importance from lowbit's calibration
-   pass), ``lowbit-gptq`` (preset ``gguf-TYPE-gptq``), lowbit's written with
+   pass), ``lowbit-gptq`` (preset ``gguf-TYPE-gptq``), ``lowbit-awq`` (``gguf-TYPE-awq``),
+   lowbit's written with
    ``lowbit.save(format="gguf")``;
 4. every file scored by ``llama-perplexity --kl-divergence`` on the same held-out tokens
    (context 512, ``--chunks`` windows, the second half of each window scored, as llama.cpp
@@ -77,7 +78,7 @@ TYPES = {"q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K", "iq4_xs": "IQ4_
          "q6_k": "Q6_K"}
 # lowbit method -> preset name pattern
 PRESETS = {"lowbit": "gguf-{t}", "lowbit-imatrix": "gguf-{t}-imatrix",
-           "lowbit-gptq": "gguf-{t}-gptq"}
+           "lowbit-gptq": "gguf-{t}-gptq", "lowbit-awq": "gguf-{t}-awq"}
 METHODS = ("llama", "llama-imatrix", *PRESETS)
 QUICK = {"types": ["q4_k_m", "q3_k_m"], "chunks": 4, "calib_samples": 8}
 BUILD_NOTE = ("llama.cpp tools not found in {bin} (need " + ", ".join(TOOLS) + "): build them "
@@ -160,6 +161,16 @@ def run_tool(cmd: list, log: Path, timeout: float) -> str:
         name = Path(cmd[3] if cmd[0] == "nice" else cmd[0]).name
         raise ToolError(f"{name} exited with {p.returncode}: {tail[0][:200]} (log {log})")
     return p.stdout
+
+
+def tool_version(path: Path) -> "str | None":
+    """The first line of ``path --version`` (llama.cpp's version and commit), or None."""
+    try:
+        v = subprocess.run([str(path), "--version"], text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (v.stdout.strip().splitlines() or [None])[0]
 
 
 # ---------------------------------------------------------------- files
@@ -458,10 +469,9 @@ def f32_and_imatrix(a, ctx: dict, f32_row: dict) -> None:
         if p["chunks"] != a.chunks:
             raise ToolError(f"llama-perplexity scored {p['chunks']} chunks of the held-out "
                             f"text, expected --chunks {a.chunks}")
-        m = re.search(r"build: (\S+ \(\S+\))", out)
         stamp["f32"] = {"ppl": p["ppl"], "ppl_err": p["ppl_err"], "eval_chunks": p["chunks"],
-                        "kld": 0.0, "top1_pct": 100.0, "delta_ppl_pct": 0.0, "eval_s": time.perf_counter() - t0,
-                        "llama_cpp_build": m.group(1) if m else None}
+                        "kld": 0.0, "top1_pct": 100.0, "delta_ppl_pct": 0.0,
+                        "eval_s": time.perf_counter() - t0}
         f32_row.update(stamp["f32"])
         stamp.pop("imatrix", None)
         stamp_path.write_text(json.dumps(stamp))
@@ -528,7 +538,7 @@ def run(a, work: Path) -> None:
     if tools is not None:
         try:
             f32_and_imatrix(a, ctx, f32_row)
-            meta["llama_cpp_build"] = f32_row.get("llama_cpp_build")
+            meta["llama_cpp_version"] = tool_version(tools["llama-perplexity"])
             print(f"F32: llama.cpp loads it, PPL {f32_row['ppl']:.4f} over {a.chunks} x "
                   f"{a.seq_len}", flush=True)
         except ToolError as e:
