@@ -16,7 +16,8 @@ Objective, per ggml block: ``sum_i w_i (x_i - x_hat_i)^2`` with ``x_hat = s*c - 
    ue4m3;
 3. alternating passes on the quantized parameters: codes = nearest given the scales; then
    the best integer sub-scales (and mins) given the codes, then ``d`` / ``dmin`` refit given
-   those; every block keeps its best set (the error never increases).
+   those; every block keeps its best set (the error never increases); last, each
+   sub-block's integer scale (and min; NVFP4: its ue4m3 byte) tries its neighbours +-1.
 """
 
 from __future__ import annotations
@@ -263,6 +264,45 @@ def _propose(t: GgmlType, x3, w3, c, prm: Params) -> Params:
     return Params(t, d=d2, isc=isc, dmin=dmin2, imn=imn)
 
 
+def _sub_errors(t, x3, w3, s, zp):
+    """Per-sub-block weighted error ``[N, J]`` of effective ``s``/``zp`` ``[N, J]``."""
+    s3 = s.unsqueeze(-1)
+    z3 = zp.unsqueeze(-1) if zp is not None else None
+    c = round_codes(t, x3, s3, z3)
+    return values(s3, c, z3).sub_(x3).square_().mul_(w3).sum(-1)
+
+
+def _neighbours(t: GgmlType, x3, w3, prm: Params) -> Params:
+    """Each sub-block's integer scale (and min) or ue4m3 byte moved to the best of its
+    neighbours given the super scales (sub-blocks are independent once those are fixed)."""
+    p = dict(prm.p)
+    if t.level == "ue4m3":
+        from lowbit.core.ggml_types import _UE4M3_VALUES, ue4m3_round
+
+        table = _UE4M3_VALUES.to(x3.device)
+        _, byte = ue4m3_round(p["s"])
+        cands = [table[(byte.long() + dl).clamp(0, table.numel() - 1)] for dl in (-1, 0, 1)]
+        errs = torch.stack([_sub_errors(t, x3, w3, sv, None) for sv in cands])
+        best = errs.argmin(0, keepdim=True)
+        p["s"] = torch.stack(cands).gather(0, best).squeeze(0)
+        return Params(t, **p)
+    if t.level != "int":
+        return prm
+    opts = []
+    for di in (-1, 0, 1):
+        isc = (p["isc"] + di).clamp(t.isc_lo, t.isc_hi)
+        for dm in ((-1, 0, 1) if t.affine else (0,)):
+            imn = (p["imn"] + dm).clamp(0, t.mn_hi) if t.affine else None
+            opts.append((isc, imn))
+    errs = torch.stack([_sub_errors(t, x3, w3, p["d"] * i, p["dmin"] * m if m is not None
+                                    else None) for i, m in opts])
+    best = errs.argmin(0, keepdim=True)
+    p["isc"] = torch.stack([i for i, _ in opts]).gather(0, best).squeeze(0)
+    if t.affine:
+        p["imn"] = torch.stack([m for _, m in opts]).gather(0, best).squeeze(0)
+    return Params(t, **p)
+
+
 def search_blocks(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int = 8,
                   passes: int = 2) -> tuple[Params, torch.Tensor]:
     """Search the parameters of blocks ``x, w [N, sup]``; returns ``(params, codes c)``
@@ -296,7 +336,14 @@ def search_blocks(t: GgmlType, x: torch.Tensor, w: torch.Tensor, k: int = 8,
         else:
             prm = Params(t, d=d, isc=isc)
     best_c, best_err = _evaluate(t, x3, w3, prm)
-    for _ in range(passes):
+    for it in range(passes + 1):
+        if it == passes:  # last: each sub-block's best neighbouring sub-scale
+            cand = _neighbours(t, x3, w3, prm)
+            c, err = _evaluate(t, x3, w3, cand)
+            better = err < best_err
+            prm = cand.where(better, prm)
+            best_c = torch.where(better.view(-1, 1, 1), c, best_c)
+            break
         cand = _propose(t, x3, w3, best_c, prm)
         c, err = _evaluate(t, x3, w3, cand)
         better = err < best_err
