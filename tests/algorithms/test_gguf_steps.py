@@ -98,6 +98,11 @@ def test_imatrix_and_gptq_steps_lower_the_error(fmt, ref):
 def test_imatrix_without_data_names_the_fix():
     with pytest.raises(CalibrationError, match="imatrix"):
         lowbit.quantize(_model(), _recipe("gguf_q4_k", [{"name": "imatrix"}]))
+    with pytest.raises(ConfigError, match="no weight with one"):
+        lowbit.quantize(_model(), Recipe.parse({"name": "t", "algorithms": [
+            {"name": "imatrix"}], "targets": [{"pattern": "*", "weight": {
+                "format": "int4", "granularity": "group", "group_size": 32}}]}),
+            calib_data=CALIB)
 
 
 def test_imatrix_file_sets_the_scales_without_data(tmp_path):

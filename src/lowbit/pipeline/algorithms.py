@@ -133,9 +133,15 @@ def _imatrix_files(model, recipe, model_steps, block_steps, forward_loop):
     the file's statistics describe the model's unchanged weights, so such a step must come
     first) and check that a step without one has data. Returns the remaining block steps and
     the report rows of the applied files."""
-    from lowbit.algorithms.imatrix import apply_importance, imatrix_step
+    from lowbit.algorithms.imatrix import apply_importance, imatrix_step, is_ggml
 
     rest, rows = [], []
+    if any(fn is imatrix_step for fn, _, _ in block_steps) and \
+            not any(is_ggml(m) for m in model.modules()):
+        raise ConfigError(f"recipe {recipe.name}: the imatrix step sets the scales of GGUF "
+                          "block types (gguf_* weight formats, e.g. the gguf-* mix presets) "
+                          "and the recipe quantizes no weight with one; for other formats "
+                          "use gptq or awq")
     for i, (fn, args, targets) in enumerate(block_steps):
         if fn is not imatrix_step:
             rest.append((fn, args, targets))
