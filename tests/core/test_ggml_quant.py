@@ -152,9 +152,9 @@ def _ggml_quantize(w, name, imp):
     bs, ts = gguf.GGML_QUANT_SIZES[qt]
     x = np.ascontiguousarray(w.numpy(), dtype=np.float32)
     out = np.zeros((x.shape[0], x.shape[1] // bs * ts), np.uint8)
-    im = np.ascontiguousarray(imp.numpy(), dtype=np.float32)
+    im = np.ascontiguousarray(imp.numpy(), dtype=np.float32) if imp is not None else None
     lib.ggml_quantize_chunk(int(qt), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                            im.ctypes.data)
+                            im.ctypes.data if im is not None else None)
     return torch.from_numpy(gguf.quants.dequantize(out, qt))
 
 
@@ -178,3 +178,22 @@ def test_effective_scales_layout():
     assert s.shape == (4, 32) and zp is None and gs.shape == (4, 2)
     s, zp, gs = search_scales(w, "Q4_1")
     assert s.shape == (4, 16) and zp.shape == (4, 16) and gs is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _LIB.exists(), reason="llama.cpp's libggml-base.so is not built")
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "IQ4_NL"])
+def test_real_weights_no_worse_than_llama_cpp(name):
+    """SmolLM2-135M layer 3 projections, data-free: lowbit's error vs ggml's quantizer."""
+    from lowbit.data import load_model
+
+    model, _ = load_model()
+    sup = gb.GGML_BLOCKS[name].super
+    ws = [p.detach() for k, p in model.named_parameters()
+          if ".layers.3." in k and k.endswith("proj.weight") and p.shape[1] % sup == 0]
+    assert ws
+    for w in ws:
+        ours = float(((gb.dequantize(name, quantize_fields(w, name)) - w) ** 2).sum())
+        theirs = float(((_ggml_quantize(w, name, None) - w) ** 2).sum())
+        print(f"{name} {tuple(w.shape)}: lowbit / llama.cpp squared error = {ours / theirs:.3f}")
+        assert ours <= theirs
