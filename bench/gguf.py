@@ -21,9 +21,10 @@ calibration, last 20% held out, as in ``bench/ptq_quality.py``):
    (context 512, ``--chunks`` windows, the second half of each window scored, as llama.cpp
    does): perplexity, mean KL divergence to the F32 file and top-1 agreement ("Same top p").
 
-Time: ``time s`` is the wall time to make the file from the F32 model: the quantizer call
-(lowbit: ``lowbit.quantize``, calibration included, without writing the file; llama:
-``llama-quantize``) plus, for ``llama-imatrix``, the ``llama-imatrix`` run. Size is the file in
+Time: ``time s`` is the wall time to make the file from the F32 model: lowbit:
+``lowbit.quantize`` (calibration included) plus ``lowbit.save`` (the exporter computes the ggml
+fields and quantizes the embedding/output, so it is part of the quantization); llama:
+``llama-quantize``, plus the ``llama-imatrix`` run for ``llama-imatrix``. Size is the file in
 bytes; bits/weight counts every tensor of the file (norms included), as llama-quantize's BPW.
 
 llama.cpp's tools come from the source inside the ``llama-cpp-python`` sdist (``--llama-bin``,
@@ -276,11 +277,11 @@ def lowbit_row(typ: str, method: str, ctx: dict) -> dict:
         lowbit.quantize(m, row["preset"], calib_data=ctx["calib"])
     row["quant_s"] = time.perf_counter() - t0
     row["calib_s"] = 0.0
-    row["time_s"] = row["quant_s"]
     folder = ctx["work"] / f"lowbit-{typ}-{method}"
     t0 = time.perf_counter()
     lowbit.save(m, folder, format="gguf", tokenizer=ctx["tok"], overwrite=True)
     row["export_s"] = time.perf_counter() - t0
+    row["time_s"] = row["quant_s"] + row["export_s"]  # the exporter computes ggml fields too
     del m
     score_into(row, one_gguf(folder), ctx)
     if not ctx["args"].keep_files:
@@ -521,8 +522,8 @@ def run(a, work: Path) -> None:
                            "text (--chunks)",
             "evaluation": f"llama-perplexity -c {a.seq_len} --chunks {a.chunks} on the last 20%"
                           ", KL divergence vs the F32 GGUF; second half of each window scored",
-            "time": "time_s: quantizer wall time (lowbit.quantize incl. calibration, or "
-                    "llama-quantize) + llama-imatrix time for llama-imatrix rows",
+            "time": "time_s: wall time F32 model -> file: lowbit.quantize (incl. calibration)"
+                    " + lowbit.save, or llama-quantize (+ llama-imatrix for llama-imatrix)",
             "llama_bin": str(a.llama_bin) if tools else None, "argv": sys.argv[1:]}
     rows: list = []
     if a.append and a.out.exists():
