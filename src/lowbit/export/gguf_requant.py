@@ -37,6 +37,7 @@ FLOAT_TYPES = ("f32", "f16", "bf16")
 #: ggml types lowbit.core quantizes a float matrix to (token_embd, output, requantizing)
 QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k",
                "q6_k", "iq4_nl", "iq4_xs")
+_SAMPLE_ROWS = 8  # rows a searched candidate must keep the codes of before a full search
 #: element bits of each ggml type (the resolution of its grid), for picking candidates
 ELEMENT_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
                 "IQ4_XS": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
@@ -142,43 +143,53 @@ def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
 
     w = w.detach().float().cpu()
     src = gguf_spec_type(qt.spec)
-    if src is not None:  # a ggml type already (experts of mixed types): no lowbit grid
-        src_bits, step, cands = ELEMENT_BITS.get(src, 4), None, []
-    else:
+    step = None
+    fixed = []
+    if src is None:
         src_bits = qt.spec.element_format.bits
-        step = _full(qt, qt.scale.cpu()).abs().reshape(w.shape) \
-            if qt.spec.block_format is None else None
-        cands = list(_fixed_candidates(qt, w))
-    fixed = {c[0] for c in cands}
-    for kind, bits in ELEMENT_BITS.items():
-        if bits < src_bits or kind in fixed or w.shape[1] % ggml_blocks.block(kind).super:
-            continue
-        cands.append((kind, None, None, f"{kind} searched by lowbit.core.ggml"))
+        if qt.spec.block_format is None:
+            step = _full(qt, qt.scale.cpu()).abs().reshape(w.shape)
+        fixed = list(_fixed_candidates(qt, w))
+    searched = [k for k, bits in ELEMENT_BITS.items()
+                if w.shape[1] % ggml_blocks.block(k).super == 0 and k not in
+                {c[0] for c in fixed} and (bits >= src_bits if src is None else k == "Q8_0")]
     if only is not None:
-        cands = [c for c in cands if c[0] == only] or \
-            [(only, None, None, f"{only} searched by lowbit.core.ggml")]
-    if not cands:
+        fixed = [c for c in fixed if c[0] == only]
+        searched = [] if fixed else [only]
+    if not fixed and not searched:
         raise ConfigError(f"GGUF export: {gname} ({qt.spec.short()}, {w.shape[1]} columns) "
                           "fits no ggml type lowbit writes")
-    cands.sort(key=lambda c: (bits_per_weight(c[0]), c[0]))
-    best, tier = None, None
-    for kind, obj, back, how in cands:
-        bpw = bits_per_weight(kind)
-        if tier is not None and bpw > tier:
-            break  # a smaller size kept the codes
-        if obj is None:
-            obj = quantize_fields(w, kind, importance=None)
-            back = ggml_blocks.dequantize(kind, obj)
-        diff = (back - w).abs()
-        kept = bool((diff < step / 2).all()) if step is not None else False
-        r = (kind, obj, float(diff.max()), float(diff.pow(2).mean().sqrt()), kept, how)
-        if kept:
-            tier = bpw
-        if best is None or (r[4], -r[3]) > (best[4], -best[3]):
-            best = r
-    kind, fields, mx, rms, kept, how = best
+
+    def score(kind, fields, back, how, x=w, st=step):
+        diff = (back - x).abs()
+        kept = bool((diff < st / 2).all()) if st is not None else False
+        return (kind, fields, float(diff.max()), float(diff.pow(2).mean().sqrt()), kept, how)
+
+    results = [score(*c) for c in fixed]  # cheap: rounding at fixed scales
+    keep_bpw = min((bits_per_weight(r[0]) for r in results if r[4]), default=float("inf"))
+    for kind in sorted(searched, key=lambda k: (bits_per_weight(k), k)):
+        if bits_per_weight(kind) >= keep_bpw:
+            break  # a type no larger already keeps the codes (at its own scales: ~exact)
+        if step is not None and w.shape[0] > _SAMPLE_ROWS:  # screen on a few rows first
+            f = quantize_fields(w[:_SAMPLE_ROWS], kind, importance=None)
+            if not score(kind, f, ggml_blocks.dequantize(kind, f), "", w[:_SAMPLE_ROWS],
+                         step[:_SAMPLE_ROWS])[4]:
+                continue
+        f = quantize_fields(w, kind, importance=None)
+        r = score(kind, f, ggml_blocks.dequantize(kind, f), f"{kind} searched by lowbit.core")
+        results.append(r)
+        if r[4]:
+            keep_bpw = bits_per_weight(kind)
+    if not results:  # every searched type failed its screen: the least-change one in full
+        kind = max(searched, key=lambda k: (ELEMENT_BITS[k], -bits_per_weight(k)))
+        f = quantize_fields(w, kind, importance=None)
+        results.append(score(kind, f, ggml_blocks.dequantize(kind, f),
+                             f"{kind} searched by lowbit.core"))
+    kept = [r for r in results if r[4]]
+    kind, fields, mx, rms, ok, how = min(kept, key=lambda r: (bits_per_weight(r[0]), r[3])) \
+        if kept else min(results, key=lambda r: r[3])
     return Requantized(kind, pack_fields(kind, fields, rows), mx, rms,
-                       kept if step is not None else None, how)
+                       ok if step is not None else None, how)
 
 
 def type_option(value: str | None, what: str, extra: str = "") -> str | None:
