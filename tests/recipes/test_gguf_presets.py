@@ -140,3 +140,62 @@ def test_imatrix_step_turns_on_imatrix_rules():
     assert p.types() == p1.types()
     _, p = gm.expand(m, recipes.load("gguf-iq4_nl"))
     assert p.types() == p0.types()
+
+
+def _file_types(path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors
+            if len(t.shape) >= 2 and int(t.shape[1]) > 1}
+
+
+@pytest.mark.parametrize("preset", ["gguf-q4_k_m", "gguf-q3_k_m", "gguf-iq4_xs"])
+def test_export_writes_the_mix_types_and_reload(preset, tmp_path):
+    """quantize -> GGUF: every matrix in the planned type (the exporter takes token_embd /
+    output from the recipe's mix); and native save -> load -> GGUF gives the same types."""
+    m = _wide()
+    lowbit.quantize(m, preset)
+    plan = m.lowbit_report.gguf_mix
+    want = {v["tensor"]: v["type"] for v in plan["modules"].values()}
+    want["token_embd.weight"], want["output.weight"] = plan["token_embd"], plan["output"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "token_embd quantized in the file only"
+        lowbit.save(m, tmp_path / "g", format="gguf")
+    assert _file_types(tmp_path / "g" / "model.gguf") == want
+    lowbit.save(m, tmp_path / "n")
+    from lowbit.errors import CheckpointError
+
+    try:
+        back = lowbit.load(tmp_path / "n")
+    except (CheckpointError, ConfigError) as e:
+        if "element format" not in str(e):
+            raise
+        pytest.xfail("lowbit.export.safe_read checks gguf_* codes by an element format they "
+                     "do not have (known: /work/notes/x_safe_read.patch)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.save(back, tmp_path / "g2", format="gguf")
+    assert _file_types(tmp_path / "g2" / "model.gguf") == want
+
+
+LLAMA_BIN = "/work/cache/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin"
+
+
+@pytest.mark.external
+@pytest.mark.skipif(not __import__("os").path.exists(LLAMA_BIN + "/llama-quantize"),
+                    reason="needs llama.cpp's llama-quantize")
+@pytest.mark.parametrize("ftype", MIXES)
+def test_exported_types_equal_llama_quantize(ftype, tmp_path):
+    """The types of lowbit's GGUF (quantize with gguf-<mix>, export) equal those llama-quantize
+    gives the same model's F32 GGUF (--dry-run)."""
+    from tests.adapters.test_gguf_mix import _dry_run
+
+    m = _wide(layers=8)
+    lowbit.save(m, tmp_path / "f32", format="gguf")
+    ref = _dry_run(tmp_path / "f32" / "model.gguf", ftype)
+    lowbit.quantize(m, f"gguf-{ftype}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.save(m, tmp_path / "q", format="gguf")
+    got = _file_types(tmp_path / "q" / "model.gguf")
+    assert got == ref
