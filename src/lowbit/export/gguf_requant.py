@@ -95,9 +95,9 @@ class Requantized:
 
 
 def _fixed_candidates(qt: QTensor, w: torch.Tensor):
-    """``(kind, fields, dequantized, how)`` of the legacy types at the weight's own scales
-    (and offsets) rounded to float16, one per block of 32, rounded to nearest by
-    :func:`lowbit.core.ggml.fields_from_scales`."""
+    """``[(kind, run)]``: ``run()`` gives ``(kind, fields, dequantized, how)`` of a legacy
+    type at the weight's own scales (and offsets) rounded to float16, one per block of 32,
+    rounded to nearest by :func:`lowbit.core.ggml.fields_from_scales`."""
     from lowbit.core.ggml import fields_from_scales
     from lowbit.formats import ggml_blocks
 
@@ -124,12 +124,14 @@ def _fixed_candidates(qt: QTensor, w: torch.Tensor):
             tries += [(k, -m16) for k, b in (("Q4_1", 4), ("Q5_1", 5)) if fmt.bits <= b]
     if sym or fmt.bits <= 7:  # q - zp fits int8
         tries.append(("Q8_0", None))
-    out = []
-    for kind, off in tries:
-        f = fields_from_scales(w, kind, d16, off)
-        out.append((kind, f, ggml_blocks.dequantize(kind, f),
-                    f"{kind} at its own scales rounded to float16"))
-    return out
+    def make(kind, off):
+        def run():
+            f = fields_from_scales(w, kind, d16, off)
+            return (kind, f, ggml_blocks.dequantize(kind, f),
+                    f"{kind} at its own scales rounded to float16")
+        return run
+
+    return [(kind, make(kind, off)) for kind, off in tries]
 
 
 def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
@@ -165,7 +167,11 @@ def nearest(qt: QTensor, w: torch.Tensor, rows: torch.Tensor | None, gname: str,
         kept = bool((diff < st / 2).all()) if st is not None else False
         return (kind, fields, float(diff.max()), float(diff.pow(2).mean().sqrt()), kept, how)
 
-    results = [score(*c) for c in fixed]  # cheap: rounding at fixed scales
+    results = []
+    for _, run in sorted(fixed, key=lambda c: bits_per_weight(c[0])):  # rounding only
+        results.append(score(*run()))
+        if results[-1][4]:
+            break  # larger fixed types keep the codes too
     keep_bpw = min((bits_per_weight(r[0]) for r in results if r[4]), default=float("inf"))
     for kind in sorted(searched, key=lambda k: (bits_per_weight(k), k)):
         if bits_per_weight(kind) >= keep_bpw:
