@@ -118,6 +118,11 @@ class GgufMix(BaseModel):
     pure: bool = False
     imatrix: bool | None = None
 
+    @property
+    def type(self) -> str:
+        """Alias of :attr:`ftype` (the file type, ``"q4_k_m"``)."""
+        return self.ftype
+
     @field_validator("ftype")
     @classmethod
     def _ftype(cls, v):
