@@ -199,3 +199,28 @@ def test_exported_types_equal_llama_quantize(ftype, tmp_path):
         lowbit.save(m, tmp_path / "q", format="gguf")
     got = _file_types(tmp_path / "q" / "model.gguf")
     assert got == ref
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_mix_experts_share_their_tensor_type(family, tmp_path):
+    """Split experts of one stacked ``*_exps`` tensor get its one type; routers stay float."""
+    from tests.moe_models import build_moe
+
+    m = build_moe(family)
+    with pytest.warns(UserWarning, match="fallback"):
+        lowbit.quantize(m, "gguf-q4_k_m")
+    plan = m.lowbit_report.gguf_mix
+    f = _formats(m)
+    assert f == {k: "gguf_" + v["type"].lower() for k, v in plan["modules"].items()}
+    downs = {v for k, v in f.items() if k.startswith("model.layers.1.mlp.experts.")
+             and k.endswith("down_proj")}
+    assert downs == {"gguf_q8_0"}  # use_more_bits(1, 2): Q6_K -> Q8_0 (64 columns)
+    assert not any("gate.weight" in v["tensor"] or "gate_inp" in v["tensor"]
+                   for v in plan["modules"].values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowbit.save(m, tmp_path / "g", format="gguf")
+    want = {v["tensor"]: v["type"] for v in plan["modules"].values()}
+    want["token_embd.weight"], want["output.weight"] = plan["token_embd"], plan["output"]
+    got = _file_types(tmp_path / "g" / "model.gguf")
+    assert {k: v for k, v in got.items() if "gate_inp" not in k} == want

@@ -181,7 +181,6 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
                 + " (all in model.lowbit_report.gguf_mix)", stacklevel=2)
     report = apply_recipe(model, recipe)
     report.unfused_experts = unfused
-    report.gguf_mix = None if mix_plan is None else mix_plan.as_dict()
     from lowbit.pipeline.unreached import kv_outside_decoder
 
     kv_outside_decoder(model, report)
@@ -219,6 +218,7 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     if moe:
         report.experts = expert_rows(model, moe_all, recipe.moe_min_tokens)
     report.seconds = time.perf_counter() - t0
+    report.gguf_mix = None if mix_plan is None else mix_plan.as_dict()
     model.lowbit_report = report
     model.lowbit_recipe = recipe
     return model
