@@ -54,3 +54,25 @@ def test_quantize_mix_gptq_to_gguf(model_dir, tmp_path):  # noqa: F811
     assert types["blk.1.attn_v.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q8_0"
     assert types["output.weight"] == "Q4_0"   # --output-type (the mix's rule: Q8_0)
     assert types["token_embd.weight"] == "Q5_0"  # untied: the default Q4_K, fallen back
+
+
+def test_quantize_mix_with_imatrix_file(model_dir, tmp_path):  # noqa: F811
+    """--imatrix FILE (llama-imatrix's format): no --calib needed, the mix sees an imatrix."""
+    import gguf
+    import numpy as np
+
+    from lowbit.adapters.gguf_names import gguf_tensor_names
+    from lowbit.calib.imatrix_file import write_imatrix
+    from tests.tiny_models import build
+
+    d, _ = model_dir
+    data = {t.name: (np.full((1, t.n_cols), 2.0, np.float32), np.ones(1, np.float32))
+            for t in gguf_tensor_names(build("llama")).values() if t.name.startswith("blk.")}
+    im = tmp_path / "imatrix.gguf"
+    write_imatrix(im, data, dataset="x", chunks=1, chunk_size=1)
+    out = tmp_path / "q"
+    rc, o, e = run("quantize", str(d), "-r", "gguf-iq4_xs", "--imatrix", str(im), "-f", "gguf",
+                   "--no-vocab", "-o", str(out))
+    assert rc == 0, e
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "IQ4_NL"  # IQ4_XS -> IQ4_NL at 64 columns
