@@ -190,9 +190,27 @@ def dither(w: torch.Tensor, seed: int) -> torch.Tensor:
     return (b + noise).reshape(o, i)
 
 
+CORE_SHA = _core_hash()  # at import: the code this process runs
+
+
 def fits(name: str, n_cols: int) -> bool:
     """True when ggml type ``name`` can hold rows of ``n_cols`` values."""
     return n_cols % gb.block(name).super == 0
+
+
+def summary(results: dict) -> str:
+    """One line per type: lowbit/ggml error ratios without and with the imatrix."""
+    lines = [f"{'type':7s} {'n':>3s} | no imatrix: {'weighted':>8s} {'plain':>6s} {'output':>6s} "
+             f"| imatrix: {'weighted':>8s} {'plain':>6s} {'output':>6s}"]
+    for t, r in results.items():
+        a, b = r["lowbit_vs_ggml"]["no_imatrix"], r["lowbit_vs_ggml"]["imatrix"]
+
+        def f(v, n):
+            return f"{'-' if v is None else f'{v:.3f}':>{n}s}"
+        lines.append(f"{t:7s} {r['n_linears']:3d} | {'':11s} {f(a['weighted'], 8)} "
+                     f"{f(a['plain'], 6)} {f(a['output'], 6)} | {'':8s} {f(b['weighted'], 8)} "
+                     f"{f(b['plain'], 6)} {f(b['output'], 6)}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -307,9 +325,10 @@ def main() -> None:
            "metrics": {"weighted": "sum imatrix_i (w - w_hat)^2",
                        "plain": "sum (w - w_hat)^2",
                        "output": "trace(dW H dW^T), H = mean x x^T over calibration tokens"},
-           "lowbit_core_sha256": _core_hash(),
+           "lowbit_core_sha256": CORE_SHA,
            "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
            "types": results}
+    print("\nlowbit / ggml (< 1: lowbit has the smaller error)\n" + summary(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
