@@ -16,7 +16,7 @@ from lowbit.options import accepted_options, check_options, reject_unknown
 TAKES = {
     "lowbit": ["tokenizer", "max_shard_size"],
     "compressed-tensors": ["tokenizer", "max_shard_size", "dtype"],
-    "gguf": ["tokenizer", "float_type", "embedding_type", "allow_requantize",
+    "gguf": ["tokenizer", "float_type", "embedding_type", "output_type", "allow_requantize",
              "requantize_type", "tokenizer_pre", "name"],
     "onnx": ["example_inputs", "opset", "input_names", "output_names", "dynamic_shapes",
              "example_kwargs", "tokenizer"],

@@ -245,10 +245,12 @@ def test_no_exact_type_is_a_config_error_naming_the_layer(tmp_path):
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         out = lowbit.save(m, tmp_path / "g", format="gguf", allow_requantize=True)
-    assert any("requantized 14 layers to Q8_0" in str(w.message) for w in got)
+    # the nearest type (requantize_type="nearest"): Q4_0 at the fp16-rounded scales
+    assert any("requantized 14 layers to the nearest GGUF type" in str(w.message) and
+               "14 x Q4_0" in str(w.message) for w in got)
     r = gguf.GGUFReader(out / "model.gguf")
     t = {t.name: t for t in r.tensors}["blk.0.attn_v.weight"]
-    assert t.tensor_type.name == "Q8_0"
+    assert t.tensor_type.name == "Q4_0"
     err = (_deq(t).reshape(-1, 128) -
            m.model.layers[0].self_attn.v_proj.quantized_weight().detach())
     assert 0 < float(err.abs().max()) < 0.01

@@ -285,9 +285,6 @@ def test_moe_experts_stacked(tmp_path, spec, kind, exact):
 
 
 # --- the native checkpoint of gguf_* weights ----------------------------------------------
-@pytest.mark.xfail(raises=ConfigError, strict=False,
-                   reason="lowbit.export.safe_read.read_checkpoint checks gguf_* codes by an "
-                   "element format they do not have (patch: /work/notes/x_safe_read.patch)")
 @pytest.mark.parametrize("kind", ["q4_k", "q3_k", "iq4_xs", "q4_1", "nvfp4"])
 def test_native_checkpoint_holds_ggml_bytes(tmp_path, kind):
     from safetensors.torch import load_file

@@ -10,8 +10,9 @@ import typer
 
 from lowbit.cli import app, console, fail, one_line_errors
 
-ALLOW_REQUANTIZE = ("gguf: requantize weights whose scales ggml cannot hold exactly (to Q8_0) "
-                    "instead of stopping with an error")
+ALLOW_REQUANTIZE = ("gguf: write weights whose scales ggml cannot hold exactly in the "
+                    "nearest ggml type that keeps their codes (each layer's type and change "
+                    "listed in a warning) instead of stopping with an error")
 NO_VOCAB = ("gguf: write no vocabulary (for a tokenizer that is not byte-level BPE; "
             "llama.cpp then runs on token ids)")
 

@@ -100,6 +100,16 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
             sshape = Layout(spec, shape).natural_shape()
         except (ConfigError, TypeError, ValueError) as e:
             raise CheckpointError(f"{meta_file}: quantized[{name!r}]: {e}") from None
+        if spec.format.startswith("gguf_"):  # ggml's bytes hold codes and every scale
+            from lowbit.formats.ggml_blocks import block
+
+            b = block(spec.format[5:].upper())
+            if len(shape) != 2 or shape[1] % b.super:
+                raise CheckpointError(f"{meta_file}: quantized[{name!r}]: shape "
+                                      f"{list(shape)} is not [out, k*{b.super}]")
+            _expect(tensors, where, f"{key}.codes", torch.uint8,
+                    (shape[0], shape[1] // b.super * b.type_size), path)
+            continue
         bits = spec.element_format.bits
         _expect(tensors, where, f"{key}.codes", torch.uint8,
                 (*shape[:-1], formats.packed_size(shape[-1], bits)), path)

@@ -9,6 +9,7 @@ gives the quantized share of the weights and the reason for every parameter left
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -48,6 +49,7 @@ class ApplyReport:
     routers: list[str] = field(default_factory=list)
     coverage: Coverage | None = None
     unfused_experts: list[str] = field(default_factory=list)
+    gguf_mix: dict | None = None  # a recipe's GGUF mix plan (lowbit.adapters.gguf_mix)
 
     def lines(self) -> list[str]:
         """Short lines for a console: the coverage line, each unquantized parameter above
@@ -62,6 +64,14 @@ class ApplyReport:
                            f"({u.numel / c.total:.1%}): {u.reason}")
         if self.fallbacks:
             out.append(fallback_line(self.fallbacks))
+        if self.gguf_mix:
+            g = self.gguf_mix
+            kinds = Counter(r["type"] for r in g.get("modules", {}).values())
+            out.append(f"GGUF mix {g['ftype']}: " + ", ".join(f"{n} {t}" for t, n in
+                                                               sorted(kinds.items()))
+                       + f"; token_embd {g.get('token_embd')}, output {g.get('output')}"
+                       + (f"; {len(g['fallbacks'])} tensors took llama.cpp's fallback type "
+                          "(width not a multiple of the block)" if g.get("fallbacks") else ""))
         for row in getattr(self, "blocks", None) or []:  # set by the block runner
             out.extend(row.get("notes", []) if isinstance(row, dict) else [])
         return out

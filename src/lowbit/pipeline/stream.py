@@ -211,6 +211,9 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
         recipe = Recipe.parse({**recipe.to_dict(), **moe_options}, f"recipe {recipe.name}")
     if feed not in ("quantized", "fp"):
         raise ConfigError(f"feed must be 'quantized' or 'fp', got {feed!r}")
+    if getattr(recipe, "gguf_mix", None) is not None:
+        raise ConfigError(f"recipe {recipe.name}: a GGUF mix (gguf_mix) is planned on the whole "
+                          "model, which streaming never holds; use lowbit.quantize")
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; choose a new folder or overwrite it")

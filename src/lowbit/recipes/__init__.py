@@ -58,8 +58,9 @@ GGUF_MIX_VARIANTS = {
     "-gptq": ([{"name": "gptq"}], "GPTQ: block types' scales searched first, then codes "
               "rounded column by column with the Hessian of the calibration inputs; needs "
               "--calib."),
-    "-awq": ([{"name": "awq"}], "AWQ activation-aware scales folded into the preceding "
-             "norms before the block types' scales are searched; needs --calib."),
+    "-awq": ([{"name": "awq"}, {"name": "imatrix"}], "AWQ activation-aware scales folded "
+             "into the preceding norms, then the block types' scales searched with the "
+             "importance matrix of the calibration activations; needs --calib."),
 }
 
 
