@@ -110,8 +110,13 @@ class _Stop(Exception):
     """Raised by a hook to end a calibration pass after the last selected layer."""
 
 
-def covariances(model, tok, layers: list[int], n_tokens: int, seq_len: int) -> dict:
-    """``{module name: H [I, I] float64}`` = mean ``x x^T`` of each selected linear's input."""
+def covariances(model, tok, layers: list[int], n_tokens: int, seq_len: int,
+                linears=LINEARS) -> dict:
+    """``{module name: H [I, I] float64}`` = mean ``x x^T`` of each selected linear's input.
+
+    ``linears``: the module names under a layer (``LINEARS``) whose inputs are needed.
+    """
+    need = {SHARED.get(lin, lin) for lin in linears}
     if n_tokens < seq_len or n_tokens % seq_len:
         raise ConfigError(f"--calib-tokens {n_tokens} must be a positive multiple of "
                           f"--seq-len {seq_len}")
@@ -120,7 +125,7 @@ def covariances(model, tok, layers: list[int], n_tokens: int, seq_len: int) -> d
     sums, counts, hooks = {}, {}, []
     for li in layers:
         for lin in LINEARS:
-            if lin in SHARED:
+            if lin not in need:
                 continue
             name = f"model.layers.{li}.{lin}"
             mod = model.get_submodule(name)
@@ -150,7 +155,8 @@ def covariances(model, tok, layers: list[int], n_tokens: int, seq_len: int) -> d
     cov = {k: sums[k] / counts[k] for k in sums}
     for li in layers:
         for lin, src in SHARED.items():
-            cov[f"model.layers.{li}.{lin}"] = cov[f"model.layers.{li}.{src}"]
+            if src in need:
+                cov[f"model.layers.{li}.{lin}"] = cov[f"model.layers.{li}.{src}"]
     return cov
 
 
@@ -248,13 +254,15 @@ def main() -> None:
     if bad:
         raise SystemExit(f"--layers {bad} out of range; the model has {n_layers} layers")
     t0 = time.perf_counter()
-    key = f"L{'-'.join(map(str, sorted(set(args.layers))))}_T{args.calib_tokens}_S{args.seq_len}"
+    lins = sorted({SHARED.get(lin, lin) for lin in args.linears})
+    key = (f"L{'-'.join(map(str, sorted(set(args.layers))))}_T{args.calib_tokens}"
+           f"_S{args.seq_len}_{'-'.join(x.split('.')[-1] for x in lins)}")
     cache = Path(tempfile.gettempdir()) / "lowbit_gguf_weights" / f"cov_{key}.pt"
     if cache.is_file() and not args.no_cache:
         cov = torch.load(cache)
     else:
         cov = covariances(model, tok, sorted(set(args.layers)), args.calib_tokens,
-                          args.seq_len)
+                          args.seq_len, args.linears)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cov, cache)
     calib_s = time.perf_counter() - t0
