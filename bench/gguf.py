@@ -214,11 +214,14 @@ def score_into(row: dict, path: Path, ctx: dict) -> None:
     st = gguf_stats(path)
     row.update(bytes=st["bytes"], size_mb=st["bytes"] / 1e6,
                bits_per_weight=st["bits_per_weight"])
-    ref = ctx["llama_types"].get(row["type"])
+    # lowbit's methods with calibration importance plan the mix as llama-quantize does
+    # with --imatrix (gguf_mix.IMPORTANCE_STEPS): compare with that file's types
+    key = (row["type"], row["method"] not in ("llama", "lowbit"))
+    ref = ctx["llama_types"].get(key)
     if row["method"].startswith("lowbit") and ref is not None:
         row["mix_vs_llama"] = mix_diff(st["types"], ref)
-    if row["method"] == "llama":
-        ctx["llama_types"][row["type"]] = st["types"]
+    if row["method"].startswith("llama"):
+        ctx["llama_types"][key] = st["types"]
     if ctx["tools"] is None:
         row["note"] = "not scored: no llama-perplexity"
         return
@@ -289,19 +292,26 @@ def lowbit_row(typ: str, method: str, ctx: dict) -> dict:
     return row
 
 
-def llama_types(typ: str, ctx: dict) -> "dict | None":
-    """llama-quantize's ``{tensor: type}`` for ``typ`` (no imatrix), for the mix comparison;
-    quantizes once when no ``llama`` row of this run made that file."""
-    if typ not in ctx["llama_types"] and ctx["tools"] is not None:
-        out = ctx["work"] / f"mix-{typ}.gguf"
+def llama_types(typ: str, ctx: dict, imatrix: bool = False) -> "dict | None":
+    """llama-quantize's ``{tensor: type}`` for ``typ`` (with ``--imatrix`` when ``imatrix``:
+    its rules differ, e.g. IQ4_XS's first ffn_down layers), for the mix comparison;
+    quantizes once when no llama row of this run made that file."""
+    key = (typ, imatrix)
+    if key not in ctx["llama_types"] and ctx["tools"] is not None:
+        if imatrix and ctx.get("imatrix") is None:
+            return None
+        out = ctx["work"] / f"mix-{typ}{'-imatrix' if imatrix else ''}.gguf"
+        cmd = [ctx["tools"]["llama-quantize"]]
+        if imatrix:
+            cmd += ["--imatrix", ctx["imatrix"]]
         try:
-            run_tool([ctx["tools"]["llama-quantize"], ctx["f32"], out, TYPES[typ],
-                      ctx["args"].threads], ctx["work"] / f"mix-{typ}.log", ctx["args"].timeout)
-            ctx["llama_types"][typ] = gguf_stats(out)["types"]
+            run_tool(cmd + [ctx["f32"], out, TYPES[typ], ctx["args"].threads],
+                     ctx["work"] / f"mix-{typ}.log", ctx["args"].timeout)
+            ctx["llama_types"][key] = gguf_stats(out)["types"]
         except ToolError:
-            ctx["llama_types"][typ] = None
+            ctx["llama_types"][key] = None
         out.unlink(missing_ok=True)
-    return ctx["llama_types"].get(typ)
+    return ctx["llama_types"].get(key)
 
 
 # ---------------------------------------------------------------- report
@@ -556,7 +566,7 @@ def run(a, work: Path) -> None:
             if method.startswith("llama"):
                 row = llama_row(typ, method, ctx)
             else:
-                llama_types(typ, ctx)
+                llama_types(typ, ctx, method != "lowbit")
                 row = lowbit_row(typ, method, ctx)
         except Exception as e:  # noqa: BLE001 - a failure is a row, never the end of the bench
             row = {"type": typ, "method": method,

@@ -110,6 +110,21 @@ def test_plan_imatrix_rules():
         gm.plan(m, "q2_k_s")
 
 
+@pytest.mark.parametrize("steps,has", [([], False), (["imatrix"], True), (["gptq"], True),
+                                       (["awq", "imatrix"], True), (["awq"], False)])
+def test_expand_importance_from_the_steps(steps, has):
+    """Steps that search scales with calibration importance plan the mix with llama.cpp's
+    imatrix rules: IQ4_XS keeps IQ4_XS on the first eighth of ffn_down only then."""
+    from lowbit.config import Recipe
+
+    m = _llama()
+    r = Recipe.parse({"gguf_mix": "iq4_xs", "algorithms": [{"name": s} for s in steps]})
+    _, p = gm.expand(m, r)
+    want = _by_tensor(gm.plan(m, "iq4_xs", has_imatrix=has), m)
+    assert _by_tensor(p, m) == want
+    assert (want["blk.0.ffn_down.weight"] == "IQ4_XS") == has
+
+
 def test_plan_gqa_below_4():
     m = _llama(heads=4, kv=2)  # n_gqa 2: no n_gqa >= 4 rules
     assert _by_tensor(gm.plan(m, "q2_k"), m) == _expect(

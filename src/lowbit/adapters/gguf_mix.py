@@ -416,18 +416,25 @@ def plan(model: nn.Module, ftype: str, output_type: str | None = None,
     return out
 
 
+#: algorithm steps whose scales use calibration importance: a mix planned with them takes
+#: llama.cpp's rules for a quantization with an importance matrix
+IMPORTANCE_STEPS = ("imatrix", "gptq")
+
+
 def expand(model: nn.Module, recipe):
     """``(recipe with the mix's targets, MixPlan)``: ``recipe.gguf_mix`` (a
     :class:`lowbit.config.recipe.GgufMix`) planned for ``model`` (after its experts are
     split) and turned into one target per type (``{pattern: [modules], weight: {format:
     gguf_<type>}}``) placed before the recipe's own targets, which still override. The
     importance-matrix rules are on when ``gguf_mix.imatrix`` is true or, when it is null,
-    when the recipe has an ``imatrix`` step."""
+    when the recipe has an ``imatrix`` or a ``gptq`` step (GPTQ searches each block's scales
+    with the calibration data's importance, its Hessian diagonal, so the weights are as
+    data-informed as llama-quantize's with ``--imatrix``)."""
     from lowbit.config.recipe import Recipe
 
     mix = recipe.gguf_mix
     has_imatrix = mix.imatrix if mix.imatrix is not None else \
-        any(a.name == "imatrix" for a in recipe.algorithms)
+        any(a.name in IMPORTANCE_STEPS for a in recipe.algorithms)
     p = plan(model, mix.ftype, mix.output_type, mix.embedding_type, mix.pure, has_imatrix)
     by_type: dict[str, list[str]] = {}
     for mod, (_, t, _) in p.modules.items():

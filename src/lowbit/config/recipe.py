@@ -106,7 +106,8 @@ class GgufMix(BaseModel):
     ``embedding_type``: llama-quantize's ``--output-tensor-type`` / ``--token-embedding-type``
     (a ggml type name, ``q8_0``, ``f16``...; null: the mix's rule); ``pure``: ``--pure``
     (every tensor the default type, fallbacks still apply); ``imatrix``: whether llama.cpp's
-    rules see an importance matrix (null: whether the recipe has an ``imatrix`` step). The
+    rules see an importance matrix (null: whether the recipe has an ``imatrix`` or ``gptq``
+    step). The
     token embedding and output types are for the GGUF exporter (lowbit's model keeps them in
     float): the plan is in ``model.lowbit_report.gguf_mix``."""
 
