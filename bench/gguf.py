@@ -487,8 +487,9 @@ def f32_and_imatrix(a, ctx: dict, f32_row: dict) -> None:
         stamp.pop("imatrix", None)
         stamp_path.write_text(json.dumps(stamp))
     ctx["f32_ppl"] = f32_row["ppl"]
-    if "llama-imatrix" not in a.methods:
-        return
+    if all(m in ("llama", "lowbit") for m in a.methods):
+        return  # the imatrix is for llama-imatrix rows and the mix comparison of lowbit's
+        # importance methods (llama-quantize --imatrix's tensor types)
     im = work / "imatrix.gguf"
     if "imatrix" in stamp and im.exists():
         ctx["imatrix"], ctx["imatrix_s"] = im, stamp["imatrix"]["imatrix_s"]
