@@ -15,6 +15,8 @@ def test_recipes_lists_the_mixes():
     assert p.returncode == 0, p.stderr
     for name in ("gguf-q4_k_m", "gguf-q4_k_m-gptq", "gguf-iq4_xs-imatrix", "gguf-q2_k-awq"):
         assert name in p.stdout
+    row = next(ln for ln in p.stdout.splitlines() if "gguf-q3_k_m-gptq " in ln)
+    assert "GGUF mix Q3_K_M" in row and "gptq" in row
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -26,6 +26,8 @@ def recipes_cmd() -> None:
     for name in recipes.names():
         r = recipes.load(name)
         w = {tg.weight.short() for tg in r.targets if tg.weight is not None}
+        if r.gguf_mix is not None:  # planned per tensor at quantize time
+            w.add(f"GGUF mix {r.gguf_mix.ftype.upper()}")
         a = {tg.input.short() for tg in r.targets if tg.input is not None}
         t.add_row(name, ", ".join(sorted(w)) or "-", ", ".join(sorted(a)) or "-",
                   ", ".join(s.name for s in r.algorithms) or "-", r.description)
