@@ -57,13 +57,9 @@ def set_importance_scales(module: nn.Module, importance: torch.Tensor | None,
     module.invalidate_weight_cache()
 
 
-def collect_importance(ctx, names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
-    """``{name: (sum_t x_t^2 float64 [in], tokens)}`` of the block's linears ``names`` over
-    all its captured inputs (and ranks), block weights in full precision, experts seeing
-    only the tokens routed to them (as llama.cpp counts them)."""
-    acc: dict[str, list] = {n: [None, 0] for n in names}
-    mods = [ctx.block.get_submodule(n) for n in names]
-
+def _square_sum_hooks(acc: dict[str, list], names: list[str], mods: list[nn.Module]) -> list:
+    """Forward pre-hooks adding each linear's ``sum_t x_t^2`` (float64 ``[in]``) and token
+    count into ``acc[name] = [sum or None, tokens]``; returns the handles to remove."""
     def hook(mod, a, k, n):
         x = linear_input(mod, a, k, n).detach()
         x = x.reshape(-1, x.shape[-1]).float()
@@ -71,8 +67,18 @@ def collect_importance(ctx, names: list[str]) -> dict[str, tuple[torch.Tensor, i
         acc[n][0] = sq if acc[n][0] is None else acc[n][0] + sq
         acc[n][1] += x.shape[0]
 
-    hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
-                                      with_kwargs=True) for n, m in zip(names, mods)]
+    return [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
+                                        with_kwargs=True) for n, m in zip(names, mods)]
+
+
+def collect_importance(ctx, names: list[str]) -> dict[str, tuple[torch.Tensor, int]]:
+    """``{name: (sum_t x_t^2 float64 [in], tokens)}`` of the block's linears ``names`` over
+    all its captured inputs (and ranks), block weights in full precision, experts seeing
+    only the tokens routed to them (as llama.cpp counts them)."""
+    acc: dict[str, list] = {n: [None, 0] for n in names}
+    mods = [ctx.block.get_submodule(n) for n in names]
+
+    hs = _square_sum_hooks(acc, names, mods)
     try:
         with ctx.weights_fp():
             ctx.run(until=mods)
@@ -100,15 +106,7 @@ def collect_model_importance(model: nn.Module, names: list[str], forward_loop,
     acc: dict[str, list] = {n: [None, 0] for n in names}
     mods = [model.get_submodule(n) for n in names]
 
-    def hook(mod, a, k, n):
-        x = linear_input(mod, a, k, n).detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        sq = x.square().sum(0).double()
-        acc[n][0] = sq if acc[n][0] is None else acc[n][0] + sq
-        acc[n][1] += x.shape[0]
-
-    hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
-                                      with_kwargs=True) for n, m in zip(names, mods)]
+    hs = _square_sum_hooks(acc, names, mods)
     try:
         forward_loop(model)
     finally:
