@@ -15,6 +15,11 @@ per head (axis 1).
 Modules that do not use the shared attention functions (hand-written attention) fall back to
 quantizing the outputs of their key and value projections (before RoPE): an approximation,
 reported in the summary.
+
+The same wrapper applies a module's online ``qk_rotation`` (:mod:`lowbit.nn.rotation`, R3)
+to the query and the keys first: after RoPE, before the KV-cache quantizers. The cache itself
+holds un-rotated keys; rotating the keys read from it at each step gives the same values.
+Modules without the shared functions cannot hold one (:func:`install_qk_hooks` refuses).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 from torch import nn
 
 from lowbit.core import QuantSpec
+from lowbit.errors import ConfigError
 from lowbit.nn.quantizer import TensorQuantizer
 
 _INSTALLED: set[str] = set()
@@ -32,6 +38,9 @@ _INSTALLED: set[str] = set()
 
 def _wrap(base):
     def attention(module, query, key, value, *args, **kwargs):
+        rot = module._modules.get("qk_rotation")
+        if rot is not None:  # R3: post-RoPE, pre-quantizer; [b, heads, seq, head_dim]
+            query, key = rot(query), rot(key)
         kq = module._modules.get("k_cache_quantizer")
         if kq is not None:
             key = kq(key)
@@ -46,7 +55,7 @@ def _wrap(base):
 def install_attention_hooks(implementation: str = "sdpa") -> bool:
     """Wrap transformers' shared attention function ``implementation`` once (``sdpa``, or
     ``eager``: each model's own ``eager_attention_forward``); False when unavailable.
-    Modules without KV quantizers pass through the wrapper unchanged."""
+    Modules without KV quantizers or ``qk_rotation`` pass through the wrapper unchanged."""
     if implementation in _INSTALLED:
         return True
     try:
@@ -65,6 +74,25 @@ def install_attention_hooks(implementation: str = "sdpa") -> bool:
         return False
     _INSTALLED.add(implementation)
     return True
+
+
+def install_qk_hooks(model: nn.Module, module: nn.Module, name: str) -> None:
+    """Make sure the attention wrapper runs for ``module`` (named ``name`` in ``model``), so
+    that its ``qk_rotation`` is applied: the wrappers of the model's attention implementation
+    and of ``sdpa`` and ``eager`` (so switching between those keeps the rotation) are
+    installed. A module that does not call transformers' shared attention functions, or an
+    implementation that cannot be wrapped, is a ConfigError naming the module: there is no
+    exact place to rotate its post-RoPE queries and keys."""
+    if not _uses_interface(module):
+        raise ConfigError(f"module {name!r} ({type(module).__name__}) does not call "
+                          f"transformers' shared attention functions: lowbit has no place to "
+                          f"rotate its queries and keys after RoPE (q/k rotation, R3)")
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    for i in dict.fromkeys((impl, "sdpa", "eager")):
+        if not install_attention_hooks(i) and i == impl:
+            raise ConfigError(f"module {name!r}: attention implementation {impl!r} cannot be "
+                              f"wrapped by lowbit, so its q/k rotation would not be applied; "
+                              f"use attn_implementation 'sdpa' or 'eager'")
 
 
 def _uses_interface(module: nn.Module) -> bool:

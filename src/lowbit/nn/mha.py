@@ -176,10 +176,14 @@ def linear_input(mod: nn.Module, args: tuple, kwargs: dict | None = None,
     (``[..., in]``). For an ``nn.MultiheadAttention`` that is its query, which is the input of
     the whole packed in-projection only under self-attention (query, key and value one
     tensor): cross-attention is a CalibrationError naming ``name``, since statistics taken
-    from the query would be applied to the key/value parts."""
+    from the query would be applied to the key/value parts. A layer with an online
+    ``input_rotation`` (:mod:`lowbit.nn.rotation`) gives its input *after* the rotation:
+    what its (rotated) weight multiplies, so every statistic (GPTQ's Hessian, AWQ,
+    SmoothQuant, imatrix, calibration) sees that."""
     kwargs = kwargs or {}
     if not isinstance(mod, nn.MultiheadAttention):
-        return args[0]
+        rot = mod._modules.get("input_rotation")
+        return args[0] if rot is None else rot(args[0])
     q = args[0] if len(args) > 0 else kwargs.get("query")
     key = args[1] if len(args) > 1 else kwargs.get("key")
     value = args[2] if len(args) > 2 else kwargs.get("value")

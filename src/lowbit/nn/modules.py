@@ -10,6 +10,10 @@ Weights are always quantized as a 2-D matrix ``[out, in * kernel]`` (the transpo
 ``Conv1D``, whose weight is stored ``[in, out]``): per-channel means per output channel
 (axis 0) and groups run along the input dimension (axis -1), for every module type. In eval
 / no-grad mode the fake-quantized weight is cached until the weight changes.
+
+Linears (``QuantLinear`` and GPT-2's ``QuantConv1D``) may hold an online
+``input_rotation`` (:mod:`lowbit.nn.rotation`), applied to the input before the input
+quantizer; layers without one have no such attribute and do not pay for it.
 """
 
 from __future__ import annotations
@@ -94,10 +98,17 @@ class QuantMixin:
 
 
 class QuantLinear(QuantMixin, nn.Linear):
-    """``nn.Linear`` with input, weight and output quantizers."""
+    """``nn.Linear`` with input, weight and output quantizers (and an optional online
+    ``input_rotation`` ``R``, see :mod:`lowbit.nn.rotation`)."""
+
+    accepts_input_rotation = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = Qo(Qi(x) @ Qw(W).T + b)``; shapes as ``nn.Linear``."""
+        """``y = Qo(Qi(x R) @ Qw(W).T + b)`` (``R``: ``input_rotation``, when there is one);
+        shapes as ``nn.Linear``."""
+        rot = self._modules.get("input_rotation")
+        if rot is not None:
+            x = rot(x)
         return self.output_quantizer(F.linear(self.input_quantizer(x), self.quantized_weight(),
                                               self.bias))
 
@@ -136,10 +147,15 @@ def _gpt2_conv1d_class():
         """transformers' GPT-2 ``Conv1D`` (weight ``[in, out]``) with quantizers."""
 
         weight_transposed = True
+        accepts_input_rotation = True
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """``y = Qi(x) @ Qw(W) + b`` with ``W`` of shape ``[in, out]``."""
+            """``y = Qi(x R) @ Qw(W) + b`` with ``W`` of shape ``[in, out]`` (``R``: the
+            ``input_rotation``, when there is one)."""
             size_out = x.size()[:-1] + (self.nf,)
+            rot = self._modules.get("input_rotation")
+            if rot is not None:
+                x = rot(x)
             x = self.input_quantizer(x)
             y = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.quantized_weight())
             return self.output_quantizer(y.view(size_out))
