@@ -7,7 +7,11 @@ Layout of the folder:
   fallbacks included), for every quantized weight its 2-D shape and dtype (``quantized``),
   the KV-cache spec, quantizers switched off, tied parameters, the MoE experts modules
   split per expert (``moe_experts``: name -> experts class; :func:`load` splits the rebuilt
-  model's experts the same way before loading, so ``mlp.experts.E.down_proj`` exist);
+  model's experts the same way before loading, so ``mlp.experts.E.down_proj`` exist), the
+  online rotations (``online_rotations``: module name -> ``{where, kind, size, seed,
+  block}``, see :mod:`lowbit.nn.rotation`; their matrices are ordinary buffers
+  ``<module>.<input_rotation|qk_rotation|output_rotation>.matrix`` of the state dict, and
+  :func:`load` re-attaches them before loading it);
 * ``model.safetensors`` (or shards ``model-00001-of-0000N.safetensors`` with
   ``model.safetensors.index.json``): for a quantized weight ``W`` of module ``m``:
   ``m.weight.codes`` (uint8, codes packed along the input dimension, see
@@ -54,6 +58,7 @@ from lowbit.errors import CheckpointError, ConfigError
 from lowbit.export.base import quantized_modules, weight_qtensor
 from lowbit.export.safe_read import SCALE_DTYPES
 from lowbit.export.shards import plain_tensors, write_hf_files, write_shards
+from lowbit.nn.rotation import online_rotations
 from lowbit.nn.utils import quantizers
 from lowbit.options import accepted_options, reject_unknown
 
@@ -149,7 +154,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
             "recipe": recipe.to_dict() if recipe is not None else None,
             "modules": modules, "quantized": qmeta, "tied": tied,
             "kv_cache": {"spec": _spec_dict(kv_spec), "quantizers": kv_names},
-            "disabled": disabled, "moe_experts": _split_experts(model)}
+            "disabled": disabled, "moe_experts": _split_experts(model),
+            "online_rotations": online_rotations(model)}
     write_shards(tensors, out_dir, max_shard_size, {"format": "lowbit"})
     (out_dir / META).write_text(json.dumps(meta, indent=1))
     write_hf_files(model, out_dir, tokenizer)
@@ -366,6 +372,24 @@ def _insert(model, meta, where, src, attach_kv_quantizers, quantize_module) -> N
                             q.disable()  # a projection hook may still hold it
 
 
+def attach_saved_rotations(model: nn.Module, meta: dict, where: str) -> None:
+    """Re-create the checkpoint's online rotations (``meta["online_rotations"]``, see
+    :func:`lowbit.nn.online_rotations`) on ``model`` as empty matrices of the saved shapes,
+    so that loading the state dict fills them (nothing missing or unexpected). A rotation
+    the model cannot hold is a CheckpointError naming the module."""
+    from lowbit.nn.rotation import OnlineRotation, attach_rotation
+
+    for key, spec in (meta.get("online_rotations") or {}).items():
+        name = key.split("#")[0]
+        if not isinstance(spec, dict):
+            raise CheckpointError(f"{where}: online_rotations[{key!r}] is not an object")
+        try:
+            rot = OnlineRotation.placeholder(spec, f"{where}: online_rotations[{key!r}]")
+            attach_rotation(model, name, spec.get("where"), rot)
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: online rotation of {name!r}: {e}") from None
+
+
 def _pretrained_class(model) -> bool:
     """Whether ``model`` is a transformers model class (``PreTrainedModel`` subclass)."""
     tf = sys.modules.get("transformers")
@@ -505,6 +529,7 @@ def load(path: "str | Path", device: str = "cpu", packed: "bool | dict" = False,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _insert_quantizers(model, meta, meta_file, src)
+    attach_saved_rotations(model, meta, meta_file)
     qkeys = {f"{n}.weight{s}" for n in meta["quantized"] for s in WEIGHT_SUFFIXES}
     with torch.no_grad():
         # statistics first: packed kernels fuse static activation scales at build time

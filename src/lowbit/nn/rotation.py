@@ -22,6 +22,8 @@ The numerics are :func:`lowbit.core.rotation.rotate_last`'s.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -177,10 +179,26 @@ def online_rotations(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+@contextlib.contextmanager
+def suspended(m: nn.Module, where: str):
+    """Run ``m`` without its online rotation at ``where`` inside the ``with`` block (e.g. to
+    measure what a norm itself computes); restored after, in place."""
+    attr = ATTRS[where]
+    r = m._modules.get(attr)
+    if r is None:
+        yield m
+        return
+    m._modules[attr] = None
+    try:
+        yield m
+    finally:
+        m._modules[attr] = r
+
+
 def rotation_of(m: nn.Module, where: str) -> OnlineRotation | None:
     """The online rotation module ``m`` holds at ``where`` (see :data:`ATTRS`), or None."""
     return m._modules.get(ATTRS[where])
 
 
 __all__ = ["ATTRS", "KINDS", "OnlineRotation", "attach_rotation", "online_rotations",
-           "rotation_of"]
+           "rotation_of", "suspended"]

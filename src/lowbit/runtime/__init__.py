@@ -64,7 +64,8 @@ def packed_module(m: QuantLinear, qt: QTensor | None = None, fast: bool = True,
 
     ``qt``: its weight's QTensor when already known (a checkpoint's codes); otherwise
     computed from ``m`` (:func:`lowbit.export.weight_qtensor`). ``device``: where the packed
-    layer lives and which kernels are eligible (default: ``m``'s weight's device).
+    layer lives and which kernels are eligible (default: ``m``'s weight's device). ``m``'s
+    online ``input_rotation`` (:mod:`lowbit.nn.rotation`) moves to the packed layer.
     """
     info = layer_info(m, device, act_dtype)
     if info is None:
@@ -74,8 +75,12 @@ def packed_module(m: QuantLinear, qt: QTensor | None = None, fast: bool = True,
             else _cpu_weight_qtensor(m)
     # kernel None: PackedLinear picks the kernel (as select_kernel(info)) and falls back to
     # the reference kernel, with a warning, when the chosen one fails its first run
-    return PackedLinear.from_qtensor(qt, m.bias, m.weight.dtype, None if fast else "reference",
-                                     info.input_quantizer, info.device, act_dtype)
+    new = PackedLinear.from_qtensor(qt, m.bias, m.weight.dtype, None if fast else "reference",
+                                    info.input_quantizer, info.device, act_dtype)
+    rot = m._modules.get("input_rotation")
+    if rot is not None:  # the online rotation goes with the layer (see lowbit.nn.rotation)
+        new.input_rotation = rot.to(info.device)
+    return new
 
 
 def _portable(spec) -> bool:

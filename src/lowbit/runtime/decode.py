@@ -48,6 +48,7 @@ from lowbit.adapters import facts, family, fused_parts, get_adapter, is_norm, no
     registered
 from lowbit.errors import ConfigError
 from lowbit.hardware import fell_back, took_hardware
+from lowbit.nn.rotation import suspended
 from lowbit.runtime.decode_families import attend, build_plan, make_norm, rotate, text_parts
 from lowbit.runtime.packed import PackedLinear
 
@@ -185,6 +186,8 @@ def _try_fuse(mods) -> FusedLinear | None:
     first = mods[0]
     if any(m.in_features != first.in_features for m in mods):
         return None
+    if any(m._modules.get("input_rotation") is not None for m in mods):
+        return None  # online input rotations: each layer is called with its own
     if all(_plain_linear(m) for m in mods):
         if len({(m.weight.dtype, m.weight.device) for m in mods}) != 1:
             return None
@@ -231,7 +234,26 @@ def _try_fuse(mods) -> FusedLinear | None:
 # --- the decoder ----------------------------------------------------------------------------
 class _Layer:
     __slots__ = ("ln1", "eps1", "ln2", "eps2", "qkv", "o", "gate_up", "down", "k", "v",
-                 "n_in", "n_pa", "n_mlp", "n_pm", "qk", "qn", "kn", "win", "rk", "plain")
+                 "n_in", "n_pa", "n_mlp", "n_pm", "qk", "qn", "kn", "win", "rk", "plain",
+                 "r3")
+
+
+class _RotatedNorm:
+    """A decoder norm (:func:`lowbit.runtime.decode_families.make_norm`) followed by the
+    module's online ``output_rotation`` (:mod:`lowbit.nn.rotation`)."""
+
+    def __init__(self, norm, rot: nn.Module):
+        self.norm, self.rot = norm, rot
+
+    def __getattr__(self, k):  # w, eps, first: the norm's
+        return getattr(self.norm, k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rot(self.norm(x))
+
+
+def _rotation(mod: nn.Module | None, attr: str):
+    return None if mod is None else mod._modules.get(attr)
 
 
 def _fused_one(model, blk, name: str, want: tuple[str, ...], sizes: list[int]):
@@ -293,10 +315,13 @@ class FastDecoder:
         def norm(mod, name):
             if mod is None:
                 return None
-            kind = declared or kinds.get(type(mod))
-            if kind is None:
-                kind = kinds[type(mod)] = norm_kind(mod, name=name)
-            return make_norm(mod, name, kind, self.dtype, styles)
+            with suspended(mod, "norm_output"):  # the norm's own function is measured
+                kind = declared or kinds.get(type(mod))
+                if kind is None:
+                    kind = kinds[type(mod)] = norm_kind(mod, name=name)
+                n = make_norm(mod, name, kind, self.dtype, styles)
+            rot = _rotation(mod, "output_rotation")
+            return n if rot is None else _RotatedNorm(n, rot)
 
         self.final_norm = norm(base.norm, "model.norm")
         self.norm_w, self.norm_eps = self.final_norm.w, self.final_norm.eps
@@ -312,8 +337,9 @@ class FastDecoder:
 
     @staticmethod
     def _llama_norm(mod, n) -> bool:
-        """``n`` scales by the module's own weight after the cast (Llama's RMSNorm)."""
-        return n is not None and not n.first and n.w.data_ptr() == mod.weight.data_ptr() \
+        """``n`` scales by the module's own weight after the cast (Llama's RMSNorm) and
+        nothing follows it (no online output rotation)."""
+        return n is not None and not isinstance(n, _RotatedNorm) and not n.first and n.w.data_ptr() == mod.weight.data_ptr() \
             and n.w.dtype == mod.weight.dtype
 
     def _layer(self, model, blk, i: int, norm, fuse: bool) -> _Layer:
@@ -376,6 +402,10 @@ class FastDecoder:
         L.o, L.down = a.o_proj, mlp.down_proj
         L.k = L.v = None
         L.win, L.rk = self.plan.windows[i], self.plan.rope_keys[i]
+        L.r3 = _rotation(a, "qk_rotation")  # R3: after RoPE, on queries and keys
+        if L.r3 is not None and L.r3.size != hd:
+            raise ConfigError(f"layer {i}: self_attn.qk_rotation is {L.r3.size} wide, the "
+                              f"heads {hd}")
         L.plain = (L.n_pa is None and L.n_pm is None and L.qk is None
                    and self._llama_norm(g["input_layernorm"], L.n_in)
                    and self._llama_norm(g["post_attention_layernorm"], L.n_mlp))
@@ -452,6 +482,8 @@ class FastDecoder:
             qk = qkv[:, :nh + nkv]
             rot = torch.cat((-qk[..., half:], qk[..., :half]), -1)
             qk = qk * cos + rot * sin
+            if L.r3 is not None:
+                qk = L.r3(qk)
             q = qk[:, :nh].transpose(0, 1)[None]
             L.k[0, :, pos:pos + t] = qk[:, nh:].transpose(0, 1)
             L.v[0, :, pos:pos + t] = qkv[:, nh + nkv:].transpose(0, 1)
@@ -492,6 +524,8 @@ class FastDecoder:
                 q, k = L.qn(q), L.kn(k)
             cos, sin = tabs[L.rk]
             q, k = rotate(q, cos, sin, rot), rotate(k, cos, sin, rot)
+            if L.r3 is not None:
+                q, k = L.r3(q), L.r3(k)
             L.k[0, :, pos:pos + t] = k.transpose(0, 1)
             L.v[0, :, pos:pos + t] = v.transpose(0, 1)
             o = attend(q.transpose(0, 1)[None], L.k, L.v, pos, t, L.win, p.scale,

@@ -47,7 +47,12 @@ class PackedLinear(PackedBuffersMixin, nn.Module):
     Build it with :meth:`from_qtensor` (or :func:`lowbit.runtime.convert`). ``packed_nbytes``
     is the size of the weight's codes and scales as quantized (see
     :func:`lowbit.runtime.storage.packed_nbytes`); ``compute_dtype`` the model's dtype.
+    An online ``input_rotation`` (:mod:`lowbit.nn.rotation`; carried over from the
+    quantized layer by :func:`lowbit.runtime.packed_module`) rotates the input before the
+    kernel (and so before its input quantizer).
     """
+
+    accepts_input_rotation = True
 
     def __init__(self, kernel: str, in_features: int, out_features: int,
                  bias: torch.Tensor | None, dtype: torch.dtype):
@@ -145,7 +150,11 @@ class PackedLinear(PackedBuffersMixin, nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x W^T + b``: ``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype."""
+        """``y = (x R) W^T + b`` (``R``: the ``input_rotation``, when there is one): ``x [...,
+        in]`` -> ``[..., out]`` in ``x``'s dtype."""
+        rot = self._modules.get("input_rotation")
+        if rot is not None:
+            x = rot(x)
         # contiguous: the int4 kernel refuses strided rows (e.g. gpt-oss's gated expert input)
         y = self._impl.forward(self, x.reshape(-1, self.in_features).contiguous())
         if y.dtype != x.dtype:
