@@ -362,6 +362,8 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
         groups.setdefault(key, {"roles": roles, "names": []})["names"].append(name)
     kv_args, kv_tensors = _kv_cache(model, dtype, inexact)
     tensors.update(kv_tensors)
+    t_groups, t_tensors = _transforms(model)
+    skip |= _rotation_buffers(model)  # written as transform weights, under their names
     if not quantized and kv_args is None:
         raise ConfigError("the model has no quantized layer to export; quantize it first")
     untie = shares_storage(model, skip)
@@ -383,7 +385,9 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
     floats = set(ignore) | {n for n in find_routers(model) if n not in qnames}
     ignore = [n for n, _ in model.named_modules() if n in floats]
     tensors, config_groups, ignore = _checkpoint_names(model, tensors, config_groups, ignore)
-    qconfig = ct_schema.build_config(config_groups, ignore, kv_args)
+    tensors.update(t_tensors)  # after the renaming: rotations of experts are refused
+    qconfig = ct_schema.build_config(config_groups, ignore, kv_args,
+                                     ct_schema.transform_config(t_groups))
     if inexact:
         warnings.warn(f"{len(inexact)} scale tensor(s) (first: {inexact[0]}) are not exactly "
                       f"representable in {dtype}: the loaded model will differ from the "
@@ -443,3 +447,87 @@ def _kv_cache(model: nn.Module, dtype, inexact) -> tuple[dict | None, dict[str, 
             zp_name = scale_name.removesuffix("_scale") + "_zero_point"
             out[f"{mod}.{zp_name}"] = zp.to(torch.int8)
     return args, out
+
+
+# --- online rotations -> transform_config --------------------------------------------------
+_CT_LOCATIONS = {"input": ("input",), "qk": ("q_attn", "k_cache")}
+
+
+def _sylvester(n: int) -> torch.Tensor | None:
+    """compressed-tensors' unnormalised ``deterministic_hadamard_matrix(n)`` (float64), or
+    None when ``n`` is not a power of two (it has none then)."""
+    if n < 1 or n & (n - 1):
+        return None
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _rotation_buffers(model: nn.Module) -> set[str]:
+    """State-dict names of the online rotations' matrices (``<owner>.<attr>.matrix``)."""
+    from lowbit.nn.rotation import ATTRS
+
+    return {f"{n}.{attr}.matrix" if n else f"{attr}.matrix"
+            for n, m in model.named_modules() for attr in ATTRS.values()
+            if attr in m._modules}
+
+
+def _transforms(model: nn.Module) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """The online rotations of ``model`` as compressed-tensors transform schemes:
+    ``({scheme name: {type, head_dim, apply}}, {"<module>.<scheme>_<location>.weight":
+    [b, b] float32})``.
+
+    One scheme per distinct matrix and place (the readers share one weight per scheme and
+    size). The stored weight is ``sqrt(b) * R`` (``R`` lowbit's exact ``[b, b]`` matrix), the
+    unnormalised form both compressed-tensors' ``HadamardTransform`` and vLLM divide by
+    ``sqrt(b)``: type ``hadamard`` when ``R`` is Sylvester's matrix (the one the readers
+    build themselves), else ``random-hadamard``, whose weights come from the checkpoint
+    (compressed-tensors' ``random-matrix`` is applied unnormalised by compressed-tensors and
+    normalised by vLLM, so no reader agrees on it). ``head_dim`` is the block of a
+    block-diagonal rotation and the head width of a q/k rotation. A rotation the format
+    cannot express (a norm's output rotation) is a ConfigError naming the module."""
+    from lowbit.nn.rotation import ATTRS, online_rotations
+
+    rots = online_rotations(model)
+    if rots and moe_names.moe_experts(model):
+        raise ConfigError(f"{next(iter(rots))}: online rotations in a mixture-of-experts "
+                          "model are not exported to compressed-tensors; rotate with r4: "
+                          "false, r3: false, block: null (offline rotations only)")
+    groups: dict[str, dict] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    by_key: dict[tuple, str] = {}
+    for key, spec in rots.items():
+        name, where = key.split("#")[0], spec["where"]
+        if where == "norm_output":
+            raise ConfigError(
+                f"{name}: online rotation of a norm's output (a sandwich post-norm, e.g. "
+                "Gemma-2/3) has no compressed-tensors transform location (transforms attach "
+                "to Linear inputs/outputs, queries and keys); export with format=native, or "
+                "rotate without r1 for this family")
+        rot = model.get_submodule(name)._modules[ATTRS[where]]
+        mat = rot.matrix.detach().to(torch.float64).cpu()
+        b = mat.shape[0]
+        syl = _sylvester(b)
+        stored = (mat * math.sqrt(b)).to(torch.float32)
+        is_syl = syl is not None and torch.allclose(mat * math.sqrt(b), syl, atol=1e-5)
+        head_dim = b if (where == "qk" or b != spec["size"]) else None
+        if where == "input" and not isinstance(model.get_submodule(name), nn.Linear):
+            raise ConfigError(f"{name}: compressed-tensors applies input transforms to "
+                              "Linear layers only; this module holds an input rotation")
+        gkey = (where, head_dim, stored.numpy().tobytes())
+        scheme = by_key.get(gkey)
+        if scheme is None:
+            scheme = f"R3_{len(by_key)}" if where == "qk" else f"online_{len(by_key)}"
+            by_key[gkey] = scheme
+            groups[scheme] = {
+                "type": "hadamard" if is_syl else "random-hadamard", "head_dim": head_dim,
+                "apply": [{"targets": [], "location": loc} for loc in _CT_LOCATIONS[where]]}
+        for a in groups[scheme]["apply"]:
+            a["targets"].append(name)
+            tensors[f"{name}.{scheme}_{a['location']}.weight"] = stored.clone()
+    for g in groups.values():
+        if g["type"] not in ct_schema.transform_types():
+            raise ConfigError(f"compressed-tensors {ct_schema.version()} has no transform "
+                              f"type {g['type']!r} for {g['apply'][0]['targets'][0]}")
+    return groups, tensors

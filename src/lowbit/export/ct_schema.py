@@ -193,14 +193,53 @@ def scheme_format(weights: dict | None, inputs: dict | None, outputs: dict | Non
         raise _library_error(where, e) from None
 
 
-def build_config(groups: list[dict], ignore: list[str], kv_cache: dict | None) -> dict:
+def transform_config(groups: dict[str, dict]) -> dict:
+    """``quantization_config.transform_config``: ``{"config_groups": {name: scheme}}`` with
+    each scheme (``type``, ``apply`` [``{targets, location, inverse, ignore}``], ``randomize``,
+    ``requires_grad``, ``head_dim``, ``precision``) as compressed-tensors' ``TransformConfig``
+    dumps it (validated by the installed library; without it, the dict as given with the
+    library's 0.20 defaults filled in). ``{}`` for no groups."""
+    if not groups:
+        return {}
+    full = {}
+    for name, g in groups.items():
+        scheme = {"type": g["type"], "apply": [], "randomize": False, "requires_grad": False,
+                  "head_dim": g.get("head_dim"), "precision": "torch.float32"}
+        for a in g["apply"]:
+            scheme["apply"].append({"targets": list(a["targets"]), "location": a["location"],
+                                    "inverse": a.get("inverse", False),
+                                    "ignore": list(a.get("ignore", []))})
+        full[name] = scheme
+    if library() is None:
+        return {"config_groups": full}
+    from compressed_tensors.transform import TransformConfig
+
+    try:
+        return TransformConfig.model_validate({"config_groups": full}).model_dump(mode="json")
+    except Exception as e:  # noqa: BLE001
+        raise _library_error("transform_config", e) from None
+
+
+def transform_types() -> tuple[str, ...]:
+    """The transform types the installed compressed-tensors registers (``hadamard``,
+    ``random-hadamard``, ``random-matrix`` in 0.20); lowbit's copy without the package."""
+    if library() is None:
+        return ("hadamard", "random-hadamard", "random-matrix")
+    from compressed_tensors.transform import TransformFactory
+
+    return tuple(TransformFactory.registered_names())
+
+
+def build_config(groups: list[dict], ignore: list[str], kv_cache: dict | None,
+                 transform: dict | None = None) -> dict:
     """``config.json``'s ``quantization_config`` as compressed-tensors' ``ModelCompressor``
     writes it: ``version``, ``quant_method``, ``sparsity_config``, ``transform_config`` and
     the dump of a ``QuantizationConfig`` (status ``compressed``).
 
     ``groups``: one dict per config group with ``targets``, ``weights``,
     ``input_activations``, ``output_activations`` (dumped args or None) and ``format``;
-    ``ignore``: module names left in float; ``kv_cache``: the KV-cache args or None.
+    ``ignore``: module names left in float; ``kv_cache``: the KV-cache args or None;
+    ``transform``: :func:`transform_config`'s dict (online rotations), ``{}`` when None.
     The top-level ``format`` is the groups' one format, ``dense`` without groups, else
     ``mixed-precision``."""
     fmts = {g["format"] for g in groups}
@@ -225,6 +264,7 @@ def build_config(groups: list[dict], ignore: list[str], kv_cache: dict | None) -
             raise _library_error("quantization_config", e) from None
         return {COMPRESSION_VERSION_NAME: ct.__version__,
                 QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD,
-                SPARSITY_CONFIG_NAME: {}, TRANSFORM_CONFIG_NAME: {}, **body}
+                SPARSITY_CONFIG_NAME: {}, TRANSFORM_CONFIG_NAME: dict(transform or {}),
+                **body}
     return {"version": CT_VERSION, "quant_method": QUANT_METHOD, "sparsity_config": {},
-            "transform_config": {}, **body}
+            "transform_config": dict(transform or {}), **body}

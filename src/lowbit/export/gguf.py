@@ -119,6 +119,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
     if requantize_type != "nearest":
         requantize_type = gguf_requant.type_option(requantize_type, "requantize_type",
                                                    "'nearest', ")
+    _refuse_online_rotations(model)
     mix_emb, mix_out, mix_ftype = gguf_requant.mix_types(model)
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "model_type"):
@@ -156,6 +157,23 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, float_type: str = "f
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _refuse_online_rotations(model: nn.Module) -> None:
+    """ConfigError naming the first online rotation (:mod:`lowbit.nn.rotation`): llama.cpp's
+    graph has no operation that multiplies an activation by a stored matrix. Offline
+    rotations (folded into the weights) export as plain weights."""
+    from lowbit.nn.rotation import online_rotations
+
+    rots = online_rotations(model)
+    if rots:
+        name, spec = next(iter(rots.items()))
+        raise ConfigError(
+            f"GGUF has no operation for an online rotation ({name}: {spec['where']} rotation, "
+            f"{spec['kind']} {spec['size']}"
+            f"{'' if spec.get('block') is None else ', block ' + str(spec['block'])}; "
+            f"{len(rots)} in the model); recipes with only offline rotations (rotate r1/r2, "
+            "no r3/r4/block) export; or save with format='native' or 'compressed-tensors'")
 
 
 def _check_family(arch: GgufArch, cfg) -> None:

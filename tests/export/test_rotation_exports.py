@@ -1,0 +1,204 @@
+"""Exports of rotated models (issue 21, contract section 5).
+
+Offline rotations are plain weights in every format. Online rotations
+(:mod:`lowbit.nn.rotation`) are written as compressed-tensors transforms
+(``quantization_config.transform_config``, weights ``<module>.<scheme>_<location>.weight``),
+as explicit ``MatMul`` nodes with a constant matrix in ONNX, and refused by GGUF.
+
+The compressed-tensors reader used here is the real loading path available on a CPU:
+transformers' ``from_pretrained`` (which loads the quantized weights but, in transformers
+5.24, does not read ``transform_config``) followed by compressed-tensors' own
+``apply_transform_config`` and the checkpoint's transform weights, as a reader that
+supports transforms (vLLM, llm-compressor) attaches them.
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowbit
+from lowbit.core.rotation import rotate_last, rotation_matrix
+from lowbit.errors import ConfigError
+from lowbit.nn.rotation import OnlineRotation, attach_rotation, online_rotations
+from tests.tiny_models import build, calib_ids, loop_over
+
+IDS = calib_ids(2, 24, seed=7)
+W4A8 = {"name": "w4a8-g32", "targets": [{"pattern": "*",
+        "weight": {"format": "int4", "granularity": "group", "group_size": 32},
+        "input": {"format": "fp8_e4m3", "granularity": "tensor"}}]}
+Q8_0 = {"name": "q8_0", "targets": [{"pattern": "*", "weight": {
+    "format": "int8", "granularity": "group", "group_size": 32, "scale_format": "fp16"}}]}
+W8A8 = {"name": "w8a8-static", "targets": [{"pattern": "*",
+        "weight": {"format": "int8", "granularity": "channel"},
+        "input": {"format": "int8", "granularity": "tensor"}}]}
+
+
+def _rotate(recipe, args):
+    return dict(recipe, algorithms=[{"name": "rotate", "args": args}])
+
+
+def quantized(recipe, family="llama"):
+    m = build(family)
+    lowbit.quantize(m, recipe, forward_loop=loop_over(calib_ids(6, 24)))
+    return m
+
+
+def with_block_rotation(m, name="model.layers.0.self_attn.q_proj", block=32, seed=1):
+    """A block-diagonal ``random_hadamard`` input rotation on one quantized linear, by hand
+    (weight rotated offline, input online), so that the model's function is unchanged."""
+    r = rotation_matrix("random_hadamard", block, seed=seed)
+    lin = m.get_submodule(name)
+    with torch.no_grad():
+        lin.weight.copy_(rotate_last(lin.weight.double(), r).float())
+    attach_rotation(m, name, "input", OnlineRotation(r, "random_hadamard", lin.in_features,
+                                                     seed, block))
+    return m
+
+
+@torch.no_grad()
+def logprobs(m, ids=IDS):
+    return torch.log_softmax(m(ids).logits.float(), -1)
+
+
+# --- compressed-tensors ---------------------------------------------------------------------
+ct = pytest.importorskip("compressed_tensors")
+
+
+def ct_load(path, apply=True):
+    """The exported directory through transformers + compressed-tensors' transforms."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    # the only tensors transformers 5.24 leaves: the transform weights
+    names = set(info["unexpected_keys"])
+    assert all(".online_" in k or ".R3_" in k for k in names), names
+    if apply and cfg["transform_config"]:
+        apply_transform_config(m, TransformConfig.model_validate(cfg["transform_config"]))
+        sd = load_file(path / "model.safetensors")
+        res = m.load_state_dict({k: sd[k] for k in names}, strict=False)
+        assert not res.unexpected_keys, res.unexpected_keys
+    return m, cfg
+
+
+def test_ct_r4_and_block_rotations_reload(tmp_path):
+    m = with_block_rotation(quantized(_rotate(W4A8, {"r1": True, "r2": True, "r4": True})))
+    rots = online_rotations(m)
+    assert {s["where"] for s in rots.values()} == {"input"} and len(rots) == 3
+    lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    m2, cfg = ct_load(tmp_path / "ct")
+    groups = cfg["transform_config"]["config_groups"]
+    by_target = {t: (g, a["location"]) for g in groups.values() for a in g["apply"]
+                 for t in a["targets"]}
+    down, bq = by_target["model.layers.0.mlp.down_proj"], \
+        by_target["model.layers.0.self_attn.q_proj"]
+    assert down[1] == bq[1] == "input"
+    assert down[0]["type"] == "hadamard" and down[0]["head_dim"] is None  # Sylvester 128
+    assert bq[0]["type"] == "random-hadamard" and bq[0]["head_dim"] == 32
+    sd = load_file(tmp_path / "ct" / "model.safetensors")
+    assert not any(k.endswith("input_rotation.matrix") for k in sd)
+    d = (logprobs(m) - logprobs(m2)).abs().max().item()
+    print(f"max |log-prob difference| with transforms: {d:.2e}")
+    assert d < 1e-4
+    m3, _ = ct_load(tmp_path / "ct", apply=False)  # the test can fail: transforms matter
+    assert (logprobs(m) - logprobs(m3)).abs().max().item() > 1e-3
+
+
+def test_ct_learned_matrix_stored_exactly(tmp_path):
+    """A non-Hadamard matrix (random orthogonal, as SpinQuant's) as a stored weight."""
+    m = quantized(W4A8)
+    r = rotation_matrix("random", 128, seed=5)
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.down_proj"
+        lin = m.get_submodule(name)
+        with torch.no_grad():
+            lin.weight.copy_((lin.weight.double() @ r).float())
+        attach_rotation(m, name, "input", OnlineRotation(r, "matrix", 128))
+    lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    m2, cfg = ct_load(tmp_path / "ct")
+    (g,) = cfg["transform_config"]["config_groups"].values()  # one shared matrix
+    assert g["type"] == "random-hadamard" and len(g["apply"][0]["targets"]) == 2
+    sd = load_file(tmp_path / "ct" / "model.safetensors")
+    w = sd["model.layers.1.mlp.down_proj.online_0_input.weight"]
+    assert torch.allclose(w.double() / 128 ** 0.5, r, atol=1e-6)
+    assert (logprobs(m) - logprobs(m2)).abs().max().item() < 1e-4
+
+
+def reader_rotates_keys() -> bool:
+    """Whether compressed-tensors' key hook reaches the installed transformers' attention:
+    it replaces the ``past_key_value(s)`` argument, which transformers >= 5.24 renamed
+    ``cache`` (so keys stay unrotated while queries are rotated)."""
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    params = inspect.signature(LlamaAttention.forward).parameters
+    return "past_key_values" in params or "past_key_value" in params
+
+
+def test_ct_r3_written_as_q_attn_and_k_cache(tmp_path):
+    m = quantized(_rotate(W4A8, {"r1": True, "r2": True, "r3": True, "r4": False}))
+    assert {s["where"] for s in online_rotations(m).values()} == {"qk"}
+    lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    (g,) = cfg["transform_config"]["config_groups"].values()
+    assert g["head_dim"] == 16 and g["type"] == "hadamard"
+    assert [a["location"] for a in g["apply"]] == ["q_attn", "k_cache"]
+    assert g["apply"][0]["targets"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    sd = load_file(tmp_path / "ct" / "model.safetensors")
+    assert sd["model.layers.1.self_attn.R3_0_k_cache.weight"].shape == (16, 16)
+    if not reader_rotates_keys():
+        pytest.skip("compressed-tensors 0.20 cannot hook the keys of transformers >= 5.24's "
+                    "attention (argument 'cache'): the reader would rotate queries only")
+    m2, _ = ct_load(tmp_path / "ct")
+    assert (logprobs(m) - logprobs(m2)).abs().max().item() < 1e-4
+
+
+def test_ct_norm_output_rotation_refused(tmp_path):
+    m = quantized(W4A8, "gemma3")
+    name = "model.layers.0.post_feedforward_layernorm"
+    attach_rotation(m, name, "norm_output",
+                    OnlineRotation(rotation_matrix("hadamard", 64), "hadamard", 64))
+    with pytest.raises(ConfigError, match=f"{name}: online rotation of a norm's output"):
+        lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+
+
+# --- GGUF -----------------------------------------------------------------------------------
+def test_gguf_refuses_online_rotations(tmp_path):
+    pytest.importorskip("gguf")
+    m = quantized(_rotate(Q8_0, {"r1": True, "r2": True, "r4": True}))
+    with pytest.raises(ConfigError, match=r"GGUF has no operation for an online rotation "
+                       r"\(model\.layers\.0\.mlp\.down_proj: input rotation.*r1/r2"):
+        lowbit.save(m, tmp_path / "g", format="gguf")
+
+
+def test_gguf_offline_rotations_export_and_read_back(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from tests.export.test_gguf import _check_exact, _deq
+
+    m = build("llama")
+    m.config.tie_word_embeddings = True  # tied: the rotate step unties (clone)
+    m.lm_head.weight = m.model.embed_tokens.weight
+    ref = logprobs(m)
+    lowbit.quantize(m, _rotate(Q8_0, {"r1": True, "r2": True, "r4": False}),
+                    forward_loop=loop_over(calib_ids(4, 24)))
+    assert online_rotations(m) == {}
+    assert not m.config.tie_word_embeddings
+    assert torch.equal(m.model.norm.weight, torch.ones(64))  # folded into the LM head
+    assert (logprobs(m) - ref).abs().max().item() < 0.1  # Q8_0 of a rotated model
+    r = gguf.GGUFReader(lowbit.save(m, tmp_path / "g", format="gguf") / "model.gguf")
+    assert _check_exact(m, r) == {"Q8_0": 14}
+    t = {x.name: x for x in r.tensors}
+    assert torch.equal(_deq(t["output.weight"]).reshape(128, 64), m.lm_head.weight)
+    assert torch.equal(_deq(t["token_embd.weight"]).reshape(128, 64),
+                       m.model.embed_tokens.weight)
+    assert torch.equal(_deq(t["blk.1.ffn_norm.weight"]).reshape(64), torch.ones(64))
