@@ -200,3 +200,18 @@ def test_qk_refused_without_shared_attention_functions():
     with pytest.raises(ConfigError, match="module '0' \\(MyAttention\\).*shared attention"):
         attach_rotation(m, "0", "qk", OnlineRotation(torch.eye(4), "hadamard", 4))
     assert "qk_rotation" not in m[0]._modules
+
+
+def test_gpt2_conv1d_input_rotation_pair_keeps_function():
+    m = build("gpt2")
+    ref = logits(m)
+    c = m.transformer.h[0].mlp.c_proj  # Conv1D, weight [in 256, out 64]
+    quantize_module(c, name="transformer.h.0.mlp.c_proj")
+    r = rotation_matrix("hadamard", 256)
+    with torch.no_grad():
+        c.weight.copy_((r.T @ c.weight.double()).float())  # (x R)(R^T W) = x W
+    attach_rotation(m, "transformer.h.0.mlp.c_proj", "input",
+                    OnlineRotation(r, "hadamard", 256, 0))
+    assert rel(logits(m), ref) < 1e-5
+    c._modules["input_rotation"] = None  # without it the function changes: it was applied
+    assert rel(logits(m), ref) > 1e-3

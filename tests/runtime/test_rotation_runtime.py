@@ -32,12 +32,12 @@ def mat(n, seed):
     return torch.eye(n) + 0.3 * torch.randn(n, n, generator=g) / n ** 0.5
 
 
-def rotated(family="llama", recipe="nvfp4", all_inputs=False):
+def rotated(family="llama", recipe="nvfp4", all_inputs=False, **kw):
     """A quantized tiny model with input rotations (down_proj full, every other linear
     block-diagonal 16 when ``all_inputs``), q/k rotations and the final norm's output
     rotation."""
     m = build(family)
-    lowbit.quantize(m, recipe, forward_loop=loop_over(calib_ids(4, 24)))
+    lowbit.quantize(m, recipe, forward_loop=loop_over(calib_ids(4, 24)), **kw)
     for i, blk in enumerate(m.model.layers):
         p = f"model.layers.{i}"
         attach_rotation(m, f"{p}.mlp.down_proj", "input",
@@ -69,6 +69,16 @@ def test_native_round_trip_is_exact(saved):
     back = lowbit.load(path)
     assert online_rotations(back) == online_rotations(m)
     assert torch.equal(logits(back), logits(m))
+
+
+def test_with_a_quantized_kv_cache(tmp_path):
+    m = rotated(recipe="fp8", kv_cache="fp8")
+    assert hasattr(m.model.layers[0].self_attn, "k_cache_quantizer")
+    lowbit.save(m, tmp_path / "ckpt")
+    for packed in (False, True):
+        back = lowbit.load(tmp_path / "ckpt", packed=packed)
+        assert online_rotations(back) == online_rotations(m)
+        assert rel(logits(back), logits(m)) < 1e-5
 
 
 def test_packed_load_applies_input_rotations(saved):
