@@ -245,7 +245,9 @@ class _RotatedNorm:
     def __init__(self, norm, rot: nn.Module):
         self.norm, self.rot = norm, rot
 
-    def __getattr__(self, k):  # w, eps, first: the norm's
+    def __getattr__(self, k):  # w, eps, first: the norm's (not during copy/unpickling)
+        if k.startswith("__") or k in ("norm", "rot"):
+            raise AttributeError(k)
         return getattr(self.norm, k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
