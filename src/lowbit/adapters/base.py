@@ -223,6 +223,39 @@ class Fused:
 
 
 @dataclass(frozen=True)
+class RotationFacts:
+    """Where a family's residual stream enters, is written and leaves: the facts a rotation
+    of the hidden space (QuaRot's R1, per-head R2, R4 before ``down_proj``:
+    :mod:`lowbit.algorithms.rotate`) needs beyond the adapter's ``groups`` (each norm and
+    the linears reading it: their weights absorb the norm's scale, their inputs are
+    rotated).
+
+    ``embed`` and ``final_norm``: paths inside the module holding the decoder blocks' list
+    (the base model: ``model``, or a multimodal Gemma-3's ``model.language_model``);
+    ``lm_head``: path inside the whole model. The rest are paths inside a decoder block:
+    ``writers``: the linears whose outputs are added to the residual stream (output side
+    rotated); ``post_norms``: ``(writer, norm)`` where a norm with a per-channel weight sits
+    between a writer and the residual add (Gemma-2/3's sandwich norms): that writer stays
+    unrotated and the norm's output is rotated online; ``v_proj`` (``"name:part"`` for the
+    value rows of a fused projection) and ``o_proj``: the per-head value/output pair (R2);
+    ``down_proj``: the MLP's output projection (R4). ``extra_inputs``: paths inside the
+    whole model of weight matrices ``P [*, hidden]`` whose product ``x @ P`` enters the
+    residual stream beside the embeddings (a multimodal Gemma-3's image projection
+    ``model.multi_modal_projector.mm_input_projection_weight``): rotated like an embedding.
+    """
+
+    embed: str = "embed_tokens"
+    final_norm: str = "norm"
+    lm_head: str = "lm_head"
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    post_norms: tuple[tuple[str, str], ...] = ()
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    down_proj: str = "mlp.down_proj"
+    extra_inputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Declarative description of one model family (see the module doc).
 
@@ -249,6 +282,8 @@ class Adapter:
     ``text_config``, ``scalars``, ``unreached``, ``ignores``, ``attention`` (the attention
     module's path in a block, ``self_attn``; GPT-2: ``attn``): family facts, read through
     :mod:`lowbit.adapters.facts` (never guessed from class names elsewhere).
+    ``rotation`` (:class:`RotationFacts`) / ``rotation_blocker``: the layout of the residual
+    stream for rotations, or why the family has none.
 
     ``fused``: the block's fused projections (:class:`Fused`). A pair's ``prev`` may name
     one part of one, ``"self_attn.qkv_proj:v"``: the scale is folded into that part's rows
@@ -280,6 +315,10 @@ class Adapter:
     ignores: tuple[tuple[str | None, str], ...] = ()
     # the attention module's path inside a block (where the KV cache is computed)
     attention: str = "self_attn"
+    # the layout rotations need (lowbit.algorithms.rotate), None: the family cannot be
+    # rotated, ``rotation_blocker`` says why (read through lowbit.adapters.facts.rotation)
+    rotation: RotationFacts | None = None
+    rotation_blocker: str | None = None
 
     def __post_init__(self):
         if self.norm is not None and self.norm not in NORM_KINDS:

@@ -14,6 +14,8 @@ testing ``model_type`` or class names themselves:
 * :func:`unreached_modules`: submodules that text-only calibration never runs (the vision
   tower and projector of a multimodal model), with a one-line reason each;
 * :func:`attention_modules`: each decoder block's attention module (KV cache);
+* :func:`rotation`: the residual stream's layout for rotations (:class:`RotationFacts`), or
+  a :class:`~lowbit.errors.ConfigError` naming the family and what blocks it;
 * :func:`mlp_matrices`, :func:`ties_by_default`: what a ``config.json`` alone says (keyed
   on ``model_type``, for the memory estimator, which has no model);
 * :func:`ignored_config`: config fields set on the model that its family's forward does not
@@ -152,6 +154,35 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         except AttributeError:
             continue
     return out
+
+
+def rotation(model: nn.Module):
+    """The family's :class:`lowbit.adapters.base.RotationFacts` (embeddings, LM head, final
+    norm, residual writers, sandwich post-norms, value/output and down projections).
+
+    A :class:`~lowbit.errors.ConfigError` names the family and why when it declares none:
+    the adapter's ``rotation_blocker``, else (GPT-2, OPT, a generic model) what the first
+    decoder block shows: a ``LayerNorm`` subtracts the mean, which a rotation of the hidden
+    space does not commute with."""
+    from lowbit.errors import ConfigError
+
+    a = _adapter(model)
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if a is not None and a.rotation is not None:
+        return a.rotation
+    who = f"model type {mt!r}" + (f" (adapter {a.name})" if a is not None else "")
+    if a is not None and a.rotation_blocker:
+        why = a.rotation_blocker
+    else:
+        found = a.find_blocks(model) if a is not None else None
+        ln = None if found is None else next(
+            (n for n, m in found[1][0].named_modules() if isinstance(m, nn.LayerNorm)), None)
+        if ln is not None:
+            why = (f"its norms are LayerNorm ({found[0]}.0.{ln}), which subtracts the mean: "
+                   "not invariant under a rotation of the hidden space")
+        else:
+            why = "its adapter declares no rotation layout (lowbit.adapters: Adapter.rotation)"
+    raise ConfigError(f"rotate: {who} cannot be rotated: {why}")
 
 
 def ignored_config(model: nn.Module) -> dict:

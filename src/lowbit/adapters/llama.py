@@ -15,16 +15,26 @@ Granite is Llama's layer with multipliers (embedding, residual, attention scale,
 declared in ``scalars``): none sits between a group's norm and its linears, or inside
 ``v -> o`` / ``up -> down``, so the folds stay exact (tests/algorithms/test_fused_folds.py).
 
+Rotations (``rotation``): embeddings, final norm and LM head as Llama's; Gemma-2/3's
+sandwich post-norms (``post_attention_layernorm``, ``post_feedforward_layernorm``) keep
+their writers unrotated. Granite's and Gemma's scalars multiply whole vectors, so they
+commute with any rotation.
+
 OLMo 2 normalises *after* attention and MLP (``post_attention_layernorm`` feeds the residual
 stream, not the MLP): no norm can absorb a scale, only the linear pairs.
 """
 
-from lowbit.adapters.base import Adapter, gqa_channel_map, register_adapter
+from lowbit.adapters.base import Adapter, RotationFacts, gqa_channel_map, register_adapter
 from lowbit.adapters.facts import gemma_scalars, granite_scalars
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj")
 _PAIRS = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
+# the residual stream (rotations): embed_tokens -> blocks (o_proj, down_proj write it) ->
+# norm -> lm_head; Gemma-2/3 normalise o_proj's and down_proj's outputs before the add
+_ROT = RotationFacts()
+_ROT_SANDWICH = RotationFacts(post_norms=(("self_attn.o_proj", "post_attention_layernorm"),
+                                          ("mlp.down_proj", "post_feedforward_layernorm")))
 
 LLAMA = register_adapter(Adapter(
     name="llama",
@@ -34,6 +44,7 @@ LLAMA = register_adapter(Adapter(
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
     norm="w",
+    rotation=_ROT,
 ))
 
 GRANITE = register_adapter(Adapter(
@@ -45,6 +56,7 @@ GRANITE = register_adapter(Adapter(
     pair_map=gqa_channel_map,
     norm="w",
     scalars=granite_scalars,
+    rotation=_ROT,
 ))
 
 GEMMA = register_adapter(Adapter(
@@ -56,6 +68,7 @@ GEMMA = register_adapter(Adapter(
     pair_map=gqa_channel_map,
     norm="1+w",
     scalars=gemma_scalars,
+    rotation=_ROT,
 ))
 
 GEMMA2 = register_adapter(Adapter(
@@ -69,6 +82,7 @@ GEMMA2 = register_adapter(Adapter(
     scalars=gemma_scalars,
     # transformers' Gemma-3 attention does not apply it
     ignores=(("gemma3_text", "attn_logit_softcapping"),),
+    rotation=_ROT_SANDWICH,
 ))
 
 GEMMA3_MM = register_adapter(Adapter(
@@ -91,6 +105,10 @@ GEMMA3_MM = register_adapter(Adapter(
                 "no activations"),
                ("model.multi_modal_projector", "multimodal projector: calibration feeds text "
                 "only, so it sees no activations")),
+    rotation=RotationFacts(
+        post_norms=_ROT_SANDWICH.post_norms,
+        # image features enter the residual stream through this [vision, hidden] matrix
+        extra_inputs=("model.multi_modal_projector.mm_input_projection_weight",)),
 ))
 
 OLMO2 = register_adapter(Adapter(
@@ -99,4 +117,7 @@ OLMO2 = register_adapter(Adapter(
     blocks=("model.layers", "layers"),
     pairs=_PAIRS,
     pair_map=gqa_channel_map,
+    rotation_blocker="its blocks normalise the attention and MLP outputs (post_attention_layernorm, "
+    "post_feedforward_layernorm) and no norm precedes the linears; not supported by the "
+    "rotate step",
 ))

@@ -13,12 +13,15 @@ linears: the ``v`` rows of ``qkv_proj -> o_proj`` (scales of query heads sharing
 head tied, as for ``v_proj -> o_proj``), the ``up`` rows of ``gate_up_proj -> down_proj``
 (the gate rows go through SiLU and keep scale 1).
 
+Rotations: the residual stream as Llama's; R2 rotates the ``v`` rows of ``qkv_proj``.
+
 >>> from lowbit.adapters import fused_parts
 >>> fused_parts(model, model.model.layers[0], "self_attn.qkv_proj")   # doctest: +SKIP
 [('q', slice(0, 3072)), ('k', slice(3072, 4096)), ('v', slice(4096, 5120))]
 """
 
-from lowbit.adapters.base import Adapter, Fused, gqa_channel_map, register_adapter
+from lowbit.adapters.base import (Adapter, Fused, RotationFacts, gqa_channel_map,
+                                  register_adapter)
 
 
 def head_dim(config) -> int:
@@ -55,4 +58,6 @@ PHI3 = register_adapter(Adapter(
     pair_map=gqa_channel_map,
     norm="w",
     fused=(QKV, GATE_UP),
+    # rotations: the fused readers rotate on their input side; R2 on the v rows of qkv_proj
+    rotation=RotationFacts(v_proj="self_attn.qkv_proj:v"),
 ))
