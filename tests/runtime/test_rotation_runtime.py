@@ -44,6 +44,10 @@ def rotated(family="llama", recipe="nvfp4", all_inputs=False, **kw):
                         OnlineRotation(mat(128, i), "matrix", 128))
         hd = blk.self_attn.head_dim
         attach_rotation(m, f"{p}.self_attn", "qk", OnlineRotation(mat(hd, 10 + i), "matrix", hd))
+        if hasattr(blk, "post_feedforward_layernorm"):  # Gemma's sandwich post-norms
+            for n in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                attach_rotation(m, f"{p}.{n}", "norm_output",
+                                OnlineRotation(mat(64, 30 + i), "matrix", 64))
         if all_inputs:
             for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                       "mlp.gate_proj", "mlp.up_proj"):
