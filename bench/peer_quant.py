@@ -33,6 +33,19 @@ tokens). It evaluates the unquantized FP32 model on the same windows first, so t
 check that this evaluation reproduces lowbit's FP32 numbers. No ``--out`` for them; the
 report holds ``ppl``, ``fp32_ppl``, ``nll``, ``fp32_nll`` and ``tokens`` (each ``{text:
 value}``) as well.
+
+The ``llmc-<transform>-<quantizer>-<scheme>`` methods (bench/rotations.py's peer rows) are
+evaluated here the same way: llm-compressor's QuIPModifier (``quip``), SpinQuantModifier
+(``spinquant``), SmoothQuantModifier (``sq``) or nothing (``none``), then GPTQModifier
+(``gptq``) or QuantizationModifier (``rtn``) with the scheme ``nvfp4``, ``mxfp4``, ``w4a8``,
+``w4a16`` or ``w8a8`` (see :func:`llmc_scheme` and :func:`llmc_recipe` for what each is and
+where it differs from lowbit's preset), e.g.
+
+    python bench/peer_quant.py --method llmc-quip-gptq-nvfp4 --model DIR --calib ids.safetensors \
+        --eval windows.safetensors --group-size 64 --threads 2 --report report.json
+
+Their report adds ``quant_rss_mb`` (peak RSS up to the end of quantization, MB; ``peak_rss_mb``
+includes both evaluations).
 """
 
 from __future__ import annotations
@@ -47,7 +60,120 @@ from pathlib import Path
 
 # evaluated here (activations are quantized): Model Optimizer config name of each
 EVAL_METHODS = {"modelopt-int8-sq": "INT8_SMOOTHQUANT_CFG", "modelopt-int8": "INT8_DEFAULT_CFG"}
-METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq", "modelopt-int4-awq", *EVAL_METHODS)
+# llm-compressor with a transform (rotation or smoothing) in front of GPTQ/RTN, evaluated here
+# too: ``llmc-<transform>-<quantizer>-<scheme>`` (bench/rotations.py's peer rows)
+LLMC_TRANSFORMS = ("none", "quip", "spinquant", "sq")
+LLMC_QUANTIZERS = ("gptq", "rtn")
+LLMC_SCHEMES = ("nvfp4", "mxfp4", "w4a8", "w4a16", "w8a8")
+LLMC_EVAL_METHODS = tuple(f"llmc-{t}-{q}-{s}" for t in LLMC_TRANSFORMS for q in LLMC_QUANTIZERS
+                          for s in LLMC_SCHEMES)
+METHODS = ("llmc-gptq", "llmc-rtn", "llmc-awq", "modelopt-int4-awq", *EVAL_METHODS,
+           *LLMC_EVAL_METHODS)
+
+
+def evaluated_here(method: str) -> bool:
+    """Whether ``method`` quantizes activations or applies online transforms, so that the
+    peer computes the perplexity itself (``--eval``) instead of handing dense weights over."""
+    return method in EVAL_METHODS or method in LLMC_EVAL_METHODS
+
+
+def parse_llmc_method(method: str) -> tuple[str, str, str]:
+    """``llmc-<transform>-<quantizer>-<scheme>`` -> ``(transform, quantizer, scheme)``;
+    ValueError naming the method and the accepted parts otherwise."""
+    parts = method.split("-")
+    if (len(parts) != 4 or parts[0] != "llmc" or parts[1] not in LLMC_TRANSFORMS
+            or parts[2] not in LLMC_QUANTIZERS or parts[3] not in LLMC_SCHEMES):
+        raise ValueError(f"{method!r} is not llmc-<transform>-<quantizer>-<scheme> with transform "
+                         f"in {LLMC_TRANSFORMS}, quantizer in {LLMC_QUANTIZERS}, scheme in "
+                         f"{LLMC_SCHEMES}")
+    return parts[1], parts[2], parts[3]
+
+
+def llmc_scheme(scheme: str, group_size: int):
+    """The compressed-tensors QuantizationScheme of ``scheme`` for every Linear. ``nvfp4``,
+    ``mxfp4`` and ``w8a8`` are the peer's presets (``NVFP4``, ``MXFP4``, ``W8A8``: per-channel
+    int8 weights, dynamic per-token int8 inputs) as they ship; ``w4a16`` is symmetric int4
+    weights in groups of ``group_size``; ``w4a8`` is built to match lowbit's w4a8 preset: int4
+    symmetric groups of ``group_size`` and FP8 E4M3 inputs with one static per-tensor scale from
+    the calibration maximum (``static_minmax``; the peer's own W4AFP8 preset uses dynamic
+    per-token FP8 inputs and groups of 128)."""
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme,
+                                                 preset_name_to_scheme)
+
+    if scheme in ("nvfp4", "mxfp4", "w8a8"):
+        return preset_name_to_scheme(scheme.upper(), ["Linear"])
+    w = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group",
+                         group_size=group_size)
+    if scheme == "w4a16":
+        return QuantizationScheme(targets=["Linear"], weights=w)
+    a = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor",
+                         dynamic=False, observer="static_minmax")
+    return QuantizationScheme(targets=["Linear"], weights=w, input_activations=a)
+
+
+# the block of the rotations (MR-GPTQ: the quantization group; QuIP's ``transform_block_size``)
+LLMC_BLOCK = {"nvfp4": 16, "mxfp4": 32}
+
+
+def llmc_recipe(method: str, group_size: int, transform_block: int | None) -> list:
+    """The llm-compressor modifiers of an ``llmc-<transform>-<quantizer>-<scheme>`` method.
+
+    ``quip``: QuIPModifier with the input-side rotation only (``rotations=["v"]``, as its
+    docstring recommends), ``random-hadamard`` (the Hadamard that exists for 576 = 36 * 16 and
+    1536 = 12 * 128), in blocks of ``transform_block`` (None: the scheme's group for NVFP4/MXFP4,
+    the MR-GPTQ choice, else the layer's whole width); ``spinquant``: SpinQuantModifier with R1,
+    R2 and R4 (lowbit's nvfp4-rotated), ``random-hadamard`` (its default ``hadamard`` needs
+    powers of two: 576 is not), blocks of ``transform_block`` (None: whole width); ``sq``:
+    SmoothQuantModifier(smoothing_strength=0.8), as llm-compressor's W8A8 int8 example; then
+    GPTQModifier (``gptq``) or QuantizationModifier (``rtn``) with the scheme, lm_head
+    excluded."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    transform, quantizer, scheme = parse_llmc_method(method)
+    recipe = []
+    if transform == "quip":
+        from llmcompressor.modifiers.transform import QuIPModifier
+
+        block = transform_block or LLMC_BLOCK.get(scheme)
+        recipe.append(QuIPModifier(rotations=["v"], transform_type="random-hadamard",
+                                   transform_block_size=block))
+    elif transform == "spinquant":
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        recipe.append(SpinQuantModifier(rotations=["R1", "R2", "R4"],
+                                        transform_type="random-hadamard",
+                                        transform_block_size=transform_block))
+    elif transform == "sq":
+        from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+        recipe.append(SmoothQuantModifier(smoothing_strength=0.8))
+    cls = GPTQModifier if quantizer == "gptq" else QuantizationModifier
+    recipe.append(cls(config_groups={"group_0": llmc_scheme(scheme, group_size)},
+                      ignore=["lm_head"]))
+    return recipe
+
+
+def llmc_quantize_here(model, ids, method: str, group_size: int,
+                       transform_block: int | None) -> tuple[int, int, list]:
+    """Run llm-compressor's oneshot with :func:`llmc_recipe` on ``ids [n, L]``, leaving the
+    model fake-quantized in place (its online transforms attached); returns (linears with
+    quantized weights, with quantized inputs, the recipe's modifiers as text)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    recipe = llmc_recipe(method, group_size, transform_block)
+    n, seq = ids.shape
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n})
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq,
+            num_calibration_samples=n)
+    n_w = n_in = 0
+    for _, m in model.named_modules():
+        qs = getattr(m, "quantization_scheme", None)
+        if qs is None:
+            continue
+        n_w += qs.weights is not None
+        n_in += qs.input_activations is not None
+    return n_w, n_in, [repr(r) for r in recipe]
 
 
 def llmc(model, ids, method: str, group_size: int):
@@ -194,11 +320,14 @@ def main() -> None:
                     "here)")
     ap.add_argument("--eval", type=Path, help="token-id windows to evaluate on (only and "
                     f"required for {', '.join(EVAL_METHODS)})")
+    ap.add_argument("--transform-block", type=int, default=None,
+                    help="block of the llmc-quip/llmc-spinquant rotations (default: see "
+                    "llmc_recipe)")
     ap.add_argument("--report", type=Path, required=True)
     args = ap.parse_args()
-    if args.method in EVAL_METHODS and not args.eval:
+    if evaluated_here(args.method) and not args.eval:
         ap.error(f"--method {args.method} quantizes activations: pass --eval windows")
-    if args.method not in EVAL_METHODS and not args.out:
+    if not evaluated_here(args.method) and not args.out:
         ap.error(f"--method {args.method} needs --out")
     try:
         import torch
@@ -215,7 +344,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ids = load_file(str(args.calib))["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.method in EVAL_METHODS:
+    if evaluated_here(args.method):
         evaluate_here(args, model, ids)
         return
     t = time.perf_counter()
@@ -264,9 +393,16 @@ def evaluate_here(args, model, ids) -> None:
               flush=True)
     fp32_eval_s = time.perf_counter() - t
     t = time.perf_counter()
-    n_w, n_in = modelopt_w8a8(model, ids, args.method)
+    if args.method in EVAL_METHODS:
+        n_w, n_in = modelopt_w8a8(model, ids, args.method)
+        config, dist, wants_inputs = EVAL_METHODS[args.method], "nvidia-modelopt", True
+    else:
+        n_w, n_in, config = llmc_quantize_here(model, ids, args.method, args.group_size,
+                                               args.transform_block)
+        dist, wants_inputs = "llmcompressor", not args.method.endswith("-w4a16")
     seconds = time.perf_counter() - t
-    if not n_w or not n_in:
+    rep["quant_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if not n_w or (wants_inputs and not n_in):
         print(f"{args.method}: {n_w} linears with quantized weights and {n_in} with quantized "
               "inputs after the peer's call (expected both)", file=sys.stderr)
         sys.exit(1)
@@ -276,11 +412,10 @@ def evaluate_here(args, model, ids) -> None:
         rep["ppl"][name], rep["nll"][name] = ppl, nll
         print(f"{args.method}: {name} ppl {ppl:.4f}", file=sys.stderr, flush=True)
     eval_s = time.perf_counter() - t
-    dist = "nvidia-modelopt"
     rep.update(quant_s=seconds, layers=n_w, input_quantized_layers=n_in,
                fp32_eval_s=fp32_eval_s, eval_s=eval_s,
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-               config=EVAL_METHODS[args.method], peer=f"{dist} {version(dist)}",
+               config=config, peer=f"{dist} {version(dist)}",
                transformers=version("transformers"))
     args.report.write_text(json.dumps(rep))
 
