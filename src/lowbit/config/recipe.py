@@ -13,7 +13,7 @@ YAML::
       - pattern: "*"
         weight: {format: int4, granularity: group, group_size: 128}
     exclude: ["*lm_head", "*embed*"]
-    kv_cache: fp8            # optional: fp8 | int8 | a spec
+    kv_cache: fp8            # optional: fp8 | int8 | int4 | nvfp4 | a spec (see KV_SHORTHANDS)
     algorithms: []           # ordered steps, e.g. [{name: gptq, args: {...}}]
     group_policy: fallback   # or strict
     strict: false            # true: a pattern that matches nothing, or a recipe that
@@ -53,6 +53,16 @@ from lowbit.errors import ConfigError
 ROLES = ("weight", "input", "output")
 FORMAT_ALIASES = {"fp8": "fp8_e4m3", "fp4": "fp4_e2m1", "fp6": "fp6_e3m2"}
 DEFAULT_EXCLUDE = ["*lm_head", "*embed*", "*wte", "*wpe"]
+# ``kv_cache:`` names that mean more than a bare format. Keys/values are [batch, kv_heads,
+# seq, head_dim]: a 4-bit per-tensor static scale would be useless, so ``int4`` is one
+# dynamic asymmetric scale per token and head (the head_dim values: QuaRot's KV scheme), and
+# ``nvfp4`` its own E4M3 scale per 16 values of a head with a calibrated per-tensor FP32
+# scale (a dynamic per-tensor one would change the scale of entries already in the cache).
+# Other strings (``fp8``, ``int8``, a format name) are that format, per-tensor static.
+KV_SHORTHANDS = {
+    "int4": {"format": "int4", "granularity": "token", "dynamic": True, "symmetric": False},
+    "nvfp4": {"format": "nvfp4"},
+}
 
 
 def _spec(v: Any, where: str) -> QuantSpec | None:
@@ -214,7 +224,9 @@ class Recipe(BaseModel):
                     t[r] = _spec(t[r], f"{source}: targets[{i}].{r}")
             targets.append(Target(**t))
         if "kv_cache" in data:
-            data["kv_cache"] = _spec(data["kv_cache"], f"{source}: kv_cache")
+            kv = data["kv_cache"]
+            kv = dict(KV_SHORTHANDS[kv]) if isinstance(kv, str) and kv in KV_SHORTHANDS else kv
+            data["kv_cache"] = _spec(kv, f"{source}: kv_cache")
         try:
             return cls(targets=targets, **data)
         except ValidationError as e:
