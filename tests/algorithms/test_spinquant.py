@@ -67,6 +67,30 @@ def test_float_function_unchanged(args):
     assert moved or args  # the default run on this model does learn
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "gemma2", "phi3", "granite"])
+def test_float_function_unchanged_families(family):
+    """Random (not Hadamard) initial matrices: the general path, Gemma's post-norm R1 online
+    (kind "matrix"), Phi-3's fused qkv_proj (R2 on its value rows)."""
+    model = build(family)
+    ids = calib_ids(4, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    lowbit.quantize(model, _recipe(kind="random", r3=True, steps=2), forward_loop=loop_over(ids))
+    for _, q in quantizers(model):
+        q.disable()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 1e-4
+    rot = model.lowbit_report.rotations
+    assert rot["online"]["qk"] == 2 and rot["online"]["input"] == 2
+    if family.startswith("gemma"):
+        from lowbit.nn.rotation import online_rotations
+
+        kinds = {v["kind"] for k, v in online_rotations(model).items() if v["where"] ==
+                 "norm_output"}
+        assert rot["online"]["norm_output"] == 4 and kinds == {"matrix"}
+
+
 def test_cayley_steps_stay_orthogonal():
     g = torch.Generator().manual_seed(0)
     r = rotation_matrix("hadamard", 64)

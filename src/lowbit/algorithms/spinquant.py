@@ -207,8 +207,9 @@ def _base_weights(model: nn.Module, plan: _Plan, r4: torch.Tensor | None) -> dic
     """Detached copies of the parameters the functional forward rotates (down_proj already
     ``@ R4``)."""
     base = {}
-    for n in {*plan.readers, *plan.writers, plan.head, *(v for v, _, _ in plan.values),
-              *(o for _, _, o in plan.values)}:
+    names = {*plan.readers, *plan.writers, *plan.downs, plan.head,
+             *(v for v, _, _ in plan.values), *(o for _, _, o in plan.values)}
+    for n in names:
         m = model.get_submodule(n)
         base[n + ".weight"] = m.weight.detach()
         if getattr(m, "bias", None) is not None:
