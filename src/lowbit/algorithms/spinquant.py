@@ -25,9 +25,10 @@ does, with the residual rotation R1 ``[hidden, hidden]`` and one value/output ro
    activations; scales computed from a tensor carry no gradient in ``lowbit.core``). Static
    activation quantizers (no ``amax`` yet: this step runs before calibration) use dynamic
    estimates from each input while training (the same spec with ``dynamic`` set) and are
-   put back as they were, to be calibrated later on the rotated model. The matrices of the
-   lowest training loss are kept (the initial ones included: never worse than the fixed
-   rotation on the training rows). R3 and the MR-GPTQ block rotation are not part of the
+   put back as they were, to be calibrated later on the rotated model. Each step uses all
+   rows (``batch`` None) or ``batch`` of them in turn; the matrices kept are those of the
+   lowest loss on all rows among the points measured (every step with ``batch`` None, the
+   initial and final ones otherwise): never worse than the fixed rotation on these rows. R3 and the MR-GPTQ block rotation are not part of the
    training forward; they are applied at the end as the ``rotate`` step applies them;
 4. the learned matrices are applied: R2 per layer (:func:`apply_r2`), then
    :func:`lowbit.algorithms.rotate.apply_rotations` with R1 (and R4, R3, block; an online
@@ -52,8 +53,14 @@ from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.utils import quantizers
 from lowbit.pipeline.algorithms import register_algorithm
 
-SPINQUANT_ARGS = {"steps": 100, "lr": 1.5, "samples": 8, "seq_len": 512, "r2": True,
-                  "r3": False, "r4": True, "block": None, "kind": "hadamard", "seed": 0}
+SPINQUANT_ARGS = {"steps": 100, "lr": 1.5, "samples": 8, "seq_len": 512, "batch": None,
+                  "r2": True, "r3": False, "r4": True, "block": None, "kind": "hadamard",
+                  "seed": 0}
+"""Arguments of the ``spinquant`` step and their defaults: ``steps`` Cayley SGD steps,
+``lr`` its step cap, ``samples`` rows of ``seq_len`` tokens taken from the calibration
+loop, ``batch`` rows per step (None: all of them; k: k rows per step, cycling), and the
+``rotate`` step's ``r2`` (learned per layer), ``r3``, ``r4``, ``block``, ``kind`` (the
+initial matrices and R3/R4/block), ``seed``."""
 
 
 # --- arguments and data ----------------------------------------------------------------------
@@ -86,6 +93,10 @@ def _check_args(args: dict) -> dict:
     if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 2):
         raise ConfigError(f"algorithm spinquant: block must be null or an integer >= 2 "
                           f"(the quantization group size), got {b!r}")
+    k = a["batch"]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ConfigError(f"algorithm spinquant: batch must be null or an integer >= 1, "
+                          f"got {k!r}")
     if isinstance(a["seed"], bool) or not isinstance(a["seed"], int):
         raise ConfigError(f"algorithm spinquant: seed must be an integer, got {a['seed']!r}")
     return a
@@ -307,50 +318,79 @@ def _micro_batches(rows, size: int = 4):
     return out
 
 
-def _train(model, plan, rows, r1, r2s, steps, lr, r4):
-    """Cayley SGD on R1 (and R2s); returns ``(r1, r2s, history, best_step)``: ``history``
-    the mean training loss at each evaluated point (step 0 = the initial matrices). Each
-    step builds the rotated weights once, runs the micro-batches with those weights as
-    leaves (their gradients accumulate) and then backpropagates into R in one pass."""
+def _pass(model, plan, base, hold, r1, r2s, batches, backward: bool):
+    """The quantized model's mean next-token loss on ``batches`` (token-weighted) with the
+    matrices ``r1``/``r2s``; ``backward``: also the Euclidean gradients. Builds the rotated
+    weights once, runs the micro-batches with those weights as leaves (their gradients
+    accumulate) and then backpropagates into R in one pass. Returns ``(loss, g1, g2s)``."""
+    x1 = r1.clone().requires_grad_(backward)
+    x2 = None if r2s is None else [r.clone().requires_grad_(backward) for r in r2s]
+    n_tok = sum(int(ids.numel()) for ids, _ in batches)
+    total = 0.0
+    with torch.enable_grad():  # on even without backward: no cached quantized weights
+        r1f = x1.float()
+        params = _rotated(plan, base, r1f, None if x2 is None else [r.float() for r in x2])
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        hold["r1"] = emb = r1f.detach().requires_grad_()
+        for ids, mask in batches:
+            loss = _loss(model, leaves, ids, mask)
+            if not torch.isfinite(loss):
+                raise CalibrationError(f"spinquant: the quantized model's loss is "
+                                       f"{float(loss)}")
+            w = ids.numel() / n_tok
+            total += float(loss.detach()) * w
+            if backward:
+                (loss * w).backward()
+            del loss
+        if not backward:
+            return total, None, None
+        outs = [(params[k], v.grad) for k, v in leaves.items() if v.grad is not None] + \
+            [(r1f, emb.grad)]
+        torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
+    return total, x1.grad, None if x2 is None else [x.grad for x in x2]
+
+
+def _train(model, plan, rows, r1, r2s, steps, lr, r4, batch=None):
+    """Cayley SGD on R1 (and R2s); returns ``(r1, r2s, info)``.
+
+    ``batch`` None: every step uses all ``rows``; the matrices of the lowest loss (initial
+    ones included) are returned. ``batch`` k: step ``t`` uses the rows ``t*k ... t*k+k-1``
+    (cyclically); the loss on all rows is measured before and after, and the final matrices
+    are returned only when they lower it. ``info``: ``loss_before``/``loss_after`` (all
+    rows), ``loss_history`` (the loss of each step's rows before its update; all rows with
+    ``batch`` None, plus the final one), ``best_step``."""
     hold = {"r1": r1}
     base = _base_weights(model, plan, r4)
-    batches = _micro_batches(rows)
-    n_tok = sum(int(ids.numel()) for ids, _ in rows)
-    hist, best = [], (math.inf, 0, r1, r2s)
+    every = _micro_batches(rows)
+    hist, best, init = [], (math.inf, 0, r1, r2s), (r1, r2s)
     with _training_state(model, plan, hold, r4):
+        before = None
+        if batch is not None and batch < len(rows):
+            before, _, _ = _pass(model, plan, base, hold, r1, r2s, every, False)
+        else:
+            batch = None
         for t in range(steps + 1):
             train = t < steps
-            x1 = r1.clone().requires_grad_(train)
-            x2 = None if r2s is None else [r.clone().requires_grad_(train) for r in r2s]
-            total = 0.0
-            with torch.enable_grad():  # on even for the last pass: no cached weights
-                r1f = x1.float()
-                params = _rotated(plan, base, r1f, None if x2 is None else
-                                  [r.float() for r in x2])
-                leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-                hold["r1"] = emb = r1f.detach().requires_grad_()
-                for ids, mask in batches:
-                    loss = _loss(model, leaves, ids, mask)
-                    if not torch.isfinite(loss):
-                        raise CalibrationError(f"spinquant: the quantized model's loss is "
-                                               f"{float(loss)} at step {t}")
-                    w = ids.numel() / n_tok  # token-weighted mean over the rows
-                    total += float(loss.detach()) * w
-                    if train:
-                        (loss * w).backward()
-                if train:
-                    outs = [(params[k], v.grad) for k, v in leaves.items()
-                            if v.grad is not None] + [(r1f, emb.grad)]
-                    torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
-            hist.append(total)
-            if total < best[0]:
-                best = (total, t, r1, r2s)
+            if batch is None or not train:
+                part = every
+            else:
+                n = len(rows)
+                part = _micro_batches([rows[(t * batch + i) % n] for i in range(batch)])
+            loss, g1, g2 = _pass(model, plan, base, hold, r1, r2s, part, train)
+            hist.append(loss)
+            if (batch is None or not train) and loss < best[0]:
+                best = (loss, t, r1, r2s)
             if train:
                 with torch.no_grad():
-                    r1 = cayley_sgd_step(r1, x1.grad, lr)
+                    r1 = cayley_sgd_step(r1, g1, lr)
                     if r2s is not None:
-                        r2s = [cayley_sgd_step(r, x.grad, lr) for r, x in zip(r2s, x2)]
-    return best[2], best[3], hist, best[1]
+                        r2s = [cayley_sgd_step(r, g, lr) for r, g in zip(r2s, g2)]
+    if before is not None and before <= best[0]:
+        return init[0], init[1], {"loss_before": before, "loss_after": before,
+                                  "loss_history": hist, "best_step": 0}
+    return best[2], best[3], {"loss_before": hist[0] if before is None else before,
+                              "loss_after": best[0], "loss_history": hist,
+                              "best_step": best[1]}
 
 
 def apply_r2(model: nn.Module, plan: _Plan, r2s: list[torch.Tensor]) -> None:
@@ -405,7 +445,7 @@ def spinquant_step(model: nn.Module, step, forward_loop, report) -> dict:
            for i in range(len(plan.values))] if a["r2"] else None
     r4 = rotation_matrix(kind, plan.inter, seed=seed) if a["r4"] else None
     t1 = time.perf_counter()
-    r1, r2s, hist, best = _train(model, plan, rows, r1, r2s, a["steps"], a["lr"], r4)
+    r1, r2s, got = _train(model, plan, rows, r1, r2s, a["steps"], a["lr"], r4, a["batch"])
     t_train = time.perf_counter() - t1
     for r in [r1] + (r2s or []):
         if not is_orthogonal(r, tol=1e-6):
@@ -437,9 +477,7 @@ def spinquant_step(model: nn.Module, step, forward_loop, report) -> dict:
                "tokens": sum(int(ids.numel()) for ids, _ in rows),
                "loss": "next-token cross-entropy of the quantized model (static activation "
                        "quantizers dynamic while training)",
-               "loss_before": hist[0], "loss_after": hist[best], "best_step": best,
-               "loss_history": hist, "seconds_training": t_train,
-               "seconds_per_step": t_train / (a["steps"] + 1)}
+               "batch": a["batch"], **got, "seconds_training": t_train}
     info = {"args": dict(a), "family": layout.family, "sizes": {k: sizes[k] for k in on},
             "kinds": {k: ("learned" if k in ("r1", "r2") else kind) for k in on},
             "seeds": {k: seed for k in on}, "folded_norms": folded["folded"],
