@@ -91,6 +91,41 @@ def default_block_linears(model: nn.Module, layout: RotationLayout) -> list[str]
             and (n.startswith(prefixes) or n == layout.lm_head)]
 
 
+def check_plan(model: nn.Module, layout: RotationLayout, r1: bool, r3: bool, r4: bool,
+               block: int | None, chosen: set[str]) -> None:
+    """Every check of :func:`apply_rotations` that can fail, run before anything changes:
+    R4 and block need quantized linears (their online rotations live there), a block size
+    must divide each chosen linear's inputs, R3 needs attention modules, and no module may
+    hold an online rotation already. ``chosen``: the block rotation's linears."""
+    from lowbit.adapters.facts import attention_modules
+
+    get = model.get_submodule
+    places = []
+    if r1:
+        places += [(n, "output_rotation") for b in layout.blocks for n in b.post_norms.values()]
+    if r3:
+        attn = attention_modules(model)
+        if not attn:
+            raise ConfigError("rotate: r3 needs attention modules; the model's adapter "
+                              "declares none")
+        places += [(n, "qk_rotation") for n, _ in attn]
+    downs = [b.down_proj for b in layout.blocks] if r4 else []
+    for n in [*downs, *sorted(chosen)]:
+        m = get(n)
+        if not _quantized(m) or not isinstance(m, nn.Linear):
+            raise ConfigError(f"rotate: {'r4' if n in downs else 'block'} needs {n} to be a "
+                              "quantized linear (its online rotation lives there); quantize it "
+                              f"or turn {'r4' if n in downs else 'block'} off")
+        if block is not None and n in chosen and m.weight.shape[1] % block:
+            raise ConfigError(f"rotate: block {block} does not divide {n}'s "
+                              f"{m.weight.shape[1]} inputs")
+        places.append((n, "input_rotation"))
+    for n, attr in places:
+        if get(n)._modules.get(attr) is not None:
+            raise ConfigError(f"rotate: {n} already has an online {attr}: the model was "
+                              "rotated before (rotate once, on the float weights)")
+
+
 @torch.no_grad()
 def apply_rotations(model: nn.Module, layout: RotationLayout, r1: torch.Tensor | None = None,
                     r2: torch.Tensor | None = None, r4: torch.Tensor | None = None,
@@ -117,12 +152,12 @@ def apply_rotations(model: nn.Module, layout: RotationLayout, r1: torch.Tensor |
         block = _check_matrix("block", block, b)
     counts = {"input": 0, "qk": 0, "norm_output": 0}
     get = model.get_submodule
-    if r4 is not None or block is not None:
-        for blk in layout.blocks:  # the online rotations need quantized linears: check first
-            if r4 is not None and not _quantized(get(blk.down_proj)):
-                raise ConfigError(f"rotate: r4 needs {blk.down_proj} quantized (its online "
-                                  "rotation lives on a quantized linear); set r4: false or "
-                                  "quantize it")
+    chosen = set()
+    if block is not None:
+        chosen = set(default_block_linears(model, layout) if block_linears is None
+                     else block_linears)
+    check_plan(model, layout, r1 is not None, r3 is not None, r4 is not None,
+               None if block is None else int(block.shape[0]), chosen)
     if r1 is not None:
         check_folded(model, layout)
         emb = get(layout.embed).weight
@@ -150,27 +185,17 @@ def apply_rotations(model: nn.Module, layout: RotationLayout, r1: torch.Tensor |
     if r3 is not None:
         from lowbit.adapters.facts import attention_modules
 
-        attn = attention_modules(model)
-        if not attn:
-            raise ConfigError("rotate: r3 needs attention modules; the model's adapter "
-                              "declares none")
-        for name, _ in attn:
+        for name, _ in attention_modules(model):
             _attach(model, name, "qk", _online(r3, specs.get("r3", {}), layout.head_dim))
             counts["qk"] += 1
     downs = {blk.down_proj for blk in layout.blocks}
     if r4 is not None:
         for d in sorted(downs):
             rotate_input(get(d), r4, d)
-    chosen = set()
     if block is not None:
-        chosen = set(default_block_linears(model, layout) if block_linears is None else block_linears)
-        bsz = block.shape[0]
         for n in sorted(chosen):
             m = get(n)
-            n_in = m.weight.shape[1]
-            if n_in % bsz:
-                raise ConfigError(f"rotate: block {bsz} does not divide {n}'s {n_in} inputs")
-            full = torch.block_diag(*[block] * (n_in // bsz))
+            full = torch.block_diag(*[block] * (m.weight.shape[1] // block.shape[0]))
             rotate_input(m, full, n)
     for n in sorted(chosen | (downs if r4 is not None else set())):
         if n in downs and r4 is not None:
@@ -249,12 +274,14 @@ def rotate_step(model: nn.Module, step, forward_loop=None, report=None) -> dict:
              "r4": layout.intermediate, "block": args["block"]}
     on = [k for k in ("r1", "r2", "r3", "r4") if args[k]] + \
         (["block"] if args["block"] is not None else [])
-    mats = {k: rotation_matrix(kinds[k], sizes[k], seed=seed) for k in on}
-    folded = fold_norms(model, layout) if args["r1"] else {"folded": 0, "untied": False}
     targets = getattr(step, "targets", None)
     block_linears = None
     if args["block"] is not None:
         block_linears = [n for n in default_block_linears(model, layout) if _matches(n, targets)]
+    check_plan(model, layout, args["r1"], args["r3"], args["r4"], args["block"],
+               set(block_linears or ()))
+    mats = {k: rotation_matrix(kinds[k], sizes[k], seed=seed) for k in on}
+    folded = fold_norms(model, layout) if args["r1"] else {"folded": 0, "untied": False}
     counts = apply_rotations(model, layout, mats.get("r1"), mats.get("r2"), mats.get("r4"),
                              mats.get("r3"), mats.get("block"), block_linears=block_linears,
                              specs={k: {"kind": kinds[k], "seed": seed} for k in on})

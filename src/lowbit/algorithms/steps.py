@@ -32,6 +32,9 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   norm in the Hessian, ``H = sum x x^T / ||x||^2``, so that a few tokens with massive
   activations do not dominate it). On ``gguf_*`` specs each super-block's scales come from
   the importance-weighted search with the Hessian's diagonal (see :mod:`lowbit.algorithms.gptq`).
+* ``smoothquant`` and ``awq`` skip a group whose linears hold an online ``input_rotation``
+  (or whose norm's output is rotated online, :mod:`lowbit.algorithms.rotate`): a scale
+  cannot be folded across the rotation; the block's report row gets a note, and a warning.
 * ``imatrix``: ``file`` None (a llama.cpp imatrix GGUF file instead of calibration data);
   importance-weighted scales of the ``gguf_*`` weights (:mod:`lowbit.algorithms.imatrix`).
 """
@@ -110,12 +113,46 @@ def _fold_tol(name: str, args: dict) -> float | None:
     return float(tol)
 
 
+def _across_rotation(ctx, group) -> str | None:
+    """What makes a scale unfoldable for ``group``: a linear of it with an online
+    ``input_rotation`` (the scale would have to pass through the rotation), or a ``prev``
+    norm whose output is rotated online; None when nothing does."""
+    for n in group.linears:
+        if ctx.block.get_submodule(n)._modules.get("input_rotation") is not None:
+            return f"{n} has an online input_rotation"
+    if group.prev is not None and group.prev_kind == "norm":
+        prev = ctx.block.get_submodule(group.prev)
+        if prev._modules.get("output_rotation") is not None:
+            return f"{group.prev} has an online output_rotation"
+    return None
+
+
+def _skip_rotated(ctx, groups: list, step: str) -> list:
+    """``groups`` without those a scale cannot be folded across (:func:`_across_rotation`);
+    the skipped ones get one note in the block's report row and one warning."""
+    keep, skipped = [], []
+    for g in groups:
+        why = _across_rotation(ctx, g)
+        if why is None:
+            keep.append(g)
+        else:
+            skipped.append(f"{g.prev or '-'} -> {', '.join(g.linears)} ({why})")
+    if skipped:
+        note = (f"{step}: block {ctx.name}: {len(skipped)} group(s) skipped, a scale cannot be "
+                f"folded across an online rotation: {'; '.join(skipped)}")
+        ctx.info.setdefault("notes", []).append(note)
+        warnings.warn(note, stacklevel=3)
+    return keep
+
+
 def smoothquant_step(ctx, args: dict) -> None:
-    """SmoothQuant on every group whose linears quantize their inputs."""
+    """SmoothQuant on every group whose linears quantize their inputs (groups behind an
+    online rotation are skipped, with a note)."""
     tol = _fold_tol("smoothquant", args)
     groups = [g for g in ctx.scale_groups(pairs=bool(args["pairs"]))
               if _all(ctx, g, lambda m: weight_spec(m) is not None and
                       input_spec(m) is not None)]
+    groups = _skip_rotated(ctx, groups, "smoothquant")
     if not groups:
         return
     stats = ctx.linear_stats()
@@ -179,6 +216,7 @@ def awq_step(ctx, args: dict) -> None:
         ctx.sample_tokens = int(args["clip_tokens"])
     groups = [g for g in ctx.scale_groups(pairs=bool(args["pairs"]))
               if _all(ctx, g, lambda m: weight_spec(m) is not None)]
+    groups = _skip_rotated(ctx, groups, "awq")
     stats = ctx.linear_stats()
     sample = ctx.sample(int(args["max_tokens"]))
     saved = None
