@@ -202,3 +202,39 @@ def test_gguf_offline_rotations_export_and_read_back(tmp_path):
     assert torch.equal(_deq(t["token_embd.weight"]).reshape(128, 64),
                        m.model.embed_tokens.weight)
     assert torch.equal(_deq(t["blk.1.ffn_norm.weight"]).reshape(64), torch.ones(64))
+
+
+# --- ONNX QDQ -------------------------------------------------------------------------------
+def test_onnx_rotations_are_named_matmuls_before_the_input_qdq(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    m = with_block_rotation(quantized(_rotate(W8A8, {"r1": True, "r2": True, "r3": True,
+                                                     "r4": True})))
+    out = lowbit.save(m, tmp_path / "o", format="onnx", example_inputs=(IDS,),
+                      example_kwargs={"use_cache": False})
+    mp = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in mp.graph.initializer}
+    nodes = {n.name: n for n in mp.graph.node}
+    users = {}
+    for n in mp.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def next_ops(node):
+        return [u.op_type for u in users.get(node.output[0], [])]
+
+    for i in range(2):
+        d = nodes[f"model.layers.{i}.mlp.down_proj.input_rotation"]
+        assert d.op_type == "MatMul" and d.input[1] in inits
+        assert list(inits[d.input[1]].dims) == [128, 128]
+        assert next_ops(d) == ["QuantizeLinear"]  # rotated, then quantized
+        for k in ("", "/1"):  # queries and keys
+            assert nodes[f"model.layers.{i}.self_attn.qk_rotation{k}"].op_type == "MatMul"
+    b = nodes["model.layers.0.self_attn.q_proj.input_rotation"]  # block 32: a [.., 2, 32] view
+    assert list(inits[b.input[1]].dims) == [32, 32]
+    assert next_ops(b) == ["Reshape"] and next_ops(users[b.output[0]][0]) == ["QuantizeLinear"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: IDS.numpy()})[0]
+    d = (torch.log_softmax(torch.from_numpy(got).float(), -1) - logprobs(m)).abs().max().item()
+    print(f"onnxruntime vs lowbit, max |log-prob difference|: {d:.2e}")
+    assert d < 1e-4

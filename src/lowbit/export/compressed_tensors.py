@@ -39,6 +39,13 @@ does not recognise): the load reports them as unexpected keys and runs the cache
 (``config_groups`` with ``targets``, ``ignore``, ``format``, ``quant_method:
 compressed-tensors``, ``quantization_status: compressed``, ``version``).
 
+Online rotations (:mod:`lowbit.nn.rotation`) go to ``transform_config`` (see
+:func:`_transforms`): a linear's ``input_rotation`` at location ``input`` (``head_dim`` = the
+block of a block-diagonal one), an attention's ``qk_rotation`` at ``q_attn`` + ``k_cache``
+(``head_dim`` = the head width), the matrix stored as ``<module>.<scheme>_<location>.weight``
+= ``sqrt(b) * R``; a norm's ``output_rotation`` is a ConfigError. Offline rotations are in
+the weights.
+
 Numerics: compressed-tensors dequantizes ``(q - zero_point) * scale`` in the dtype of the
 scale, and divides by its NVFP4 global scale (``448 * 6 / amax``) where lowbit multiplies by
 ``amax / (448 * 6)``. So:

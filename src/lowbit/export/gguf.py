@@ -49,6 +49,10 @@ What is written (llama.cpp's conventions, as its ``convert_hf_to_gguf.py`` write
 GGUF stores weights only: activation and KV-cache quantizers are not exported (a warning
 says so); llama.cpp quantizes activations its own way (to Q8_0/Q8_K blocks for quantized
 matmuls on CPU), so its outputs differ slightly from lowbit's fake-quantized model.
+
+Rotated models (:mod:`lowbit.algorithms.rotate`): offline rotations are plain weights; an
+online rotation (:mod:`lowbit.nn.rotation`) is a ConfigError naming its module, as
+llama.cpp's graph has no operation for it.
 """
 
 from __future__ import annotations

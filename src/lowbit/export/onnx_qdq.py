@@ -32,6 +32,12 @@ blocked scales; 23 for FP4). onnxruntime (1.32, CPU) notes:
   y_zero_point type UINT8"): pass ``disabled_optimizers=["QDQPropagationTransformer"]`` to
   ``InferenceSession``.
 
+Online rotations (:mod:`lowbit.nn.rotation`: a quantized linear's ``input_rotation`` before
+its input Q/DQ, an attention's ``qk_rotation`` on queries and keys, a norm's
+``output_rotation``) are explicit ``MatMul`` nodes named ``<owner>.<attr>`` by the float32
+initializer ``<owner>.<attr>.matrix`` (``[b, b]``, on a ``[..., n/b, b]`` view for a
+block-diagonal rotation); offline rotations are in the weights.
+
 The export traces the model (``torch.export``, fake tensors: no real forward pass). A model
 whose forward needs keyword inputs gets them from ``example_kwargs`` (transformers LMs:
 ``{"use_cache": False}``).
@@ -461,6 +467,38 @@ def _rename(model_proto) -> None:
         vi.name = mapping.get(vi.name, vi.name)
 
 
+def _scope_of(node) -> str:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            return p.value
+    return ""
+
+
+def _name_rotations(model_proto, model: nn.Module) -> None:
+    """Check that every online rotation (:mod:`lowbit.nn.rotation`) is an explicit ``MatMul``
+    by its constant matrix (a float32 initializer, ``<owner>.<attr>.matrix`` unless the
+    exporter merged equal constants; ``[b, b]``, applied to a ``[..., n/b, b]`` view for a
+    block-diagonal rotation) and name those nodes ``<owner>.<attr>`` (``<owner>.<attr>/1``
+    for the keys of a q/k rotation). Nodes are found by the module scope torch.onnx records
+    on them. A rotation the exporter folded or dropped is a ConfigError naming it."""
+    from lowbit.nn.rotation import ATTRS, online_rotations
+
+    inits = {i.name for i in model_proto.graph.initializer}
+    matmuls = [n for n in model_proto.graph.node
+               if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits]
+    for key, spec in online_rotations(model).items():
+        owner, attr = key.split("#")[0], ATTRS[spec["where"]]
+        scope = f"'{owner}.{attr}'" if owner else f"'{attr}'"
+        nodes = [n for n in matmuls if scope in _scope_of(n)]
+        want = 2 if spec["where"] == "qk" else 1
+        if len(nodes) != want:
+            raise ConfigError(f"ONNX export: the online rotation of {owner} ({spec['where']}) "
+                              f"should be {want} MatMul(s) by a constant matrix in the "
+                              f"exported graph, found {len(nodes)}; report this with the model")
+        for j, n in enumerate(nodes):
+            n.name = f"{owner}.{attr}" + (f"/{j}" if j else "")
+
+
 # --- export ------------------------------------------------------------------------------
 def export(model: nn.Module, out_dir: Path, example_inputs=None, opset: int | None = None,
            input_names=None, output_names=None, dynamic_shapes=None,
@@ -518,6 +556,7 @@ def export(model: nn.Module, out_dir: Path, example_inputs=None, opset: int | No
     mp = prog.model_proto
     _retype(mp, plan.retype)
     _rename(mp)
+    _name_rotations(mp, model)
     onnx.checker.check_model(mp)
     path = Path(out_dir) / FILENAME
     large = mp.ByteSize() > 1_800_000_000
