@@ -24,11 +24,15 @@ def test_every_preset_runs_on_llama(preset):
     model = build("llama")
     n = n_linears(model)
     ids = calib_ids()
-    r = recipes.load(preset, group_size=32) if "int4" in preset or "w4a8" in preset \
+    r = recipes.load(preset, **group_over(preset, 32)) if "int4" in preset or "w4a8" in preset \
         else recipes.load(preset)
+    if not r.targets and r.gguf_mix is None:  # KV-cache-only presets (kv-int4, kv-nvfp4)
+        n = 0
     lowbit.quantize(model, r, forward_loop=loop_over(ids))
     assert len(model.lowbit_report.quantized) == n
     assert sum(isinstance(m, QuantMixin) for m in model.modules()) == n
+    if r.kv_cache is not None:
+        assert sum(hasattr(m, "k_cache_quantizer") for m in model.modules()) == 2  # 2 layers
     out = model(ids[:1]).logits
     assert torch.isfinite(out).all()
 

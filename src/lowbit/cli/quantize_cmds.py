@@ -103,7 +103,7 @@ def quantize_cmd(
     samples: int = typer.Option(128, help="calibration windows"),
     seq_len: int = typer.Option(512, help="tokens per calibration window"),
     group_size: Optional[int] = typer.Option(None, help="override the recipe's group size"),
-    kv_cache: Optional[str] = typer.Option(None, help="quantize the KV cache: fp8 | int8"),
+    kv_cache: Optional[str] = typer.Option(None, help="quantize the KV cache: fp8 | int8 | int4 | nvfp4"),
     format: str = typer.Option("lowbit", "--format", "-f",
                                help="lowbit | compressed-tensors | gguf | onnx"),
     force: bool = typer.Option(False, help="replace --out if it exists"),

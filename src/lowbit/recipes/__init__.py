@@ -189,9 +189,15 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
 
 
 def kv_cache_spec(v: Any) -> dict | None:
-    """``"fp8"``/``"int8"``/a format name/a dict -> a KV-cache spec dict (per-tensor static)."""
+    """``"fp8"``/``"int8"``/a format name/a dict -> a KV-cache spec dict (per-tensor static);
+    the shorthands ``"int4"`` and ``"nvfp4"`` mean what they mean in a recipe
+    (:data:`lowbit.config.recipe.KV_SHORTHANDS`)."""
+    from lowbit.config.recipe import KV_SHORTHANDS
+
     if v is None or v == "none":
         return None
+    if isinstance(v, str) and v in KV_SHORTHANDS:
+        return dict(KV_SHORTHANDS[v])
     if isinstance(v, str):
         return {"format": FORMAT_ALIASES.get(v, v), "granularity": "tensor"}
     if isinstance(v, dict):
