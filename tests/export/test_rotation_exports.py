@@ -132,6 +132,20 @@ def test_ct_learned_matrix_stored_exactly(tmp_path):
     assert (logprobs(m) - logprobs(m2)).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("n", [1, 2, 16, 32, 64, 128, 1024])
+def test_lowbit_hadamard_is_compressed_tensors_sylvester(n):
+    """Type ``hadamard`` (the reader builds the matrix) only where lowbit's is the same."""
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    from lowbit.core.rotation import hadamard_matrix
+    from lowbit.export.compressed_tensors import _sylvester
+
+    h = deterministic_hadamard_matrix(n, torch.float64)
+    assert torch.equal(hadamard_matrix(n) * n ** 0.5, h) or torch.allclose(
+        hadamard_matrix(n) * n ** 0.5, h, atol=1e-12)
+    assert torch.equal(_sylvester(n), h)
+
+
 def reader_rotates_keys() -> bool:
     """Whether compressed-tensors' key hook reaches the installed transformers' attention:
     it replaces the ``past_key_value(s)`` argument, which transformers >= 5.24 renamed
@@ -162,11 +176,25 @@ def test_ct_r3_written_as_q_attn_and_k_cache(tmp_path):
     assert (logprobs(m) - logprobs(m2)).abs().max().item() < 1e-4
 
 
+def test_ct_mr_gptq_block_step_reloads(tmp_path):
+    """The rotate step's block rotation (every quantized linear; composed with R4 into one
+    full matrix on down_proj) through the reader."""
+    m = quantized(_rotate(W4A8, {"r1": True, "r2": True, "r4": True, "block": 32}))
+    kinds = {s["where"] for s in online_rotations(m).values()}
+    assert kinds == {"input"}
+    lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    m2, cfg = ct_load(tmp_path / "ct")
+    groups = cfg["transform_config"]["config_groups"].values()
+    assert {g["head_dim"] for g in groups} == {None, 32}
+    d = (logprobs(m) - logprobs(m2)).abs().max().item()
+    print(f"max |log-prob difference|: {d:.2e}")
+    assert d < 1e-4
+
+
 def test_ct_norm_output_rotation_refused(tmp_path):
-    m = quantized(W4A8, "gemma3")
-    name = "model.layers.0.post_feedforward_layernorm"
-    attach_rotation(m, name, "norm_output",
-                    OnlineRotation(rotation_matrix("hadamard", 64), "hadamard", 64))
+    m = quantized(_rotate(W4A8, {"r1": True, "r2": True, "r4": False}), "gemma3")
+    name = "model.layers.0.post_attention_layernorm"
+    assert online_rotations(m)[name]["where"] == "norm_output"
     with pytest.raises(ConfigError, match=f"{name}: online rotation of a norm's output"):
         lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
     assert not (tmp_path / "ct").exists()

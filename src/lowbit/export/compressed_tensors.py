@@ -534,6 +534,13 @@ def _transforms(model: nn.Module) -> tuple[dict[str, dict], dict[str, torch.Tens
             a["targets"].append(name)
             tensors[f"{name}.{scheme}_{a['location']}.weight"] = stored.clone()
     for g in groups.values():
+        b = g["head_dim"] or model.get_submodule(g["apply"][0]["targets"][0]).in_features
+        if g["type"] == "random-hadamard" and not ct_schema.builds_random_hadamard(b):
+            warnings.warn(f"{g['apply'][0]['targets'][0]}: compressed-tensors "
+                          f"{ct_schema.version()} cannot build a random Hadamard matrix of "
+                          f"size {b}, which its apply_transform_config does before loading the "
+                          "stored one: that reader will fail on this checkpoint (vLLM loads "
+                          "the stored matrix)", stacklevel=3)
         if g["type"] not in ct_schema.transform_types():
             raise ConfigError(f"compressed-tensors {ct_schema.version()} has no transform "
                               f"type {g['type']!r} for {g['apply'][0]['targets'][0]}")

@@ -230,6 +230,20 @@ def transform_types() -> tuple[str, ...]:
     return tuple(TransformFactory.registered_names())
 
 
+def builds_random_hadamard(n: int) -> bool:
+    """Whether the installed compressed-tensors can build a ``random-hadamard`` transform of
+    size ``n`` (``n = m * 2^k`` with ``m`` in its table of known Hadamard orders: 1, 2 and
+    the multiples of 4 up to 256 in 0.20); True without the package (nothing to check)."""
+    if library() is None:
+        return True
+    try:
+        from compressed_tensors.transform.utils.hadamard import _fetch_hadamard_divisor
+        import torch
+    except ImportError:
+        return True
+    return _fetch_hadamard_divisor(n, torch.float32) is not None
+
+
 def build_config(groups: list[dict], ignore: list[str], kv_cache: dict | None,
                  transform: dict | None = None) -> dict:
     """``config.json``'s ``quantization_config`` as compressed-tensors' ``ModelCompressor``
