@@ -158,7 +158,7 @@ def reader_rotates_keys() -> bool:
     return "past_key_values" in params or "past_key_value" in params
 
 
-def test_ct_r3_written_as_q_attn_and_k_cache(tmp_path):
+def test_ct_r3_written_as_q_attn_and_k_cache(tmp_path, monkeypatch):
     m = quantized(_rotate(W4A8, {"r1": True, "r2": True, "r3": True, "r4": False}))
     assert {s["where"] for s in online_rotations(m).values()} == {"qk"}
     lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
@@ -170,10 +170,26 @@ def test_ct_r3_written_as_q_attn_and_k_cache(tmp_path):
     sd = load_file(tmp_path / "ct" / "model.safetensors")
     assert sd["model.layers.1.self_attn.R3_0_k_cache.weight"].shape == (16, 16)
     if not reader_rotates_keys():
-        pytest.skip("compressed-tensors 0.20 cannot hook the keys of transformers >= 5.24's "
-                    "attention (argument 'cache'): the reader would rotate queries only")
+        # compressed-tensors 0.20.1 looks for past_key_value(s); give its key hook the
+        # argument transformers >= 5.24 passes (what a fixed reader does), so that the
+        # checkpoint's q_attn/k_cache transforms are checked all the same
+        import compressed_tensors.modeling.kvcache as kvc
+
+        def hook(module, args, kwargs):
+            cache = getattr(module, kvc.KV_CACHE_ATTR)
+            cache.add_past_key_values(kwargs.get("cache"))
+            kwargs["cache"] = cache
+            return args, kwargs
+
+        monkeypatch.setattr(kvc, "_kv_cache_attention_hook", hook)
     m2, _ = ct_load(tmp_path / "ct")
-    assert (logprobs(m) - logprobs(m2)).abs().max().item() < 1e-4
+    calls = []
+    for loc in ("q_attn", "k_cache"):  # both run (one alone changes q . k: the test fails)
+        m2.model.layers[1].self_attn.get_submodule(f"R3_0_{loc}").register_forward_hook(
+            lambda mod, a, out, loc=loc: calls.append(loc))
+    d = (logprobs(m) - logprobs(m2)).abs().max().item()
+    print(f"max |log-prob difference|: {d:.2e}")
+    assert d < 1e-4 and sorted(calls) == ["k_cache", "q_attn"]
 
 
 def test_ct_mr_gptq_block_step_reloads(tmp_path):
