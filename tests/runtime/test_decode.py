@@ -177,3 +177,17 @@ def test_tensor_subclass_weights_are_not_concatenated():
                                   requires_grad=False)
     f = fuse_linears([a, b])
     assert f.mode == "split"
+
+
+def test_fast_decoder_refuses_a_quantized_kv_cache():
+    """FastDecoder's cache is float: a model whose KV cache is fake-quantized is refused
+    rather than decoded as if it were not."""
+    import lowbit
+    from lowbit.errors import ConfigError
+    from lowbit.runtime.decode import FastDecoder
+    from tests.tiny_models import build, calib_ids, loop_over
+
+    model = build("llama")
+    lowbit.quantize(model, "kv-int4", forward_loop=loop_over(calib_ids()))
+    with pytest.raises(ConfigError, match="quantizes its KV cache"):
+        FastDecoder(model)

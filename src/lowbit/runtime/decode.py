@@ -292,6 +292,16 @@ class FastDecoder:
             raise ConfigError(f"FastDecoder supports model_type "
                               f"{', '.join(supported_model_types())}; got {mt!r} (use the "
                               f"model's own generate)")
+        kv = [n for n, m in model.named_modules()
+              if any(getattr(m, a, None) is not None and m._modules[a].is_enabled
+                     for a in ("k_cache_quantizer", "v_cache_quantizer",
+                               "k_cache_quantizer_fallback", "v_cache_quantizer_fallback")
+                     if a in m._modules)]
+        if kv:
+            raise ConfigError(f"FastDecoder keeps its KV cache in float and {kv[0]} quantizes "
+                              f"its KV cache ({len(kv)} attention modules): decoding with it "
+                              "would not be the quantized model; use the model's own "
+                              "generate (lowbit generate --loop hf)")
         cfg, base, lm_head = text_parts(model)
         self.model = model
         self.n_heads = cfg.num_attention_heads
