@@ -144,7 +144,8 @@ def test_refuses_a_calibrated_model_and_layerless_families():
         lowbit.quantize(build("gpt2"), _recipe(), forward_loop=loop_over(calib_ids()))
 
 
-def test_gradient_reaches_r1_only_through_the_quantizers():
+@pytest.mark.parametrize("head_hook", [False, True])
+def test_gradient_reaches_r1_only_through_the_quantizers(head_hook):
     """With every quantizer off the rotated model's loss does not depend on R1: its Riemannian
     gradient vanishes; with them on (straight-through estimators) it does not."""
     from lowbit.algorithms.rotate_layout import fold_norms, rotation_layout
@@ -154,7 +155,8 @@ def test_gradient_reaches_r1_only_through_the_quantizers():
     ids = _own_text(model)
     apply_recipe(model, lowbit.recipes.load("nvfp4"))
     layout = rotation_layout(model)
-    plan = sq._plan(layout)
+    plan = sq._plan(layout, model if head_hook else None)  # lm_head is not quantized
+    assert plan.head_hook == head_hook
     fold_norms(model, layout)
     r1 = rotation_matrix("random", 64, seed=3)
     norms = {}

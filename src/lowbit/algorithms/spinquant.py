@@ -158,9 +158,10 @@ class _Plan:
     head_dim: int
     hidden: int
     inter: int
+    head_hook: bool = False  # LM head not quantized: its input is rotated back instead
 
 
-def _plan(layout) -> _Plan:
+def _plan(layout, model: nn.Module | None = None) -> _Plan:
     """The names :func:`spinquant_step` rotates, read from ``layout`` (a
     :class:`lowbit.algorithms.rotate_layout.RotationLayout`)."""
     readers = [n for b in layout.blocks for _, names in b.readers for n in names]
@@ -168,9 +169,12 @@ def _plan(layout) -> _Plan:
     post = [n for b in layout.blocks for n in b.post_norms.values()]
     values = [(b.v_proj, b.v_rows, b.o_proj) for b in layout.blocks]
     downs = [b.down_proj for b in layout.blocks]
+    head = None if model is None else model.get_submodule(layout.lm_head)
+    hook = head is not None and not any(
+        q.is_enabled for _, q in (head.quantizers() if hasattr(head, "quantizers") else []))
     return _Plan(layout.embed, layout.lm_head, readers, writers, post,
                  list(layout.extra_inputs), values, downs, layout.head_dim, layout.hidden,
-                 layout.intermediate)
+                 layout.intermediate, hook)
 
 
 # --- training state --------------------------------------------------------------------------
@@ -194,6 +198,9 @@ def _training_state(model: nn.Module, plan: _Plan, hold: dict, r4: torch.Tensor 
 
     hooks = [model.get_submodule(n).register_forward_hook(rot_out)
              for n in [plan.embed, *plan.post_norms]]
+    if plan.head_hook:  # (x R1) R1^T W^T = x W^T: no [vocab, hidden] product per step
+        hooks.append(model.get_submodule(plan.head).register_forward_pre_hook(
+            lambda mod, a: (a[0] @ hold["r1"].to(a[0].dtype).T, *a[1:])))
     if r4 is not None:
         r4f = r4.float()
         for n in plan.downs:
@@ -247,7 +254,7 @@ def _rotated(plan: _Plan, base: dict, r1: torch.Tensor, r2s: list | None) -> dic
     (differentiable in ``r1 [hidden, hidden]`` and ``r2s``: per layer ``[head_dim,
     head_dim]``, or None)."""
     out = {}
-    for n in [*plan.readers, plan.head]:
+    for n in [*plan.readers] + ([] if plan.head_hook else [plan.head]):
         w = base[n + ".weight"]
         out[n + ".weight"] = w @ r1.to(w.dtype)
     for p in plan.extra:
@@ -433,7 +440,7 @@ def spinquant_step(model: nn.Module, step, forward_loop, report) -> dict:
                                "the rotate step (data-free Hadamard rotations)")
     check_uncalibrated(model, "spinquant")
     layout = rotation_layout(model)
-    plan = _plan(layout)
+    plan = _plan(layout, model)
     rows = capture_token_rows(model, forward_loop, a["samples"], a["seq_len"])
     if any(ids.shape[-1] < 2 for ids, _ in rows):
         raise CalibrationError("spinquant: a calibration row has fewer than 2 tokens (no "
