@@ -67,7 +67,7 @@ def logprobs(m, ids=IDS):
 ct = pytest.importorskip("compressed_tensors")
 
 
-def ct_load(path, apply=True):
+def ct_load(path, apply=True, dtype=torch.float32):
     """The exported directory through transformers + compressed-tensors' transforms."""
     from compressed_tensors.transform import TransformConfig, apply_transform_config
     from transformers import AutoModelForCausalLM
@@ -75,7 +75,7 @@ def ct_load(path, apply=True):
     cfg = json.loads((path / "config.json").read_text())["quantization_config"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+        m, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                        output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"], info
     # the only tensors transformers 5.24 leaves: the transform weights
@@ -205,6 +205,26 @@ def test_ct_mr_gptq_block_step_reloads(tmp_path):
     d = (logprobs(m) - logprobs(m2)).abs().max().item()
     print(f"max |log-prob difference|: {d:.2e}")
     assert d < 1e-4
+
+
+@pytest.mark.parametrize("preset,tol", [("nvfp4-rotated", 0.15), ("mxfp4-rotated", 0.4),
+                                        ("w4a8-rotated", 0.06)])
+def test_ct_rotated_presets_reload_in_bfloat16(preset, tol, tmp_path):
+    """The rotated presets (bfloat16, as NVFP4/MXFP4 checkpoints are): the tolerances of
+    tests/export/test_compressed_tensors.py, where compressed-tensors quantizes bfloat16
+    activations its own way."""
+    m = build("llama")
+    for p in m.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    lowbit.quantize(m, preset, forward_loop=loop_over(calib_ids(6, 24)))
+    assert online_rotations(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bfloat16 scales of w4a8: stated by the export
+        lowbit.save(m, tmp_path / "ct", format="compressed-tensors")
+    m2, _ = ct_load(tmp_path / "ct", dtype=torch.bfloat16)  # transforms: float32
+    d = (logprobs(m) - logprobs(m2)).abs().max().item()
+    print(f"{preset}: max |log-prob difference| {d:.3f}")
+    assert d < tol
 
 
 def test_ct_norm_output_rotation_refused(tmp_path):
