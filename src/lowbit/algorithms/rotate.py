@@ -57,9 +57,14 @@ def _attach(model: nn.Module, name: str, where: str, rot) -> None:
     m = model.get_submodule(name)
     attr = {"input": "input_rotation", "qk": "qk_rotation",
             "norm_output": "output_rotation"}[where]
-    if getattr(m, attr, None) is not None:
+    if m._modules.get(attr) is not None:
         raise ConfigError(f"rotate: {name} already has an online {attr}: the model was rotated "
                           "before (rotate once, on the float weights)")
+    t = next(iter(m.parameters()), None)
+    if t is None:
+        t = next(iter(m.buffers()), None)
+    if t is not None:  # the matrix lives where the module computes (CUDA...)
+        rot = rot.to(t.device)
     attach_rotation(model, name, where, rot)
 
 
@@ -193,15 +198,18 @@ def apply_rotations(model: nn.Module, layout: RotationLayout, r1: torch.Tensor |
         for d in sorted(downs):
             rotate_input(get(d), r4, d)
     if block is not None:
-        for n in sorted(chosen):
+        for n in sorted(chosen):  # block-diagonal: the same [b, b] on each b-wide slice
             m = get(n)
-            full = torch.block_diag(*[block] * (m.weight.shape[1] // block.shape[0]))
-            rotate_input(m, full, n)
+            rotate_input(m, block, n, heads=m.weight.shape[1] // block.shape[0])
+    composed = None
     for n in sorted(chosen | (downs if r4 is not None else set())):
         if n in downs and r4 is not None:
             if n in chosen:
-                full = r4 @ torch.block_diag(*[block] * (layout.intermediate // block.shape[0]))
-                rot = _online(full, {"kind": "matrix", "seed": None}, layout.intermediate)
+                if composed is None:  # R4 then the block rotation, one full-width matrix
+                    b = block.shape[0]
+                    composed = (r4.reshape(-1, layout.intermediate // b, b) @ block).reshape(
+                        r4.shape)
+                rot = _online(composed, {"kind": "matrix", "seed": None}, layout.intermediate)
             else:
                 rot = _online(r4, specs.get("r4", {}), layout.intermediate)
         else:

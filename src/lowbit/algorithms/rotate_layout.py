@@ -12,6 +12,7 @@ place in float64 (conventions of the design contract: a linear computes ``y = x 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -86,14 +87,22 @@ def _weight(m: nn.Module, name: str) -> torch.Tensor:
     return w
 
 
+@functools.lru_cache(maxsize=4)
+def _probe(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded input ``[2, 3, c]`` and a random orthogonal ``[c, c]`` (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, c, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))
+    return x, q
+
+
 def _check_invariant(norm: nn.Module, name: str, offset: float) -> None:
     """ConfigError unless ``norm`` with an identity scale commutes with a rotation of its
     channels (RMSNorm does; LayerNorm, which subtracts the mean, does not)."""
     w = norm.weight
     c = w.numel()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, c, generator=g, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))
+    x, q = _probe(c)
+    x, q = x.to(w.device), q.to(w.device)
     saved = w.detach().clone()
     b = getattr(norm, "bias", None)
     saved_b = b.detach().clone() if isinstance(b, torch.Tensor) else None
