@@ -112,6 +112,18 @@ def test_ct_r4_and_block_rotations_reload(tmp_path):
     assert (logprobs(m) - logprobs(m3)).abs().max().item() > 1e-3
 
 
+def test_ct_export_of_a_reloaded_native_checkpoint(tmp_path):
+    """``lowbit export DIR --format compressed-tensors``: lowbit.load re-attaches the online
+    rotations, which then reach the compressed-tensors checkpoint."""
+    m = with_block_rotation(quantized(_rotate(W4A8, {"r1": True, "r2": True, "r4": True})))
+    lowbit.save(m, tmp_path / "native")
+    m1 = lowbit.load(tmp_path / "native")
+    assert online_rotations(m1) == online_rotations(m)
+    lowbit.save(m1, tmp_path / "ct", format="compressed-tensors")
+    m2, _ = ct_load(tmp_path / "ct")
+    assert (logprobs(m) - logprobs(m2)).abs().max().item() < 1e-4
+
+
 def test_ct_learned_matrix_stored_exactly(tmp_path):
     """A non-Hadamard matrix (random orthogonal, as SpinQuant's) as a stored weight."""
     m = quantized(W4A8)
