@@ -314,3 +314,19 @@ def test_onnx_rotations_are_named_matmuls_before_the_input_qdq(tmp_path):
     d = (torch.log_softmax(torch.from_numpy(got).float(), -1) - logprobs(m)).abs().max().item()
     print(f"onnxruntime vs lowbit, max |log-prob difference|: {d:.2e}")
     assert d < 1e-4
+
+
+def test_transform_config_without_the_library_equals_its_dump(monkeypatch):
+    """lowbit's copy of the TransformConfig dump (used without compressed-tensors) is what
+    the library writes, and the types it lists are the library's."""
+    from lowbit.export import ct_schema
+
+    groups = {"online_0": {"type": "random-hadamard", "head_dim": 32, "apply": [
+        {"targets": ["model.layers.0.self_attn.q_proj"], "location": "input"}]},
+              "R3_1": {"type": "hadamard", "head_dim": 16, "apply": [
+                  {"targets": ["a"], "location": "q_attn"},
+                  {"targets": ["a"], "location": "k_cache"}]}}
+    with_lib, types = ct_schema.transform_config(groups), ct_schema.transform_types()
+    monkeypatch.setattr(ct_schema, "library", lambda: None)
+    assert ct_schema.transform_config(groups) == with_lib
+    assert sorted(ct_schema.transform_types()) == sorted(types)
