@@ -330,3 +330,18 @@ def test_transform_config_without_the_library_equals_its_dump(monkeypatch):
     monkeypatch.setattr(ct_schema, "library", lambda: None)
     assert ct_schema.transform_config(groups) == with_lib
     assert sorted(ct_schema.transform_types()) == sorted(types)
+
+
+def test_onnx_rotation_missing_from_the_graph_is_an_error(tmp_path, monkeypatch):
+    """If the traced graph had no MatMul for a rotation (here: the module scopes are
+    hidden), the export fails naming the module instead of writing an unrotated model."""
+    pytest.importorskip("onnx")
+    from lowbit.export import onnx_qdq
+
+    m = quantized(_rotate(W8A8, {"r1": True, "r2": True, "r4": True}))
+    monkeypatch.setattr(onnx_qdq, "_scope_of", lambda node: "")
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.down_proj \(input\).*"
+                       r"found 0"):
+        lowbit.save(m, tmp_path / "o", format="onnx", example_inputs=(IDS,),
+                    example_kwargs={"use_cache": False})
+    assert not (tmp_path / "o").exists()
