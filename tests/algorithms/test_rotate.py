@@ -23,6 +23,8 @@ CONFIGS = {
     "r4": {"r1": False, "r2": False, "r4": True},
     "block": {"r1": False, "r2": False, "r4": False, "block": 16},
     "all": {"r1": True, "r2": True, "r3": True, "r4": True, "block": 16},
+    "random": {"r3": True, "block": 16, "kind": "random_hadamard", "head_kind": "random",
+               "seed": 5},
 }
 W8 = {"name": "w8", "targets": [{"pattern": "*", "weight": {"format": "int8",
                                                             "granularity": "channel"}}]}
@@ -142,6 +144,23 @@ def test_bad_args_and_calibrated_model():
     with pytest.raises(ConfigError, match="already has a calibrated amax"):
         rotate_step(m, AlgorithmStep(name="rotate", args={}))
     assert set(ROTATE_ARGS) == {"r1", "r2", "r3", "r4", "block", "kind", "seed", "head_kind"}
+
+
+def test_refusal_changes_nothing():
+    """Every check runs before the first weight changes: R4 with an unquantized down_proj."""
+    m = build("llama")
+    apply_recipe(m, recipes.load({**W8, "exclude": ["*down_proj"]}))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ConfigError, match="r4 needs model.layers.0.mlp.down_proj to be a "
+                                          "quantized linear"):
+        rotate_step(m, AlgorithmStep(name="rotate", args={}))
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    info = rotate_step(m, AlgorithmStep(name="rotate", args={"r4": False, "block": 16}))
+    assert info["block_linears"] == 13  # q, k, v, o, gate, up of 2 blocks, and lm_head
+    with pytest.raises(ConfigError, match="already has an online input_rotation"):
+        rotate_step(m, AlgorithmStep(name="rotate", args={"r1": False, "r2": False,
+                                                           "r4": False, "block": 16}))
 
 
 def _recipe(weight, inp, steps):
