@@ -176,6 +176,28 @@ def llmc_quantize_here(model, ids, method: str, group_size: int,
     return n_w, n_in, [repr(r) for r in recipe]
 
 
+def llmc_cache_weights(model, probe) -> float:
+    """Fake-quantize every quantized linear's weight once, in place, and mark the module
+    COMPRESSED, so that compressed-tensors' forward skips the weight's fake quantization (as
+    it does for a compressed checkpoint) and only quantizes the inputs: the same function, but
+    on a CPU its pure-torch FP4 cast of every weight on every forward dominates the evaluation.
+    Returns the logits' relative difference on ``probe [1, L]`` before/after (must be ~0)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    with torch.no_grad():
+        ref = model(probe).logits.float()
+        for _, m in model.named_modules():
+            qs = getattr(m, "quantization_scheme", None)
+            if qs is None or qs.weights is None or not hasattr(m, "weight_scale"):
+                continue
+            m.weight.data = forward_quantize(m, m.weight.data, "weight", qs.weights)
+            m.quantization_status = QuantizationStatus.COMPRESSED
+        got = model(probe).logits.float()
+    return float((got - ref).norm() / ref.norm())
+
+
 def llmc(model, ids, method: str, group_size: int):
     """Run llm-compressor's oneshot on ``ids [n, L]``; returns ``{name: dense weight}``."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -399,6 +421,15 @@ def evaluate_here(args, model, ids) -> None:
     else:
         n_w, n_in, config = llmc_quantize_here(model, ids, args.method, args.group_size,
                                                args.transform_block)
+        t_cache = time.perf_counter()
+        rep["weight_cache_rel_error"] = llmc_cache_weights(model, ids[:1, :64])
+        print(f"{args.method}: weights fake-quantized once (logits rel. difference "
+              f"{rep['weight_cache_rel_error']:.2e})", file=sys.stderr, flush=True)
+        if rep["weight_cache_rel_error"] > 1e-5:
+            print(f"{args.method}: caching the fake-quantized weights changed the logits",
+                  file=sys.stderr)
+            sys.exit(1)
+        t += time.perf_counter() - t_cache  # quant_s: the peer's call only
         dist, wants_inputs = "llmcompressor", not args.method.endswith("-w4a16")
     seconds = time.perf_counter() - t
     rep["quant_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -70,11 +70,17 @@ FP32_LABEL = "FP32 (dequantized Q4_1 GGUF)"
 
 def parse_rows(text: str) -> list[str]:
     """``--rows`` (comma-separated names or set names ``lowbit``/``peers``/``all``) -> the
-    row names in order, without repeats. Empty: ValueError."""
-    out: list[str] = []
+    row names in order, without repeats; a ``key=value`` piece after a row with ``@`` is one
+    more step argument of that row (``a+spinquant@steps=2,samples=2,b`` is two rows). Empty:
+    ValueError."""
+    items: list[str] = []
     for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
+        if items and re.match(r"^\w+=", item) and "@" in items[-1]:
+            items[-1] += "," + item  # a step argument: nvfp4+spinquant@steps=20,lr=1
+        elif item:
+            items.append(item)
+    out: list[str] = []
+    for item in items:
         for name in SETS.get(item, [item]):
             if name not in out:
                 out.append(name)

@@ -30,6 +30,8 @@ def test_parse_rows_sets_order_and_repeats():
     assert bench.parse_rows("lowbit") == bench.LOWBIT_ROWS
     assert bench.parse_rows("fp32,peers") == ["fp32", *bench.PEER_ROWS]
     assert bench.parse_rows("all") == bench.LOWBIT_ROWS + bench.PEER_ROWS
+    assert bench.parse_rows("fp32,a+spinquant@steps=2,samples=2+gptq@x=1,y=2,b") == [
+        "fp32", "a+spinquant@steps=2,samples=2+gptq@x=1,y=2", "b"]
     with pytest.raises(ValueError, match="names no row"):
         bench.parse_rows(" , ")
 
