@@ -186,6 +186,15 @@ def _training_state(model: nn.Module, plan: _Plan, hold: dict, r4: torch.Tensor 
     from lowbit.core.rotation import rotate_last
 
     grads = {p: p.requires_grad for p in model.parameters()}
+    # weights the functional forward substitutes are fake-quantized once per step by _pass
+    # (straight-through), not once per micro-batch: their quantizers are off in the forward
+    hold["wq"] = {}
+    for key in _weight_keys(plan):
+        m = model.get_submodule(key[:-len(".weight")])
+        wq = getattr(m, "weight_quantizer", None)
+        if wq is not None and wq.is_enabled:
+            hold["wq"][key] = (m, wq.mode)
+            wq.mode = "disabled"
     specs = []
     for _, q in quantizers(model):
         if q.is_enabled and q.needs_calibration:
@@ -216,9 +225,34 @@ def _training_state(model: nn.Module, plan: _Plan, hold: dict, r4: torch.Tensor 
             h.remove()
         for q, s in specs:
             q.spec = s
+        for m, mode in hold.pop("wq").values():
+            m.weight_quantizer.mode = mode
         for p, g in grads.items():
             p.requires_grad_(g)
         model.train(was_training)
+
+
+def _weight_keys(plan: _Plan) -> list[str]:
+    """The ``<linear>.weight`` keys :func:`_rotated` substitutes."""
+    names = [*plan.readers, *plan.writers, *(v for v, _, _ in plan.values),
+             *(o for _, _, o in plan.values)]
+    if not plan.head_hook:
+        names.append(plan.head)
+    return sorted({n + ".weight" for n in names})
+
+
+def _fake_weights(params: dict, wq: dict) -> dict:
+    """``params`` with each weight of ``wq`` (``{key: (module, its quantizer's mode)}``)
+    fake-quantized by its module's weight quantizer (differentiable: straight-through)."""
+    out = dict(params)
+    for key, (m, mode) in wq.items():
+        q = m.weight_quantizer
+        q.mode = mode
+        try:
+            out[key] = m.weight_from_2d(q(m.weight_2d(params[key])))
+        finally:
+            q.mode = "disabled"
+    return out
 
 
 def _base_weights(model: nn.Module, plan: _Plan, r4: torch.Tensor | None) -> dict:
@@ -305,7 +339,7 @@ def cayley_sgd_step(r: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor
     return cayley(0.5 * a * w) @ r
 
 
-def _micro_batches(rows, size: int = 4):
+def _micro_batches(rows, size: int = 2):
     """Rows of one length without a mask stacked into batches of up to ``size`` (fewer
     weight fake-quantizations per step); masked rows alone."""
     out, run = [], []
@@ -337,6 +371,7 @@ def _pass(model, plan, base, hold, r1, r2s, batches, backward: bool):
     with torch.enable_grad():  # on even without backward: no cached quantized weights
         r1f = x1.float()
         params = _rotated(plan, base, r1f, None if x2 is None else [r.float() for r in x2])
+        params = _fake_weights(params, hold["wq"])
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         hold["r1"] = emb = r1f.detach().requires_grad_()
         for ids, mask in batches:
@@ -484,7 +519,8 @@ def spinquant_step(model: nn.Module, step, forward_loop, report) -> dict:
                "tokens": sum(int(ids.numel()) for ids, _ in rows),
                "loss": "next-token cross-entropy of the quantized model (static activation "
                        "quantizers dynamic while training)",
-               "batch": a["batch"], **got, "seconds_training": t_train}
+               "batch": a["batch"], **got, "seconds_training": t_train,
+               "seconds_per_step": t_train / max(1, a["steps"])}
     info = {"args": dict(a), "family": layout.family, "sizes": {k: sizes[k] for k in on},
             "kinds": {k: ("learned" if k in ("r1", "r2") else kind) for k in on},
             "seeds": {k: seed for k in on}, "folded_norms": folded["folded"],
