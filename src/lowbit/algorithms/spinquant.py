@@ -319,6 +319,9 @@ def _loss(model: nn.Module, params: dict, ids: torch.Tensor, mask) -> torch.Tens
     """Next-token cross-entropy (mean over predicted tokens) of the model with ``params``."""
     from torch.func import functional_call
 
+    dev = next(iter(params.values())).device
+    ids = ids.to(dev)
+    mask = None if mask is None else mask.to(dev)
     labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     kw = {"labels": labels, "use_cache": False}
     if mask is not None:
@@ -486,6 +489,10 @@ def spinquant_step(model: nn.Module, step, forward_loop, report) -> dict:
     r2s = [rotation_matrix(kind, plan.head_dim, seed=seed + 1 + i)
            for i in range(len(plan.values))] if a["r2"] else None
     r4 = rotation_matrix(kind, plan.inter, seed=seed) if a["r4"] else None
+    dev = model.get_submodule(plan.embed).weight.device  # train where the model is
+    r1 = r1.to(dev)
+    r2s = None if r2s is None else [r.to(dev) for r in r2s]
+    r4 = None if r4 is None else r4.to(dev)
     t1 = time.perf_counter()
     r1, r2s, got = _train(model, plan, rows, r1, r2s, a["steps"], a["lr"], r4, a["batch"])
     t_train = time.perf_counter() - t1
