@@ -28,8 +28,10 @@ does, with the residual rotation R1 ``[hidden, hidden]`` and one value/output ro
    put back as they were, to be calibrated later on the rotated model. Each step uses all
    rows (``batch`` None) or ``batch`` of them in turn; the matrices kept are those of the
    lowest loss on all rows among the points measured (every step with ``batch`` None, the
-   initial and final ones otherwise): never worse than the fixed rotation on these rows. R3 and the MR-GPTQ block rotation are not part of the
-   training forward; they are applied at the end as the ``rotate`` step applies them;
+   initial and final ones otherwise): never worse than the fixed rotation on these rows.
+   The weights are fake-quantized once per step (straight-through), then the rows run in
+   micro-batches of 2. R3 and the MR-GPTQ block rotation are not part of the training
+   forward; they are applied at the end as the ``rotate`` step applies them;
 4. the learned matrices are applied: R2 per layer (:func:`apply_r2`), then
    :func:`lowbit.algorithms.rotate.apply_rotations` with R1 (and R4, R3, block; an online
    R1 after a sandwich post-norm is recorded as kind ``"matrix"``).
