@@ -169,3 +169,10 @@ def test_gradient_reaches_r1_only_through_the_quantizers(head_hook):
             _, g, _ = sq._pass(model, plan, base, hold, r1, None, [(ids, None)], True)
         norms[on] = float((r1 @ g.T - g @ r1.T).norm() / g.norm())
     assert norms[False] < 1e-5 and norms[True] > 1e-2, norms
+
+
+def test_refuses_a_second_rotation_step():
+    rec = _recipe()
+    rec["algorithms"].insert(0, {"name": "rotate"})
+    with pytest.raises(ConfigError, match="already rotated"):
+        lowbit.quantize(build("llama"), rec, forward_loop=loop_over(calib_ids()))

@@ -479,6 +479,11 @@ def spinquant_step(model: nn.Module, step, forward_loop, report) -> dict:
                                "pass forward_loop= or calib_data= (or --calib TEXT), or use "
                                "the rotate step (data-free Hadamard rotations)")
     check_uncalibrated(model, "spinquant")
+    done = [r for r in (report, getattr(model, "lowbit_report", None))
+            if r is not None and getattr(r, "rotations", None)]
+    if done:
+        raise ConfigError("spinquant: the model was already rotated (a rotate or spinquant "
+                          "step ran before); use one rotation step per recipe")
     layout = rotation_layout(model)
     plan = _plan(layout, model)
     rows = capture_token_rows(model, forward_loop, a["samples"], a["seq_len"])
