@@ -226,3 +226,32 @@ def test_rotation_lowers_w4a4_error_with_outliers():
     # measured: plain 0.27, rotated 0.15 (without the outliers both are ~0.12-0.13: a
     # random Gaussian model has nothing for a rotation to spread)
     assert errs["rotated"] < 0.7 * errs["plain"], errs
+
+
+def test_report_line_names_the_rotations():
+    """The console report (ApplyReport.lines) says which rotations ran and what is online."""
+    import lowbit
+    from tests.tiny_models import build, calib_ids, loop_over
+
+    model = build("llama")
+    recipe = {"name": "r", "targets": [{"pattern": "*", "weight": {"format": "int8",
+                                                                  "granularity": "channel"}}],
+              "algorithms": [{"name": "rotate", "args": {"r1": True, "r2": True, "r4": True}}]}
+    lowbit.quantize(model, recipe, loop_over(calib_ids()))
+    line = [x for x in model.lowbit_report.lines() if x.startswith("rotations:")]
+    assert line and "r1 hadamard 64" in line[0] and "2 input" in line[0], line
+
+
+def test_block_rotation_reaches_activation_only_linears():
+    """A linear whose input is quantized but whose weight is not still gets the block
+    rotation (it is its activations the rotation is for)."""
+    import lowbit
+    from tests.tiny_models import build, calib_ids, loop_over
+
+    model = build("llama")
+    recipe = {"name": "a", "targets": [{"pattern": "*", "input": {"format": "mxfp4",
+                                                                 "dynamic": True}}],
+              "algorithms": [{"name": "rotate", "args": {"r1": False, "r2": False,
+                                                         "r4": False, "block": 32}}]}
+    lowbit.quantize(model, recipe, loop_over(calib_ids()))
+    assert model.lowbit_report.rotations["block_linears"] == 14

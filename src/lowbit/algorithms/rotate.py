@@ -88,11 +88,11 @@ def _quantized(m: nn.Module) -> bool:
 
 def default_block_linears(model: nn.Module, layout: RotationLayout) -> list[str]:
     """The block rotation's default selection: the ``nn.Linear`` s of the decoder blocks and
-    the LM head whose weight quantizer is enabled (a multimodal model's other towers are
-    not rotated)."""
+    the LM head whose weight or input quantizer is enabled (a multimodal model's other
+    towers are not rotated)."""
     prefixes = tuple(f"{b.prefix}." for b in layout.blocks)
     return [n for n, m in model.named_modules() if _quantized(m) and isinstance(m, nn.Linear)
-            and m.weight_quantizer.is_enabled
+            and (m.weight_quantizer.is_enabled or m.input_quantizer.is_enabled)
             and (n.startswith(prefixes) or n == layout.lm_head)]
 
 

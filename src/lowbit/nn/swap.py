@@ -50,6 +50,7 @@ class ApplyReport:
     coverage: Coverage | None = None
     unfused_experts: list[str] = field(default_factory=list)
     gguf_mix: dict | None = None  # a recipe's GGUF mix plan (lowbit.adapters.gguf_mix)
+    rotations: dict | None = None  # what a rotate/spinquant step did (lowbit.algorithms.rotate)
 
     def lines(self) -> list[str]:
         """Short lines for a console: the coverage line, each unquantized parameter above
@@ -72,6 +73,13 @@ class ApplyReport:
                        + f"; token_embd {g.get('token_embd')}, output {g.get('output')}"
                        + (f"; {len(g['fallbacks'])} tensors took llama.cpp's fallback type "
                           "(width not a multiple of the block)" if g.get("fallbacks") else ""))
+        if self.rotations:
+            r = self.rotations
+            on = ", ".join(f"{k} {r['kinds'][k]} {r['sizes'][k]}" for k in r.get("sizes", {}))
+            online = ", ".join(f"{n} {w}" for w, n in r.get("online", {}).items() if n)
+            out.append(f"rotations: {on or 'none'}; online: {online or 'none'}"
+                       + ("; LM head untied from the embedding" if r.get("untied_lm_head")
+                          else "") + (" (learned: spinquant)" if r.get("learned") else ""))
         for row in getattr(self, "blocks", None) or []:  # set by the block runner
             out.extend(row.get("notes", []) if isinstance(row, dict) else [])
         return out

@@ -37,6 +37,7 @@ def algorithm_args(name: str) -> dict | None:
 def _load_builtins() -> None:
     import lowbit.algorithms.steps  # noqa: F401  (registers smoothquant, awq, gptq, imatrix)
     import lowbit.algorithms.rotate  # noqa: F401  (registers rotate)
+    import lowbit.algorithms.spinquant  # noqa: F401  (registers spinquant)
 
 
 def algorithm_names() -> list[str]:
