@@ -55,7 +55,7 @@ from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.utils import quantizers
 from lowbit.pipeline.algorithms import register_algorithm
 
-SPINQUANT_ARGS = {"steps": 100, "lr": 1.5, "samples": 8, "seq_len": 512, "batch": None,
+SPINQUANT_ARGS = {"steps": 20, "lr": 1.5, "samples": 8, "seq_len": 512, "batch": 1,
                   "r2": True, "r3": False, "r4": True, "block": None, "kind": "hadamard",
                   "seed": 0}
 """Arguments of the ``spinquant`` step and their defaults: ``steps`` Cayley SGD steps,
