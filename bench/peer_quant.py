@@ -122,7 +122,7 @@ def llmc_recipe(method: str, group_size: int, transform_block: int | None) -> li
     docstring recommends), ``random-hadamard`` (the Hadamard that exists for 576 = 36 * 16 and
     1536 = 12 * 128), in blocks of ``transform_block`` (None: the scheme's group for NVFP4/MXFP4,
     the MR-GPTQ choice, else the layer's whole width); ``spinquant``: SpinQuantModifier with R1,
-    R2 and R4 (lowbit's nvfp4-rotated), ``random-hadamard`` (its default ``hadamard`` needs
+    R2 and R4 (QuaRot's set, as lowbit's w4a8-rotated), ``random-hadamard`` (its default ``hadamard`` needs
     powers of two: 576 is not), blocks of ``transform_block`` (None: whole width); ``sq``:
     SmoothQuantModifier(smoothing_strength=0.8), as llm-compressor's W8A8 int8 example; then
     GPTQModifier (``gptq``) or QuantizationModifier (``rtn``) with the scheme, lm_head

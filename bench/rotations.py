@@ -54,14 +54,15 @@ OUT = Path(__file__).parent / "results" / "rotations.json"
 # "+gptq@token_weight=norm": GPTQ as the rotated presets run it, without their rotation
 GPTQ = "+gptq@token_weight=norm"
 LOWBIT_ROWS = ["fp32",
-               "nvfp4", "nvfp4" + GPTQ, "nvfp4-rotated",
+               # nvfp4-rotated is MR-GPTQ (block 16); QuaRot's R1/R2/R4 + GPTQ beside it
+               "nvfp4", "nvfp4" + GPTQ, "nvfp4-rotated", "nvfp4+rotate" + GPTQ,
                "mxfp4", "mxfp4" + GPTQ, "mxfp4-rotated",
                "w4a8", "w4a8" + GPTQ, "w4a8-rotated",
                "int4-gptq", "int4-gptq-actorder", "int4-gptq-rotated",
                "kv-int4~rotate", "kv-int4",
                "int8-smoothquant", "int8-smoothquant-dynamic",
-               # last: SpinQuant's training is the longest row (its defaults: 100 steps on
-               # 8 x 512 tokens); shorten with e.g. nvfp4+spinquant@steps=20,samples=4+gptq...
+               # last: SpinQuant's training is the longest row (its defaults: 20 Cayley steps
+               # of one 512-token row); shorten with e.g. nvfp4+spinquant@steps=5+gptq...
                "nvfp4+spinquant" + GPTQ]
 PEER_ROWS = [f"peer:llmc-{t}-gptq-{s}" for s in ("nvfp4", "mxfp4", "w4a8", "w4a16")
              for t in ("none", "quip", "spinquant")] + ["peer:llmc-sq-gptq-w8a8"]
