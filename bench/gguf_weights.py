@@ -1,6 +1,6 @@
 """Weight-level contest: lowbit's ggml quantizer vs ggml's own, with and without an imatrix.
 
-The fast early signal before the full llama-perplexity bench (bench/gguf.py). On the real
+The fast early signal before the full llama-perplexity bench (bench/gguf_contest.py). On the real
 reference model (SmolLM2-135M-Instruct from lowbit.data.load_model) this script
 
 1. runs calibration windows (``--calib-tokens`` tokens in windows of ``--seq-len`` from the
@@ -40,7 +40,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# run as a script, this folder is sys.path[0] and bench/gguf.py would shadow the gguf package
+# run as a script, this folder is sys.path[0]: a bench file named like a package would shadow it
+# (bench/gguf.py once shadowed gguf; tests/bench/test_bench_names.py now refuses such names)
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 

@@ -1,4 +1,4 @@
-"""bench/gguf.py's pieces that need neither the real model nor llama.cpp: parsing llama.cpp's
+"""bench/gguf_contest.py's pieces that need neither the real model nor llama.cpp: parsing llama.cpp's
 output, running tools, GGUF sizes and types, the table and verdicts, the command line."""
 
 import importlib.util
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_gguf", ROOT / "bench" / "gguf.py")
+_spec = importlib.util.spec_from_file_location("bench_gguf", ROOT / "bench" / "gguf_contest.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 

@@ -1,7 +1,7 @@
 """llama.cpp imatrix files: lowbit.calib.imatrix_file reads and writes them.
 
 The ``external`` tests run llama.cpp's own ``llama-imatrix`` / ``llama-quantize`` (built in
-the cache folder bench/gguf.py uses; skipped without them) on a tiny F32 GGUF written by
+the cache folder bench/gguf_contest.py uses; skipped without them) on a tiny F32 GGUF written by
 lowbit: lowbit reads what llama-imatrix writes (GGUF and the legacy .dat), and
 llama-quantize accepts what lowbit writes.
 """

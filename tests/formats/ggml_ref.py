@@ -1,6 +1,6 @@
 """ggml's own quantizers through ctypes (``ggml_quantize_chunk`` in llama.cpp's libggml-base).
 
-The library is the one bench/gguf.py uses: ``$LOWBIT_LLAMA_BIN`` or
+The library is the one bench/gguf_contest.py uses: ``$LOWBIT_LLAMA_BIN`` or
 ``../cache/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin`` next to the
 repository. ``ggml_quantize(...)`` returns None when it is not there (tests skip).
 """

@@ -43,7 +43,7 @@ Presets a lowbit method needs that the installed lowbit lacks are skipped rows w
 Results go to ``bench/results/gguf.json`` after every row (``--append`` keeps rows of other
 type/method pairs measured with the same settings, so the bench can run in pieces).
 
-    python bench/gguf.py [--types q4_k_m q3_k_m] [--methods llama-imatrix lowbit-gptq]
+    python bench/gguf_contest.py [--types q4_k_m q3_k_m] [--methods llama-imatrix lowbit-gptq]
         [--chunks 32] [--calib-samples 32] [--threads 2] [--work DIR] [--append] [--quick]
 """
 
@@ -84,7 +84,7 @@ METHODS = ("llama", "llama-imatrix", *PRESETS)
 QUICK = {"types": ["q4_k_m", "q3_k_m"], "chunks": 4, "calib_samples": 8}
 BUILD_NOTE = ("llama.cpp tools not found in {bin} (need " + ", ".join(TOOLS) + "): build them "
               "from the llama-cpp-python sdist with CMake, -DGGML_NATIVE=ON and AMX off (see "
-              "the docstring of bench/gguf.py; the AVX-512 flags of docs/runtime.md SIGILL on "
+              "the docstring of bench/gguf_contest.py; the AVX-512 flags of docs/runtime.md SIGILL on "
               "this AVX2-only CPU), then pass --llama-bin DIR")
 SETTINGS = ("chunks", "calib_samples", "seq_len", "text")
 
