@@ -206,3 +206,23 @@ def test_packed_conv_on_cuda_equals_fake_quant():
         out = m(x)
     # the same dequantized weights; cuDNN may pick another algorithm per call: ~1e-6
     assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("k", [8, 20, 24, 64])
+@pytest.mark.parametrize("rows", [1, 4, 40])
+def test_int8_weight_only_kernel_any_in_features(k, rows):
+    """torch's _weight_int8pack_mm crashed (K=8, 2+ rows) or was wrong (K=20) on an AMD EPYC:
+    the int8 weight-only kernel keeps it to in_features that are multiples of 16; every width
+    and batch matches the fake-quantized reference."""
+    torch.manual_seed(k)
+    m = nn.Sequential(nn.Linear(k, 16)).eval()
+    lowbit.quantize(m, {"name": "t", "targets": [{"pattern": "*", "weight": {
+        "format": "int8", "granularity": "channel"}}]})
+    x = torch.randn(rows, k)
+    with torch.no_grad():
+        ref = m(x)
+    rep = rt.convert(m)
+    assert rep == {"int8_weight_only": 1}
+    with torch.no_grad():
+        got = m(x).float()
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max() + 1e-3

@@ -10,7 +10,7 @@ every layer no other kernel takes.
 CPU kernels (this file):
 
 * ``int8_weight_only``: int8 per-channel symmetric weights, no input quantizer:
-  ``torch._weight_int8pack_mm`` for decode-sized batches (< 32 rows), dequantize + GEMM for
+  ``torch._weight_int8pack_mm`` for decode-sized batches (< 32 rows, in_features a multiple of 16), dequantize + GEMM for
   larger ones (2-3x faster there) and outside bfloat16;
 * ``int4_weight_only``: int4 grouped weights (groups of 32/64/128/256 along the input,
   symmetric or affine), no input quantizer: ``torch._convert_weight_to_int4pack_for_cpu``
@@ -193,6 +193,7 @@ class Reference(Kernel):
         return F.linear(x, w.to(x.dtype))
 
 
+INT8MM_K = 16  # torch._weight_int8pack_mm only for in_features multiple of this (see forward)
 GEMM_ROWS = 32  # rows from which a weight-only layer dequantizes into a GEMM (when it can)
 
 
@@ -213,9 +214,12 @@ class Int8WeightOnly(Kernel):
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = x.to(layer.act_dtype)
-        if x.shape[0] >= GEMM_ROWS or layer.act_dtype != torch.bfloat16:
+        if x.shape[0] >= GEMM_ROWS or layer.act_dtype != torch.bfloat16 or \
+                x.shape[-1] % INT8MM_K:
             # torch's int8 kernel is a GEMV: for prefill-sized batches (and outside
-            # bfloat16, where it is not vectorized) dequantizing into a GEMM is 2-3x faster
+            # bfloat16, where it is not vectorized) dequantizing into a GEMM is 2-3x faster;
+            # with in_features not a multiple of 16 it crashed (K=8, 2+ rows: segfault) or
+            # returned wrong values (K=20, 1 row) on an AMD EPYC with torch 2.13
             return F.linear(x, layer.w_int8.to(x.dtype) * layer.w_scale[:, None])
         return torch._weight_int8pack_mm(x, layer.w_int8, layer.w_scale)
 
