@@ -262,17 +262,18 @@ def table(data: dict) -> str:
              f"{m['calib_samples']} x {m['seq_len']} (austen, first 80%, seed 0); ppl on "
              f"{m['windows']} windows x {m['seq_len']} of austen (last 20%) and pydocs "
              f"(last 20%, off-domain); int groups {m['group_size']}"]
-    head = (f"{'row':34s} {'austen':>8s} {'vs FP32':>8s} {'pydocs':>8s} {'vs FP32':>8s} "
+    w = max([34] + [len(r["row"]) for r in data["rows"]])
+    head = (f"{'row':{w}s} {'austen':>8s} {'vs FP32':>8s} {'pydocs':>8s} {'vs FP32':>8s} "
             f"{'quant s':>8s} {'RSS MB':>7s}")
     lines += [head, "-" * len(head)]
     for r in data["rows"]:
         if "error" in r:
-            lines.append(f"{r['row']:34s} FAILED: {r['error'][:200]}")
+            lines.append(f"{r['row']:{w}s} FAILED: {r['error'][:200]}")
             continue
         d = f"{r['delta_pct']:+7.2f}%" if "delta_pct" in r else ""
         od = f"{r['offdomain_delta_pct']:+7.2f}%" if "offdomain_delta_pct" in r else ""
         off = f"{r['offdomain_ppl']:8.2f}" if r.get("offdomain_ppl") is not None else ""
-        lines.append(f"{r['row']:34s} {r['ppl']:8.2f} {d:>8s} {off:>8s} {od:>8s} "
+        lines.append(f"{r['row']:{w}s} {r['ppl']:8.2f} {d:>8s} {off:>8s} {od:>8s} "
                      f"{r['quant_s']:8.1f} {r['peak_rss_mb']:7d}")
     return "\n".join(lines)
 
