@@ -98,7 +98,7 @@ def test_reference_by_design_is_not_warned_about():
 
 
 def test_fused_decode_mismatch_warns_and_splits(monkeypatch):
-    import lowbit.runtime.decode as dec
+    import lowbit.runtime.fuse as dec
 
     torch.manual_seed(0)
     mods = [nn.Linear(16, 8), nn.Linear(16, 8)]
