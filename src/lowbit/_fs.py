@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def umask() -> int:
@@ -28,3 +29,13 @@ def chmod_as_umask(path: "str | os.PathLike", folder: bool = False) -> None:
     ~umask`` for a file, ``0o777 & ~umask`` for a folder (``mkstemp``/``mkdtemp`` make
     0600/0700)."""
     os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
+def cache_dir() -> Path:
+    """The root of lowbit's cache: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``.
+
+    Converted models live under ``<root>/models``, cached token ids under ``<root>/tokens``,
+    compiled CPU helper kernels under ``<root>/native``.
+    """
+    env = os.environ.get("LOWBIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"

@@ -61,7 +61,8 @@ def test_qwen2_biases_fused():
 
 
 @pytest.mark.parametrize("recipe,kernel", [("int4-weight-only", "int4_weight_only"),
-                                           ("int8-weight-only", "int8_weight_only")])
+                                           ("int8-weight-only", "int8_weight_only"),
+                                           ("int8-dynamic", "w8a8_int8")])
 def test_packed_projections_fused_and_shared(recipe, kernel):
     m = wide()
     lowbit.quantize(m, recipe, forward_loop=loop_over(calib_ids(2, 16)),
@@ -106,6 +107,8 @@ def test_packed_projections_fused_and_shared(recipe, kernel):
     if "int4" in recipe:  # group scales are copied: [G, out, 2] bf16 per fused layer
         layers, groups, values, nbytes = 2, 128 // 64, 2, 2
         assert extra == layers * groups * values * nbytes * (256 + 512)
+    elif kernel == "w8a8_int8":  # float32 weight scales and the GEMV's bf16 ones are copied
+        assert extra == 2 * (4 + 2) * (256 + 512)
     else:
         assert extra == 0
 
@@ -191,3 +194,51 @@ def test_fast_decoder_refuses_a_quantized_kv_cache():
     lowbit.quantize(model, "kv-int4", forward_loop=loop_over(calib_ids()))
     with pytest.raises(ConfigError, match="quantizes its KV cache"):
         FastDecoder(model)
+
+
+@pytest.mark.parametrize("recipe,dtype", [("int4-weight-only", torch.bfloat16),
+                                          ("int8-dynamic", torch.float32)])
+def test_compiled_step_matches_the_eager_step(recipe, dtype):
+    from lowbit.hardware import hardware_path_report, reset_hardware_paths
+    from lowbit.runtime.decode import CACHE_BUCKET, COMPILE_PATH
+    reset_hardware_paths()
+    m = wide()
+    lowbit.quantize(m, recipe, **({"group_size": 64} if "int4" in recipe else {}))
+    rt.convert(m)
+    m = m.to(dtype)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        eager = FastDecoder(m)
+        comp = FastDecoder(m, compile=True)
+        want = eager.generate(ids, 12)
+        got = comp.generate(ids, 12)
+        assert hardware_path_report()[COMPILE_PATH] == "hardware"
+        assert comp.cache_len == CACHE_BUCKET and eager.cache_len == 22
+        assert torch.equal(got, want)
+        # step by step: the same logits (the captured step computes the same function; in
+        # bfloat16 inductor keeps float32 between the ops it fuses where eager rounds each
+        # op's output to bfloat16: a few bfloat16 ulps of the largest logit)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+        a, b = eager.forward(ids[0], 0), comp.forward(ids[0], 0)
+        for i, tok in enumerate(want[0, 10:]):
+            assert rel(b, a) < tol
+            a, b = eager.forward(tok[None], 10 + i), comp.forward(tok[None], 10 + i)
+
+
+def test_compile_failure_falls_back_to_the_eager_step(monkeypatch):
+    from lowbit.hardware import HardwareFallbackWarning, hardware_path_report
+    from lowbit.runtime.decode import COMPILE_PATH
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    m = wide()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        want = FastDecoder(m).generate(ids, 5)
+        dec = FastDecoder(m, compile=True)
+        with pytest.warns(HardwareFallbackWarning, match="no C\\+\\+ compiler"):
+            got = dec.generate(ids, 5)
+    assert torch.equal(got, want) and not dec.compile
+    assert hardware_path_report()[COMPILE_PATH].startswith("fallback: the eager decode step")

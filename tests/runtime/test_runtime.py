@@ -7,6 +7,9 @@ import lowbit
 import lowbit.runtime as rt
 from lowbit.errors import ConfigError
 from lowbit.runtime import PackedLinear
+from lowbit.runtime.kernels import W8A8_GEMV_ROWS
+
+W8A8_ROWS = W8A8_GEMV_ROWS - 1
 from tests.tiny_models import build, calib_ids, loop_over
 
 # the CPU weight-only kernels compute in bfloat16 (act_dtype default): ~1e-2 of the largest
@@ -100,14 +103,42 @@ def test_packed_memory_is_packed():
 
 
 def test_single_linear_w8a8_matches_to_float_rounding():
+    # act_dtype float32: _int_mm for every batch, exact int32 sums
     torch.manual_seed(0)
     seq = torch.nn.Sequential(torch.nn.Linear(64, 32))
     lowbit.quantize(seq, "int8-dynamic")
     x = torch.randn(5, 64)
     with torch.no_grad():
         a = seq(x)
-        rt.convert(seq)
+        rt.convert(seq, act_dtype=torch.float32)
+        assert seq[0].w_ones_bf16 is None
         assert torch.allclose(seq(x), a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_decode_gemv_matches_int_mm(static):
+    # default act_dtype (bfloat16): decode rows through the int8 GEMV on integer-valued
+    # activations; the same codes as the reference, one bfloat16 rounding of the sums
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(128, 96))
+    if static:
+        lowbit.quantize(seq, "int8", forward_loop=lambda m: m(torch.randn(16, 128)))
+    else:
+        lowbit.quantize(seq, "int8-dynamic")
+    x = torch.randn(W8A8_ROWS, 128) * torch.logspace(-2, 1, W8A8_ROWS)[:, None]
+    with torch.no_grad():
+        a = seq(x)
+        rt.convert(seq)
+        assert seq[0].kernel == "w8a8_int8" and seq[0].w_ones_bf16 is not None
+        got = seq(x)  # fewer rows than W8A8_ROWS: the GEMV path
+    err = ((got - a).abs() / a.abs().amax(-1, keepdim=True)).amax()
+    assert err <= 2 ** -8, err
+    # the int_mm path (a prefill batch) on the same rows gives the reference to fp32
+    big = torch.cat([x, x, x])
+    with torch.no_grad():
+        ref_big = seq(big)[:W8A8_ROWS]
+    assert torch.allclose(ref_big, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    assert not torch.equal(got, ref_big)  # the GEMV path ran (it rounds the sums)
 
 
 def test_output_quantizer_layers_stay():

@@ -31,7 +31,7 @@ from lowbit import formats
 from lowbit.core import ggml
 from lowbit.core.layout import Layout
 from lowbit.core.spec import QuantSpec
-from lowbit.errors import FormatError
+from lowbit.errors import ConfigError, FormatError
 
 _E4M3 = formats.get("e4m3")
 _TINY = torch.finfo(torch.float32).tiny
@@ -288,6 +288,40 @@ def quantize(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
     zpn = lay.to_natural(zp).to(torch.int32) if zp is not None else None
     return QTensor(codes.contiguous(), scale.contiguous(), zpn, spec, tuple(x.shape), x.dtype,
                    gscale)
+
+
+def int_rows(x: torch.Tensor, spec: QuantSpec, amax=None,
+             check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer values and scales of a 2-D activation ``x [M, K]`` (any float dtype) under a
+    symmetric integer ``spec`` that quantizes per token (dynamic: ``amax`` None) or per
+    tensor (static: ``amax`` the calibrated scalar amax).
+
+    Returns ``(q [M, K] float32 holding integers in [qmin, qmax], scale [M, 1] or [1, 1]
+    float32)``: the same codes and scales :func:`quantize` gives (``q`` is
+    ``decode(codes)``), without its general layout bookkeeping, for decode-sized inputs of
+    fused int8 kernels. ConfigError for any other spec; FormatError on NaN/Inf (as
+    :func:`quantize`, unless ``check_finite=False``).
+    """
+    fmt = spec.element_format
+    if fmt.kind != "int" or not fmt.is_signed or not spec.symmetric or \
+            spec.block_format is not None or spec.ggml_type is not None or x.ndim != 2 or \
+            (amax is None and (spec.granularity != "token" or not spec.dynamic)) or \
+            (amax is not None and spec.granularity != "tensor"):
+        raise ConfigError(f"int_rows takes a 2-D input and a symmetric signed int spec, "
+                          f"dynamic per token or per tensor with its amax; got "
+                          f"{spec.short()} on {x.ndim}-D input")
+    xf = x.float()
+    if amax is None:
+        a = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_())
+        if check_finite:
+            _check(a, "input")
+    else:
+        if check_finite:
+            _check(xf, "input")
+        a = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(1, 1)
+    denom = (fmt.qmax - fmt.qmin) / 2 if spec.sym_scale == "half_range" else fmt.max
+    s = round_scale(a / denom, spec.scale_format)
+    return fmt.round(xf / s), s
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:

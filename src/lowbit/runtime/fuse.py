@@ -97,7 +97,8 @@ def fuse_linears(mods: list[nn.Module], probe: bool = True) -> FusedLinear:
     """One matmul for linears that share an input (q/k/v, gate/up).
 
     Packed ``int4_weight_only`` layers (same group size, dtypes, every ``out`` a multiple of
-    64) and ``int8_weight_only`` layers concatenate their packed weights along the output;
+    64), ``int8_weight_only`` layers and ``w8a8_int8`` layers (same activation spec; static
+    ones with one calibrated amax) concatenate their packed weights along the output;
     plain float ``nn.Linear`` layers their weights. The modules then use row views of the
     fused weight (no second copy; int4 scales stay copies, torch's kernel reads them
     contiguously). Anything else (mixed kernels, fake-quantized layers) is called layer by
@@ -159,6 +160,7 @@ def _try_fuse(mods) -> FusedLinear | None:
         out.register_buffer("w_packed", w)
         out.register_buffer("scale_zeros", torch.cat([m.scale_zeros for m in mods], 1))
         out.group_size, out.act_dtype = first.group_size, first.act_dtype
+        out.prefill_gemm = all(m.prefill_gemm for m in mods)
         _share_rows(mods, "w_packed", w)
         out._copied = ("scale_zeros",)
     elif kern == "int8_weight_only":
@@ -172,6 +174,22 @@ def _try_fuse(mods) -> FusedLinear | None:
         _share_rows(mods, "w_int8", w)
         _share_rows(mods, "w_scale", s)
         out._copied = ()
+    elif kern == "w8a8_int8":
+        amax = [m.act_amax for m in mods]
+        if any(m.act_spec != first.act_spec for m in mods) or \
+                (any(a is not None for a in amax) and
+                 not all(a is not None and torch.equal(a, amax[0]) for a in amax)) or \
+                len({m.w_ones_bf16 is None for m in mods}) != 1:
+            return None  # static inputs fuse only with one calibrated amax for all
+        w = torch.cat([m.w_int8 for m in mods])
+        out.register_buffer("w_int8", w)
+        out.register_buffer("w_scale", torch.cat([m.w_scale for m in mods], 1))
+        out.register_buffer("act_amax", amax[0])
+        out.register_buffer("w_ones_bf16", None if first.w_ones_bf16 is None else
+                            torch.cat([m.w_ones_bf16 for m in mods]))
+        out.act_spec = first.act_spec
+        _share_rows(mods, "w_int8", w)
+        out._copied = ("w_scale", "w_ones_bf16")
     else:
         return None
     out.spec = first.spec

@@ -15,11 +15,19 @@ CPU kernels (this file):
 * ``int4_weight_only``: int4 grouped weights (groups of 32/64/128/256 along the input,
   symmetric or affine), no input quantizer: ``torch._convert_weight_to_int4pack_for_cpu``
   once, ``torch._weight_int4pack_mm_for_cpu`` per call (``x = (q_u - 8) * scale + zero``
-  with ``q_u = code + 8`` and ``zero = -zero_point * scale``);
+  with ``q_u = code + 8`` and ``zero = -zero_point * scale``) for decode-sized batches;
+  from :data:`INT4_GEMM_ROWS` rows (prefill) in bfloat16, the packed weight is dequantized
+  to a transient bfloat16 ``W^T`` by lowbit's native helper
+  (:func:`lowbit.runtime.native.dequant_int4pack_t`, one layer at a time: nothing stays
+  resident) and multiplied by the GEMM (torch's int4 CPU kernel is a GEMV, ~3x slower than
+  the bfloat16 GEMM on a 512-token prompt); without the native helper (no C compiler,
+  ``LOWBIT_NATIVE=0``) torch's kernel takes every batch, recorded as
+  ``runtime.int4_prefill_gemm`` in :func:`lowbit.hardware.hardware_path_report`;
 * ``w8a8_int8`` (CPU and CUDA): int8 per-channel weights with int8 symmetric activations,
   dynamic per token or static per tensor: activations quantized by
   :func:`lowbit.core.quantize`, ``torch._int_mm`` (int32 accumulation), rescaled by both
-  scales in float32;
+  scales in float32; decode rows on the CPU quantized by :func:`lowbit.core.int_rows` (the
+  same codes) and multiplied by the int8 GEMV (see :class:`W8A8Int8`);
 * ``reference`` (any device, any format): packed codes and scales (see
   :mod:`lowbit.runtime.storage`), dequantized at each call and multiplied in the model's
   dtype; the layer's input quantizer is kept and applied as in the fake-quantized model.
@@ -36,8 +44,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.core import QTensor, QuantSpec, quantize
+from lowbit.core import QTensor, QuantSpec, int_rows, quantize
 from lowbit.errors import ConfigError
+from lowbit.hardware import fell_back, not_attempted, took_hardware
+from lowbit.runtime import native
 from lowbit.runtime.storage import dequantize_packed, pack_weight
 
 
@@ -244,8 +254,36 @@ def int4_grouped(info: LayerInfo) -> bool:
         info.in_features % w.group_size == 0
 
 
+INT4_GEMM_ROWS = 16  # rows from which an int4 layer dequantizes into the bf16 GEMM
+INT4_PREFILL_PATH = "runtime.int4_prefill_gemm"
+
+
+def int4_prefill_gemm(out_features: int, dtype: torch.dtype) -> bool:
+    """Whether an int4 weight-only layer of ``out_features`` computing in ``dtype`` can
+    run prefill batches as native dequantization + bfloat16 GEMM (recorded in the hardware
+    path report; a failure of the native helper warns once and keeps torch's kernel)."""
+    if dtype != torch.bfloat16:
+        not_attempted(INT4_PREFILL_PATH, f"activations in {dtype} (bfloat16 only)")
+        return False
+    try:
+        bn = native.int4pack_ready()
+    except native.NativeUnavailable as e:
+        if "LOWBIT_NATIVE=0" in str(e):
+            not_attempted(INT4_PREFILL_PATH, str(e))
+        else:
+            fell_back(INT4_PREFILL_PATH, e, "torch's int4 kernel for prefill batches too "
+                      "(a GEMV per row: slower prefill, same results)")
+        return False
+    if out_features % bn:
+        not_attempted(INT4_PREFILL_PATH, f"out_features {out_features} not a multiple of "
+                      f"the packed block {bn}")
+        return False
+    return True
+
+
 class Int4WeightOnlyCPU(Kernel):
-    """int4 grouped weights x bfloat16 activations: torch's CPU int4 pack kernel."""
+    """int4 grouped weights x bfloat16 activations: torch's CPU int4 pack kernel (decode),
+    native dequantization + bfloat16 GEMM (prefill)."""
 
     name = "int4_weight_only"
     devices = ("cpu",)
@@ -259,14 +297,32 @@ class Int4WeightOnlyCPU(Kernel):
         layer.register_buffer("w_packed", torch._convert_weight_to_int4pack_for_cpu(q_u, 1))
         layer.register_buffer("scale_zeros", int4_scale_zeros(qt, layer.act_dtype))
         layer.group_size = qt.spec.group_size
+        layer.prefill_gemm = int4_prefill_gemm(info.out_features, layer.act_dtype)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch._weight_int4pack_mm_for_cpu(x.to(layer.act_dtype), layer.w_packed,
-                                                 layer.group_size, layer.scale_zeros)
+        x = x.to(layer.act_dtype)
+        if x.shape[0] >= INT4_GEMM_ROWS and getattr(layer, "prefill_gemm", False):
+            w_t = native.dequant_int4pack_t(layer.w_packed, layer.scale_zeros,
+                                            layer.out_features, layer.in_features,
+                                            layer.group_size)
+            took_hardware(INT4_PREFILL_PATH)
+            return torch.mm(x, w_t)
+        return torch._weight_int4pack_mm_for_cpu(x, layer.w_packed, layer.group_size,
+                                                 layer.scale_zeros)
+
+
+W8A8_GEMV_ROWS = 16  # CPU: fewer rows than this take the int8 weight-only GEMV (decode)
 
 
 class W8A8Int8(Kernel):
-    """int8 weights and int8 activations, int32 accumulation: ``torch._int_mm``."""
+    """int8 weights and int8 activations: ``torch._int_mm`` (int32 accumulation) for
+    prefill-sized batches, on CUDA, and with ``act_dtype=torch.float32``. On the CPU with
+    the default ``act_dtype`` (bfloat16, as the weight-only kernels), decode-sized batches
+    (fewer than :data:`W8A8_GEMV_ROWS` rows, ``in_features`` a multiple of 16) run the
+    integer-valued activations through ``torch._weight_int8pack_mm`` (a GEMV, ~10x faster
+    there than ``_int_mm``, which is a GEMM): the int8 x int8 products are exact in
+    bfloat16 and summed in float32, the integer sum is rounded once to bfloat16 (2^-9
+    relative), then both scales are applied in float32."""
 
     name = "w8a8_int8"
     devices = ("cpu", "cuda")
@@ -286,12 +342,24 @@ class W8A8Int8(Kernel):
         layer.register_buffer("act_amax", None if info.input_amax() is None else
                               info.input_amax().detach().float().clone())
         layer.act_spec = info.input
+        gemv = info.device.type == "cpu" and info.in_features % INT8MM_K == 0 and \
+            act_dtype(info) == torch.bfloat16
+        layer.register_buffer("w_ones_bf16", torch.ones(info.out_features,
+                                                        dtype=torch.bfloat16)
+                              if gemv else None)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         cuda = x.is_cuda
+        m = x.shape[0]
+        if not cuda and m < W8A8_GEMV_ROWS and layer.w_ones_bf16 is not None:
+            # a captured decode step (FastDecoder(compile=True)) checks its logits instead
+            q, s = int_rows(x, layer.act_spec, layer.act_amax,
+                            check_finite=not torch.compiler.is_compiling())
+            acc = torch._weight_int8pack_mm(q.to(torch.bfloat16), layer.w_int8,
+                                            layer.w_ones_bf16)
+            return acc.float() * s * layer.w_scale
         qx = quantize(x, layer.act_spec, amax=layer.act_amax, check_finite=not cuda)
         xi = qx.codes.view(torch.int8)
-        m = xi.shape[0]
         if cuda and m <= 16:  # cuBLASLt's _int_mm wants more than 16 rows (decode is 1 row)
             acc = torch._int_mm(F.pad(xi, (0, 0, 0, 17 - m)), layer.w_int8.t())[:m]
         else:
