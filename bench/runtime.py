@@ -9,10 +9,16 @@ packed size (:func:`lowbit.runtime.memory_report`: codes + scales as quantized; 
 5%), prefill time of a 512-token prompt (median of ``--repeats``; logits of the last token
 only, as ``generate`` and llama.cpp compute them), decode speed (tokens/s, batch 1, greedy,
 ``--new-tokens`` tokens after a 32-token prompt, prompt included in the time, as
-``generate`` runs it) twice: with transformers' ``generate`` and with lowbit's own loop
+``generate`` runs it) three times: with transformers' ``generate``, with lowbit's own loop
 (:class:`lowbit.runtime.FastDecoder`: fused q/k/v and gate/up, static KV cache; its greedy
-tokens are checked against ``generate``'s and its extra bytes counted). The goals are
-printed for both loops.
+tokens are checked against ``generate``'s and its extra bytes counted), and with that loop's
+step captured by ``torch.compile`` (``FastDecoder(compile=True)``; its first generate, which
+builds the C++, is reported as ``first_s``; ``--no-compile`` skips it); then decode
+throughput at batch sizes ``--batch`` (default 4 and 16: tokens/s in all, ``generate`` on
+distinct prompts of the same length; llama.cpp's batched decode is not run). The goals are
+printed per loop: int4 weight-only decode over FP32 (2x), BF16 (1.3x) and llama.cpp Q4_0
+(1.0x), int8 weight-only over llama.cpp Q8_0 (1.0x), W8A8 over FP32 (1.3x), and int4
+prefill time over BF16's (<= 1.2x).
 
 Variants (``--variants`` picks some):
 
@@ -25,7 +31,9 @@ Variants (``--variants`` picks some):
   per channel (the embedding table stays bf16: 28 MB more resident, half the head's bytes
   read per token);
 * ``int4 wo g64 fp32``: the same int4 layers in an FP32 model (activations cast per layer);
-* ``w8a8 int8``: dynamic per-token int8 activations, ``torch._int_mm`` (FP32 model);
+* ``w8a8 int8``: dynamic per-token int8 activations (FP32 model): ``torch._int_mm`` for
+  the prompt, the int8 GEMV on integer-valued bf16 activations for decode rows
+  (:class:`lowbit.runtime.kernels.W8A8Int8`);
 * ``int4 g64 reference``: the reference dequantize-then-matmul path (FP32 model);
 * ``llama.cpp Q8_0``, ``llama.cpp Q4_0``: the model quantized with the presets
   ``gguf-q8_0`` / ``gguf-q4_0``, exported by ``lowbit.save(..., format="gguf")`` with float
@@ -35,8 +43,7 @@ Variants (``--variants`` picks some):
   segfaults: build llama-cpp-python without it (docs/runtime.md);
 * ``torchao int8 wo``: only when ``torchao`` is importable (else a note).
 
-Then the goal ratios of int4 weight-only decode (vs FP32 >= 2x, vs BF16 >= 1.3x, vs llama.cpp
-Q4_0 >= 0.5x), and, with CUDA only, a GPU section (not yet run on a GPU: every result so far
+Then the goal ratios, and, with CUDA only, a GPU section (not yet run on a GPU: every result so far
 was taken with ``--no-gpu`` on a CPU): FP8 ``_scaled_mm`` linear vs BF16 at
 4096x4096x4096 and int4 weight-only GEMV (M=1) vs BF16. Prints tables and writes
 ``bench/results/runtime.json``.
@@ -66,8 +73,15 @@ from lowbit.data import load_model
 VARIANTS = ["fp32", "bf16", "int8 wo", "int4 wo g64", "int4 wo g64 + int8 head",
             "int4 wo g64 fp32", "w8a8 int8",
             "int4 g64 reference", "llama.cpp Q8_0", "llama.cpp Q4_0", "torchao int8 wo"]
-GOALS = [("fp32", 2.0), ("bf16", 1.3), ("llama.cpp Q4_0", 0.5)]
+#: (variant, over, what, goal): decode tok/s ratios (>= goal) per loop, prefill time ratios
+#: (<= goal); llama.cpp rows are their own loop in every column
+GOALS = [("int4 wo g64", "fp32", "decode", 2.0), ("int4 wo g64", "bf16", "decode", 1.3),
+         ("int4 wo g64", "llama.cpp Q4_0", "decode", 1.0),
+         ("int8 wo", "llama.cpp Q8_0", "decode", 1.0), ("w8a8 int8", "fp32", "decode", 1.3),
+         ("int4 wo g64", "bf16", "prefill", 1.2)]
 HEADLINE = "int4 wo g64"
+LOOPS = (("generate", "decode_tok_s"), ("lowbit loop", "lowbit_decode_tok_s"),
+         ("lowbit compiled", "compiled_decode_tok_s"))
 
 
 def timed(fn, repeats):
@@ -133,41 +147,64 @@ def torch_variant(name, base, args):
 
 
 def run_torch(m, prompt, short, args):
+    """(prefill s, generate tok/s, FastDecoder result, compiled FastDecoder result,
+    {batch: generate tok/s in all})."""
     n = args.new_tokens
     with torch.no_grad():
         t_pre = timed(lambda: m(prompt, use_cache=False, logits_to_keep=1), args.repeats)
 
-        def decode():
-            m.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, pad_token_id=0)
+        def decode(ids):
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
 
         torch.set_num_threads(args.decode_threads)
         try:
-            t_dec = timed(decode, max(1, args.repeats - 1))
-            fast = run_fast_decoder(m, short, args)
+            ref = decode(short)[0, short.shape[1]:]
+            t_dec = timed(lambda: decode(short), max(1, args.repeats - 1))
+            fast = run_fast_decoder(m, short, args, ref)
+            comp = {} if args.no_compile else run_fast_decoder(m, short, args, ref, True)
+            batch = {}
+            for b in args.batch:  # b distinct prompts of the same length, generate's loop
+                ids = batch_prompts(prompt, short.shape[1], b)
+                batch[str(b)] = b * n / timed(lambda: decode(ids), 1)
         finally:
             torch.set_num_threads(args.threads)
-    return t_pre, n / t_dec, fast
+    return t_pre, n / t_dec, fast, comp, batch
 
 
-def run_fast_decoder(m, short, args) -> dict:
-    """Decode tok/s of lowbit's own loop (:class:`lowbit.runtime.FastDecoder`) on the same
-    model and prompt, its extra bytes, and how many of its greedy tokens equal
-    ``generate``'s (EOS suppressed in both)."""
+def batch_prompts(prompt, length: int, b: int) -> torch.Tensor:
+    """``[b, length]``: ``b`` windows of the long prompt (the first is the batch-1 prompt)."""
+    step = max(1, (prompt.shape[1] - length) // max(1, b - 1))
+    return torch.stack([prompt[0, i * step % (prompt.shape[1] - length + 1):][:length]
+                        for i in range(b)])
+
+
+def run_fast_decoder(m, short, args, ref, compile=False) -> dict:
+    """Decode tok/s of lowbit's own loop (:class:`lowbit.runtime.FastDecoder`, with
+    ``compile``: its step captured by ``torch.compile``) on the same model and prompt, its
+    extra bytes, and how many of its greedy tokens equal ``generate``'s (``ref``; EOS
+    suppressed in both). ``first_s``: the first generate (a compiled loop builds there)."""
+    from lowbit.hardware import hardware_path_report
+    from lowbit.runtime.decode import COMPILE_PATH
     n = args.new_tokens
     try:
         t = time.perf_counter()
-        dec = rt.FastDecoder(m)
+        dec = rt.FastDecoder(m, compile=compile)
         build_s = time.perf_counter() - t
     except lowbit.errors.ConfigError as e:
         return {"note": str(e)}
-    ref = m.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=n,
-                     min_new_tokens=n, do_sample=False, pad_token_id=0)[0, short.shape[1]:]
+    t = time.perf_counter()
     out = dec.generate(short, n)[0, short.shape[1]:]
+    first_s = time.perf_counter() - t
     same = int((out == ref).int().cumprod(0).sum())
     t_dec = timed(lambda: dec.generate(short, n), max(1, args.repeats - 1))
-    return {"decode_tok_s": n / t_dec, "extra_mb": dec.extra_nbytes() / 1e6,
-            "build_s": build_s, "tokens_equal_generate": f"{same}/{n}"}
+    res = {"decode_tok_s": n / t_dec, "extra_mb": dec.extra_nbytes() / 1e6,
+           "build_s": build_s, "first_s": first_s, "tokens_equal_generate": f"{same}/{n}"}
+    if compile:
+        res["compiled"] = hardware_path_report().get(COMPILE_PATH, "not run")
+        if res["compiled"] != "hardware":  # fell back: not a compiled figure
+            res["decode_tok_s"] = None
+    return res
 
 
 # --- llama.cpp ---------------------------------------------------------------------------
@@ -315,6 +352,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
                     metavar="VARIANT", help=f"some of: {', '.join(VARIANTS)}")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the compiled FastDecoder loop (torch.compile)")
+    ap.add_argument("--batch", type=int, nargs="*", default=[4, 16],
+                    help="batch sizes > 1 for generate's decode throughput (tokens/s in all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
                     "runtime.json")
     args = ap.parse_args()
@@ -343,6 +384,7 @@ def main() -> None:
                 row = {"variant": name, "weight_mb": path.stat().st_size / 1e6,
                        "packed_mb": None, "ratio": None, "prefill_s": t_pre,
                        "decode_tok_s": tok_s, "lowbit_decode_tok_s": tok_s,
+                       "compiled_decode_tok_s": tok_s, "batch_tok_s": {},
                        "kernels": {"gguf": args.gguf_float_type}}
             else:
                 m, kern = torch_variant(name, base, args)
@@ -350,18 +392,21 @@ def main() -> None:
                     notes.append(f"{name}: {kern}")
                     continue
                 rep = rt.memory_report(m)
-                t_pre, tok_s, fast = run_torch(m, prompt, short, args)
+                t_pre, tok_s, fast, comp, batch = run_torch(m, prompt, short, args)
                 row = {"variant": name, "weight_mb": rep["resident"] / 1e6,
                        "packed_mb": rep["packed"] / 1e6, "ratio": rep["ratio"],
                        "prefill_s": t_pre, "decode_tok_s": tok_s,
                        "lowbit_decode_tok_s": fast.get("decode_tok_s"), "lowbit_decode": fast,
-                       "kernels": kern}
+                       "compiled_decode_tok_s": comp.get("decode_tok_s"),
+                       "lowbit_compiled": comp, "batch_tok_s": batch, "kernels": kern}
                 del m
             rows.append(row)
             print(f"{name}: {row['weight_mb']:.1f} MB, prefill {row['prefill_s']:.3f} s, "
                   f"decode {row['decode_tok_s']:.2f} tok/s (generate), "
-                  f"{row['lowbit_decode_tok_s'] or float('nan'):.2f} tok/s (lowbit loop) "
-                  f"{row['kernels']} {row.get('lowbit_decode', '')}", flush=True)
+                  f"{row['lowbit_decode_tok_s'] or float('nan'):.2f} tok/s (lowbit loop), "
+                  f"{row['compiled_decode_tok_s'] or float('nan'):.2f} tok/s (compiled), "
+                  f"batch {row['batch_tok_s']} {row['kernels']} "
+                  f"{row.get('lowbit_decode', '')} {row.get('lowbit_compiled', '')}", flush=True)
     by = {r["variant"]: r for r in rows}
     ref = by.get("fp32") or (rows[0] if rows else None)
     print()
@@ -369,29 +414,44 @@ def main() -> None:
           f"on {args.threads} threads ({args.decode_threads} while decoding); "
           f"prefill {args.prefill} tokens; decode "
           f"{args.new_tokens} tokens after 32, batch 1, greedy")
-    print("tok/s: transformers' generate / lowbit's FastDecoder loop (llama.cpp: its own)")
+    print("tok/s: transformers' generate / lowbit's FastDecoder loop / the same loop "
+          "captured by torch.compile (llama.cpp: its own loop in every column); batch B: "
+          "generate's tokens/s in all for B prompts (llama.cpp: not run)")
+    bs = [str(b) for b in args.batch]
     print(f"{'variant':24s} {'weights MB':>10s} {'/packed':>8s} {'prefill s':>9s} "
-          f"{'tok/s gen':>9s} {'tok/s lowbit':>12s} {'vs FP32':>7s}")
+          f"{'tok/s gen':>9s} {'tok/s lowbit':>12s} {'compiled':>8s} {'vs FP32':>7s}"
+          + "".join(f" {'b' + b:>7s}" for b in bs))
     nan = float("nan")
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
         lb = r["lowbit_decode_tok_s"] or nan
         vs = lb / (ref["lowbit_decode_tok_s"] or nan) if ref else nan
         print(f"{r['variant']:24s} {r['weight_mb']:10.1f} {ratio:>8s} {r['prefill_s']:9.3f} "
-              f"{r['decode_tok_s']:9.2f} {lb:12.2f} {vs:6.2f}x")
+              f"{r['decode_tok_s']:9.2f} {lb:12.2f} {r['compiled_decode_tok_s'] or nan:8.2f} "
+              f"{vs:6.2f}x" + "".join(f" {r['batch_tok_s'].get(b, nan):7.1f}" for b in bs))
     goals = []
+    print("\ngoals (decode: tok/s ratio per loop, >= goal; prefill: time ratio, <= goal):")
+    for var, other, what, target in GOALS:
+        if var not in by or other not in by:
+            continue
+        a, b = by[var], by[other]
+        if what == "prefill":
+            r = a["prefill_s"] / b["prefill_s"]
+            goals.append({"variant": var, "vs": other, "what": what, "ratio": r,
+                          "goal": target, "met": r <= target})
+            print(f"  {var} prefill / {other}: {r:5.2f}x (goal <= {target}x) "
+                  f"{'met' if r <= target else 'NOT met'}")
+            continue
+        for loop, key in LOOPS:
+            if not a.get(key) or not b.get(key):
+                continue
+            r = a[key] / b[key]
+            goals.append({"variant": var, "vs": other, "what": what, "loop": loop,
+                          "ratio": r, "goal": target, "met": r >= target})
+            print(f"  {var} decode / {other} ({loop}): {r:5.2f}x (goal >= {target}x) "
+                  f"{'met' if r >= target else 'NOT met'}")
     if HEADLINE in by:
         h = by[HEADLINE]
-        for loop, key in (("generate", "decode_tok_s"), ("lowbit loop", "lowbit_decode_tok_s")):
-            print(f"\ngoals ({HEADLINE} decode tok/s over ..., {loop}; llama.cpp: its own):")
-            for other, target in GOALS:
-                if other not in by or not h.get(key) or not by[other].get(key):
-                    continue
-                r = h[key] / by[other][key]
-                goals.append({"vs": other, "loop": loop, "ratio": r, "goal": target,
-                              "met": r >= target})
-                print(f"  {other:16s} {r:5.2f}x (goal >= {target}x) "
-                      f"{'met' if r >= target else 'NOT met'}")
         if h["ratio"] is not None:
             ok = abs(h["ratio"] - 1) <= 0.05
             goals.append({"vs": "packed size", "ratio": h["ratio"], "goal": 1.05, "met": ok})

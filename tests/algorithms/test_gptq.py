@@ -307,3 +307,36 @@ def test_dead_inputs(spec, act_order):
     kw = dict(scale=r.scale, zero_point=r.zero_point, global_scale=r.global_scale)
     assert torch.equal(fake_quant(r.weight, spec, **kw), r.weight)
     assert _out_err(r.weight, w, x) < _out_err(fake_quant(w, spec), w, x)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_shared_hessians_change_nothing(monkeypatch, true_sequential):
+    # q/k/v and gate/up read the same tensor: one Hessian each, copied; the quantized
+    # weights and scales equal those of separate accumulation bit for bit
+    import lowbit
+    from lowbit.algorithms import steps
+    from tests.tiny_models import build, calib_ids, loop_over
+
+    def run(share):
+        monkeypatch.setattr(steps, "SHARE_HESSIANS", share)
+        m = build("llama")
+        d = lowbit.recipes.load("int4-gptq", group_size=16).to_dict()
+        for a in d["algorithms"]:
+            a.setdefault("args", {})["true_sequential"] = true_sequential
+        lowbit.quantize(m, lowbit.recipes.load(d), forward_loop=loop_over(calib_ids(3, 16)))
+        return {n: (p.weight.detach().clone(), p.weight_quantizer.scale.clone())
+                for n, p in m.named_modules() if hasattr(p, "weight_quantizer")}
+
+    calls = []
+    orig = steps.HessianAccumulator.add
+    monkeypatch.setattr(steps.HessianAccumulator, "add",
+                        lambda self, x: (calls.append(1), orig(self, x))[1])
+    shared = run(True)
+    n_shared = len(calls)
+    calls.clear()
+    separate = run(False)
+    assert n_shared < len(calls)  # fewer accumulations ...
+    assert shared.keys() == separate.keys() and len(shared) == 14
+    for n in shared:  # ... the same result
+        assert torch.equal(shared[n][0], separate[n][0]), n
+        assert torch.equal(shared[n][1], separate[n][1]), n

@@ -20,10 +20,18 @@ def test_generate_runs_packed_kernels(int4_ckpt, loop):
     assert "int4_weight_only x14" in o  # 7 linears x 2 layers on the real int4 kernel
 
 
+def test_generate_compiled_loop(int4_ckpt):
+    rc, o, e = run("generate", str(int4_ckpt), "-p", "the quick brown", "-n", "4",
+                   "--compile", "--threads", "1")
+    assert rc == 0, e
+    assert "(lowbit loop, compiled: its build included" in o
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--loop", "vllm"], "--loop 'vllm'; expected lowbit or hf"),
     (["--dtype", "fp8"], "--dtype 'fp8'"),
     (["--chat"], "no chat template"),
+    (["--loop", "hf", "--compile"], "--compile captures lowbit's decode loop"),
 ])
 def test_generate_bad_input(int4_ckpt, args, msg):
     rc, o, e = run("generate", str(int4_ckpt), "-p", "abc", *args)

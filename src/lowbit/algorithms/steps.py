@@ -53,7 +53,7 @@ from lowbit.algorithms.imatrix import IMATRIX_ARGS, imatrix_step
 from lowbit.algorithms.smoothing import GroupProbe, input_spec, weight_spec
 from lowbit.algorithms.smoothquant import smooth_group
 from lowbit.config.recipe import match
-from lowbit.errors import ConfigError
+from lowbit.errors import CalibrationError, ConfigError
 from lowbit.nn.mha import linear_input
 from lowbit.pipeline.algorithms import register_algorithm
 
@@ -322,6 +322,11 @@ def _sequential_groups(ctx, names: list[str], true_sequential: bool) -> list[lis
     return [g for g in order if g]
 
 
+#: linears of a GPTQ group called on the same tensor accumulate one Hessian (tests switch it
+#: off to check that the results are the same bit for bit)
+SHARE_HESSIANS = True
+
+
 def gptq_step(ctx, args: dict) -> None:
     """GPTQ of every quantized linear of the block, Hessians from the block's inputs."""
     if args["dtype"] not in ("float32", "float64"):
@@ -351,8 +356,24 @@ def gptq_step(ctx, args: dict) -> None:
         mods = [ctx.block.get_submodule(n) for n in grp]
         later = [ctx.block.get_submodule(n) for g in groups[i:] for n in g]
         accs = {n: HessianAccumulator(m.weight_2d().shape[1], dtype) for n, m in zip(grp, mods)}
+        # linears called on the very same tensor (q/k/v, gate/up without online rotations)
+        # share one Hessian: accumulated once, copied (the same sums, bit for bit)
+        last, owner = {}, {}
+
+        def hook(mod, a, k, n):
+            x = linear_input(mod, a, k, n)
+            o = next((m for m, y in last.items() if y is x and m != n), None) \
+                if SHARE_HESSIANS else None
+            if o is not None and owner.setdefault(n, o) == o and accs[n].n_tokens == 0:
+                return
+            if owner.pop(n, None) is not None:  # shared on an earlier chunk, not now
+                raise CalibrationError(f"gptq {ctx.name}.{n}: its input was another "
+                                       "linear's tensor on some chunks only")
+            last[n] = x
+            add(accs[n], x)
+
         hooks = [m.register_forward_pre_hook(
-            lambda mod, a, k, n=n: add(accs[n], linear_input(mod, a, k, n)), with_kwargs=True)
+            lambda mod, a, k, n=n: hook(mod, a, k, n), with_kwargs=True)
             for n, m in zip(grp, mods)]
         try:  # this group and the later ones in full precision, the earlier ones quantized
             with ctx.weights_fp(later), ctx.all_experts():
@@ -360,6 +381,11 @@ def gptq_step(ctx, args: dict) -> None:
         finally:
             for h in hooks:
                 h.remove()
+            last.clear()
+        for n, o in owner.items():
+            while o in owner:
+                o = owner[o]
+            accs[n].H, accs[n].n_tokens = accs[o].H.clone(), accs[o].n_tokens
         if ctx.comm.enabled:  # data-parallel: sum the ranks' Hessians (see pipeline.distributed)
             for n in grp:
                 accs[n].all_reduce(ctx.comm.group)

@@ -27,6 +27,10 @@ def generate_cmd(
                              "lowbit.runtime.decode.SUPPORTED) or hf (transformers' generate)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads (default: torch's)"),
+    compile: bool = typer.Option(False, "--compile", help="--loop lowbit: capture the "
+                                 "decode step with torch.compile (needs a C compiler; the "
+                                 "first run builds it, ~1 min; falls back to eager with a "
+                                 "warning)"),
 ) -> None:
     """Continue --prompt greedily and print the text and the decode speed (tokens/s).
 
@@ -45,6 +49,8 @@ def generate_cmd(
         fail(f"--dtype {dtype!r}; expected one of: {', '.join(dtypes)}")
     if loop not in ("lowbit", "hf"):
         fail(f"--loop {loop!r}; expected lowbit or hf")
+    if compile and loop != "lowbit":
+        fail("--compile captures lowbit's decode loop; use it with --loop lowbit")
     if not (Path(model).exists() or model in ("smollm2-135m", "default")):
         fail(f"model {model!r} does not exist (a folder, a .gguf file or smollm2-135m)")
     if threads:
@@ -69,7 +75,7 @@ def generate_cmd(
         with torch.inference_mode():
             t0 = time.perf_counter()
             if loop == "lowbit":
-                dec = rt.FastDecoder(m)
+                dec = rt.FastDecoder(m, compile=compile)
                 build = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 out = dec.generate(ids, max_new_tokens, eos_token_id=eos)
@@ -83,5 +89,6 @@ def generate_cmd(
     console.print(tok.decode(new, skip_special_tokens=True), highlight=False, markup=False)
     kern = ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) or "none (float)"
     console.print(f"[dim]{len(new)} new tokens after {ids.shape[1]} in {dt:.2f} s: "
-                  f"{len(new) / dt:.1f} tokens/s ({loop} loop, prompt included; decoder "
+                  f"{len(new) / dt:.1f} tokens/s ({loop} loop"
+                  f"{', compiled: its build included' if compile else ''}, prompt included; decoder "
                   f"built in {build:.2f} s); kernels: {kern}[/]", highlight=False)
