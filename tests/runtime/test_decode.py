@@ -196,15 +196,22 @@ def test_fast_decoder_refuses_a_quantized_kv_cache():
         FastDecoder(model)
 
 
-@pytest.mark.parametrize("recipe,dtype", [("int4-weight-only", torch.bfloat16),
-                                          ("int8-dynamic", torch.float32)])
-def test_compiled_step_matches_the_eager_step(recipe, dtype):
+@pytest.mark.parametrize("recipe,dtype,tol", [
+    (None, torch.float32, 1e-5),
+    # bfloat16: inductor keeps float32 between the ops it fuses where eager rounds each op's
+    # output to bfloat16 (a few ulps of the largest logit)
+    ("int4-weight-only", torch.bfloat16, 2 ** -6),
+    # a 1e-7 difference in the attention output can move a per-token int8 activation by
+    # one step (docs/runtime.md: W8A8 agrees to ~1e-2 per model)
+    ("int8-dynamic", torch.float32, 2e-2)])
+def test_compiled_step_matches_the_eager_step(recipe, dtype, tol):
     from lowbit.hardware import hardware_path_report, reset_hardware_paths
     from lowbit.runtime.decode import CACHE_BUCKET, COMPILE_PATH
     reset_hardware_paths()
     m = wide()
-    lowbit.quantize(m, recipe, **({"group_size": 64} if "int4" in recipe else {}))
-    rt.convert(m)
+    if recipe is not None:
+        lowbit.quantize(m, recipe, **({"group_size": 64} if "int4" in recipe else {}))
+        rt.convert(m)
     m = m.to(dtype)
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -215,10 +222,7 @@ def test_compiled_step_matches_the_eager_step(recipe, dtype):
         assert hardware_path_report()[COMPILE_PATH] == "hardware"
         assert comp.cache_len == CACHE_BUCKET and eager.cache_len == 22
         assert torch.equal(got, want)
-        # step by step: the same logits (the captured step computes the same function; in
-        # bfloat16 inductor keeps float32 between the ops it fuses where eager rounds each
-        # op's output to bfloat16: a few bfloat16 ulps of the largest logit)
-        tol = 1e-5 if dtype == torch.float32 else 2 ** -6
+        # step by step: the same logits (the captured step computes the same function)
         a, b = eager.forward(ids[0], 0), comp.forward(ids[0], 0)
         for i, tok in enumerate(want[0, 10:]):
             assert rel(b, a) < tol
