@@ -340,3 +340,31 @@ def test_shared_hessians_change_nothing(monkeypatch, true_sequential):
     for n in shared:  # ... the same result
         assert torch.equal(shared[n][0], separate[n][0]), n
         assert torch.equal(shared[n][1], separate[n][1]), n
+
+
+def test_bfloat16_forward_passes_stay_close():
+    # Hessian passes under bfloat16 autocast: the quantized model's output error stays that
+    # of float32 passes (their choices differ in places: the inputs went through bfloat16)
+    import lowbit
+    from tests.tiny_models import build, calib_ids, loop_over
+
+    ids = calib_ids(4, 16, seed=7)
+    ref = build("llama")
+    with torch.no_grad():
+        y = ref(ids).logits
+
+    def run(fd):
+        m = build("llama")
+        d = lowbit.recipes.load("int4-gptq", group_size=16).to_dict()
+        d["algorithms"][0].setdefault("args", {})["forward_dtype"] = fd
+        lowbit.quantize(m, lowbit.recipes.load(d), forward_loop=loop_over(calib_ids(3, 16)))
+        with torch.no_grad():
+            err = float((m(ids).logits - y).norm() / y.norm())
+        return err, [p.weight.detach().clone() for p in m.modules()
+                     if hasattr(p, "weight_quantizer")]
+
+    (ea, wa), (eb, wb) = run("float32"), run("bfloat16")
+    assert any(not torch.equal(p, q) for p, q in zip(wa, wb))  # the passes did change
+    assert eb <= 1.25 * ea, (ea, eb)
+    with pytest.raises(ConfigError, match="forward_dtype"):
+        run("float16")

@@ -30,7 +30,10 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   group of linears reading one input gets its Hessian after the groups before it are
   quantized), ``token_weight`` ``none`` (``norm``: every calibration token scaled to unit
   norm in the Hessian, ``H = sum x x^T / ||x||^2``, so that a few tokens with massive
-  activations do not dominate it). On ``gguf_*`` specs each super-block's scales come from
+  activations do not dominate it), ``forward_dtype`` ``float32`` (``bfloat16``: the block's
+  passes that collect Hessians run under CPU/CUDA autocast to bfloat16, 2-3x faster matmuls
+  on CPUs with bfloat16 instructions; the Hessians still accumulate in ``dtype``; the pass
+  that feeds the next block stays in the model's dtype). On ``gguf_*`` specs each super-block's scales come from
   the importance-weighted search with the Hessian's diagonal (see :mod:`lowbit.algorithms.gptq`).
 * ``smoothquant`` and ``awq`` skip a group whose linears hold an online ``input_rotation``
   (or whose norm's output is rotated online, :mod:`lowbit.algorithms.rotate`): a scale
@@ -68,7 +71,8 @@ AWQ_ARGS = {"grid": 20, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
             "fold_tol": None,
             "clip_skip": ["*q_proj", "*k_proj", "*query*", "*key*", "*qkv*", "*c_attn"]}
 GPTQ_ARGS = {"block_size": 128, "percdamp": 0.01, "act_order": False, "static_groups": True,
-             "dtype": "float32", "true_sequential": True, "token_weight": "none"}
+             "dtype": "float32", "true_sequential": True, "token_weight": "none",
+             "forward_dtype": "float32"}
 
 
 def group_stats(stats: dict, group) -> "LinearStats | None":
@@ -322,6 +326,15 @@ def _sequential_groups(ctx, names: list[str], true_sequential: bool) -> list[lis
     return [g for g in order if g]
 
 
+def _autocast(block, on: bool):
+    """bfloat16 autocast on the block's device type (a no-op context when ``on`` is false)."""
+    import contextlib
+    if not on:
+        return contextlib.nullcontext()
+    dev = next((p.device.type for p in block.parameters()), "cpu")
+    return torch.autocast(dev, dtype=torch.bfloat16)
+
+
 #: linears of a GPTQ group called on the same tensor accumulate one Hessian (tests switch it
 #: off to check that the results are the same bit for bit)
 SHARE_HESSIANS = True
@@ -336,6 +349,10 @@ def gptq_step(ctx, args: dict) -> None:
         raise ConfigError(f"gptq: token_weight must be 'none' or 'norm', got "
                           f"{args['token_weight']!r}")
     norm = args["token_weight"] == "norm"
+    if args["forward_dtype"] not in ("float32", "bfloat16"):
+        raise ConfigError(f"gptq: forward_dtype must be 'float32' or 'bfloat16', got "
+                          f"{args['forward_dtype']!r}")
+    bf16 = args["forward_dtype"] == "bfloat16"
 
     def add(acc, x):
         if norm:  # every token counts relative to its size: H = sum x x^T / ||x||^2
@@ -376,7 +393,7 @@ def gptq_step(ctx, args: dict) -> None:
             lambda mod, a, k, n=n: hook(mod, a, k, n), with_kwargs=True)
             for n, m in zip(grp, mods)]
         try:  # this group and the later ones in full precision, the earlier ones quantized
-            with ctx.weights_fp(later), ctx.all_experts():
+            with ctx.weights_fp(later), ctx.all_experts(), _autocast(ctx.block, bf16):
                 ctx.run(until=mods)
         finally:
             for h in hooks:
