@@ -29,7 +29,7 @@ def generate_cmd(
                                           help="CPU threads (default: torch's)"),
     compile: bool = typer.Option(False, "--compile", help="--loop lowbit: capture the "
                                  "decode step with torch.compile (needs a C compiler; the "
-                                 "first run builds it, ~1 min; falls back to eager with a "
+                                 "first run builds it, minutes; falls back to eager with a "
                                  "warning)"),
 ) -> None:
     """Continue --prompt greedily and print the text and the decode speed (tokens/s).

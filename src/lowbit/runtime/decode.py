@@ -138,7 +138,7 @@ class FastDecoder:
 
     ``compile``: capture the single-token step of the Llama layer with ``torch.compile``
     (inductor, which writes and builds C++ for the CPU: a C compiler is needed; the first
-    token of each cache size pays the build, ~1 minute for SmolLM2 on 2 cores, then
+    token of each cache size pays the build, minutes for SmolLM2 on 2 cores, then
     inductor's on-disk cache), removing most of eager PyTorch's per-op overhead: the step
     runs over a static cache (sized in multiples of :data:`CACHE_BUCKET`) with a position
     mask, the same function as the eager step. A failure to compile is recorded as
