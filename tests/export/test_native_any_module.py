@@ -98,7 +98,10 @@ def test_multihead_attention_model(recipe, tmp_path):
     assert isinstance(m2.attn.out_proj, rt.PackedLinear)
     with torch.no_grad():
         ref, out = m(X), m2(X)
-    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4
+    # int8: out_proj's W8A8 kernel runs these few rows through the int8 GEMV, whose integer
+    # sums are rounded once to bfloat16 (docs/runtime.md, Tolerances)
+    tol = 2 ** -8 if recipe == "int8" else 1e-4
+    assert float((out - ref).abs().max() / ref.abs().max()) < tol
 
 
 def test_errors_name_the_module(tmp_path):
