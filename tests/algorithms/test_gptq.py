@@ -310,15 +310,18 @@ def test_dead_inputs(spec, act_order):
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])
-def test_shared_hessians_change_nothing(monkeypatch, true_sequential):
-    # q/k/v and gate/up read the same tensor: one Hessian each, copied; the quantized
-    # weights and scales equal those of separate accumulation bit for bit
+@pytest.mark.parametrize("batch", [True, False])
+def test_shared_hessians_change_nothing(monkeypatch, true_sequential, batch):
+    # q/k/v and gate/up read the same tensor: one Hessian each, copied, or their rows
+    # stacked into one GPTQ call (batch); the quantized weights and scales equal those of
+    # separate accumulation and separate calls bit for bit
     import lowbit
     from lowbit.algorithms import steps
     from tests.tiny_models import build, calib_ids, loop_over
 
     def run(share):
         monkeypatch.setattr(steps, "SHARE_HESSIANS", share)
+        monkeypatch.setattr(steps, "BATCH_SHARED", share and batch)
         m = build("llama")
         d = lowbit.recipes.load("int4-gptq", group_size=16).to_dict()
         for a in d["algorithms"]:
@@ -368,3 +371,109 @@ def test_bfloat16_forward_passes_stay_close():
     assert eb <= 1.25 * ea, (ea, eb)
     with pytest.raises(ConfigError, match="forward_dtype"):
         run("float16")
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(format="int4", granularity="group", group_size=32),
+    QuantSpec(format="int4", granularity="group", group_size=32, symmetric=False),
+    QuantSpec(format="int8", granularity="channel"),
+    QuantSpec(format="mxfp4"),
+])
+def test_stacked_rows_equal_separate_calls(spec):
+    # linears sharing a Hessian are solved in one call with their rows stacked: each gets
+    # what it would alone (weights, scales, zero points, loss per row)
+    from lowbit.algorithms.gptq import rows_separable
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 128, generator=g) * torch.rand(128, generator=g) * 3
+    h = _hessian(x)
+    ws = [torch.randn(n, 128, generator=g) for n in (48, 16, 40)]
+    assert rows_separable(spec, (48, 128))
+    whole = gptq_quantize_weight(torch.cat(ws), h, spec)
+    r0 = 0
+    for w in ws:
+        one = gptq_quantize_weight(w, h, spec)
+        rows = slice(r0, r0 + w.shape[0])
+        r0 += w.shape[0]
+        assert torch.equal(whole.weight[rows], one.weight)
+        assert torch.equal(whole.scale[rows], one.scale)
+        if one.zero_point is not None:
+            assert torch.equal(whole.zero_point[rows], one.zero_point)
+        assert torch.allclose(whole.row_loss[rows], one.row_loss)
+    assert whole.loss == pytest.approx(float(whole.row_loss.sum()))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(format="nvfp4"),
+                                  QuantSpec(format="int4", granularity="tensor"),
+                                  QuantSpec(format="gguf_q4_0")])
+def test_rows_not_separable(spec):
+    from lowbit.algorithms.gptq import rows_separable
+    assert not rows_separable(spec, (64, 256))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_memoized_passes_change_nothing(monkeypatch, family):
+    # the passes after a group is quantized reuse its linears' outputs per chunk: the
+    # quantized model is the one without reuse, bit for bit, and outputs were reused
+    import lowbit
+    from lowbit.pipeline.blocks import BlockContext
+    from tests.tiny_models import build, calib_ids, loop_over
+
+    def run(mb):
+        monkeypatch.setattr(BlockContext, "memo_mb", mb)
+        m = build(family)
+        lowbit.quantize(m, lowbit.recipes.load("int4-gptq", group_size=16),
+                        forward_loop=loop_over(calib_ids(6, 16)), chunk_size=2)
+        ws = {n: p.weight.detach().clone() for n, p in m.named_modules()
+              if hasattr(p, "weight_quantizer")}
+        return ws, [b.get("memo_hits", 0) for b in m.lowbit_report.blocks], m
+
+    memo, hits, m = run(2048)
+    plain, none, _ = run(0)
+    assert memo.keys() == plain.keys()
+    for n in memo:
+        assert torch.equal(memo[n], plain[n]), n
+    assert sum(none) == 0 and all(h > 0 for h in hits[:-1])  # the last block feeds nothing
+    assert all("forward" not in mod.__dict__ for mod in m.modules())  # forwards restored
+
+
+def test_memo_recomputes_what_changed():
+    # a kept output is reused only for the same chunk, input values, weight and quantizer
+    # state, and only while nobody modified it in place
+    import torch.nn as nn
+
+    from lowbit.nn.modules import QuantLinear
+    from lowbit.pipeline.blocks import BlockContext
+
+    lin = QuantLinear(8, 4)
+    lin._init_quantizers(QuantSpec(format="int4", granularity="channel"), None, None, "lin")
+    ctx = BlockContext(None, nn.Sequential(lin), "b", 0, None, [], None)
+    ctx.memoize(["0"])
+    calls = []
+    orig = QuantLinear.forward
+    x = torch.randn(3, 8)
+    try:
+        torch.set_grad_enabled(False)  # (outputs that need a gradient are never kept)
+        QuantLinear.forward = lambda self, x: (calls.append(1), orig(self, x))[1]
+        ctx._chunk = 0
+        y = lin(x)
+        assert lin(x.clone()) is y and len(calls) == 1  # same values: reused
+        y.add_(1)  # modified in place downstream: recomputed
+        y2 = lin(x)
+        assert len(calls) == 2 and torch.equal(y2, orig(lin, x))
+        lin(x + 1)  # other input
+        assert len(calls) == 3
+        lin.weight.mul_(2)  # weight changed
+        lin(x + 1)
+        assert len(calls) == 4
+        ctx._chunk = 1  # another chunk
+        lin(x + 1)
+        ctx._chunk = None  # not a pass over the block's chunks: never kept
+        lin(x + 1)
+        lin(x + 1)
+        assert len(calls) == 7
+    finally:
+        torch.set_grad_enabled(True)
+        QuantLinear.forward = orig
+        ctx.end_memo()
+    assert "forward" not in lin.__dict__

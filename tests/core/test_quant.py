@@ -684,3 +684,27 @@ def test_nbytes_int4_g64():
 ])
 def test_nbytes_other_formats(spec, want):
     assert quantize(torch.randn(128, 256), spec).nbytes() == want
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(format="int4", granularity="channel"),
+    QuantSpec(format="int4", granularity="channel", symmetric=False),
+    QuantSpec(format="int8", granularity="channel"),
+    QuantSpec(format="fp8_e4m3", granularity="channel"),
+    QuantSpec(format="fp4_e2m1", granularity="channel"),
+    QuantSpec(format="fp6_e3m2", granularity="channel"),
+])
+def test_fake_quant_fixed_is_fake_quant_with_fixed_scales(spec):
+    # GPTQ's per-column rounding: fake_quant_fixed(w [out], s [out]) equals fake_quant of the
+    # column [out, 1] with the same stored scales, bit for bit (ties and clipping included)
+    from lowbit.core import fake_quant_fixed
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(257, generator=g) * 3
+    s = torch.rand(257, generator=g) * 0.5 + 0.01
+    w[:8] = s[:8] * torch.tensor([0.5, 1.5, -2.5, 100.0, -100.0, 0.0, -0.0, 7.5])
+    zp = None if spec.symmetric else torch.randint(0, 16, (257,), generator=g).float()
+    want = fake_quant(w[:, None], spec, scale=s[:, None],
+                      zero_point=None if zp is None else zp[:, None])[:, 0]
+    got = fake_quant_fixed(w, spec, s, zp)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -272,3 +272,28 @@ def test_registered_block_step_and_blockwise_calibration():
     assert [r["calibrated"] for r in m.lowbit_report.blocks] == [7, 7]
     with torch.no_grad():
         assert torch.isfinite(m(ids).logits).all()
+
+
+@pytest.mark.parametrize("recipe", ["int8-smoothquant", "int4-awq"])
+def test_feed_fp_outputs_kept_by_the_statistics_pass(monkeypatch, recipe):
+    """feed='fp' with a statistics pass before any weight change: its float outputs feed the
+    next block (no extra pass), and the model is the one the extra pass gives, bit for bit."""
+    from lowbit.pipeline import blocks
+
+    base = build("llama")
+    ids = calib_ids(4, 16)
+    got = {}
+    for keep in [True, False]:
+        m = copy.deepcopy(base)
+        if not keep:
+            monkeypatch.setattr(blocks, "_param_sig", lambda b, n=iter(range(10**6)): next(n))
+        over = {"group_size": 32} if "int4" in recipe else {}
+        lowbit.quantize(m, recipe, forward_loop=loop_over(ids), feed="fp", chunk_size=2,
+                        **over)
+        monkeypatch.undo()
+        rows = m.lowbit_report.blocks
+        assert [bool(r.get("fp_outputs_from_stats")) for r in rows] == \
+            [keep] * (len(rows) - 1) + [False], rows
+        with torch.no_grad():
+            got[keep] = m(ids).logits
+    assert torch.equal(got[True], got[False])

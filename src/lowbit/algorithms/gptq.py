@@ -13,7 +13,8 @@ with ten times the damping (with a warning), up to ``max_retries`` times, then
 :class:`~lowbit.errors.CalibrationError`.
 
 Scales (all computed by :func:`lowbit.core.compute_scales`, all rounding by
-:func:`lowbit.core.fake_quant` with the scales fixed, one column at a time):
+:func:`lowbit.core.fake_quant_fixed`, fake_quant's rounding with the scales fixed, one
+column at a time):
 
 * per-tensor, per-channel and 2-D block specs: from the whole weight, up front;
 * groups along the input dimension (int groups, NVFP4, MXFP4/6/8): the scales of a group are
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.core import Layout, QuantSpec, compute_scales, fake_quant
+from lowbit.core import Layout, QuantSpec, compute_scales, fake_quant_fixed
 from lowbit.errors import CalibrationError, ConfigError, FormatError
 
 
@@ -119,8 +120,9 @@ class GPTQResult:
     returns ``weight`` bit for bit. ``scale``/``zero_point`` are in the stored layout of
     :mod:`lowbit.core.layout` (group: ``[out, in/g]``, channel: ``[out, 1]``, tensor: ``[]``),
     ``global_scale`` is NVFP4's, ``perm`` the act-order permutation (None without it),
-    ``loss`` the proxy loss ``sum (w - q)^2 / d^2`` and ``damp`` the value actually added to
-    the diagonal of H (after retries).
+    ``loss`` the proxy loss ``sum (w - q)^2 / d^2`` (``row_loss [out]``: its share of each
+    output row, float64) and ``damp`` the value actually added to the diagonal of H (after
+    retries).
     """
 
     weight: torch.Tensor
@@ -130,6 +132,21 @@ class GPTQResult:
     perm: torch.Tensor | None
     loss: float
     damp: float
+    row_loss: torch.Tensor | None = None
+
+
+def rows_separable(spec: QuantSpec, shape: tuple[int, int]) -> bool:
+    """Whether GPTQ of a weight ``[out, in]`` under ``spec`` treats every output row on its
+    own (scales per row, or per group along the input): then the rows of several weights
+    that share one Hessian can be quantized in one call, stacked, with the result each would
+    get alone. Not for per-tensor scales, 2-D blocks, NVFP4 (global scale of the whole
+    tensor) or ggml types."""
+    if spec.ggml_type is not None or spec.granularity not in ("channel", "group"):
+        return False
+    bf = spec.block_format
+    if bf is not None and bf.global_scale:
+        return False
+    return Layout(spec, shape).axis == (0 if spec.granularity == "channel" else 1)
 
 
 def _column_spec(spec: QuantSpec) -> QuantSpec:
@@ -434,7 +451,7 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     WT = W.t().contiguous()  # [in, out], in sweep order
     del W
     QT = torch.empty_like(WT)
-    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    loss = torch.zeros(out_f, dtype=torch.float64, device=dev)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = WT[i1:i2].clone()
@@ -468,14 +485,12 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
             if gg is not None:
                 q = ggs.round(w, col)
             else:
-                q = fake_quant(w[:, None], col_spec, scale=ST[col][:, None],
-                               zero_point=None if ZT is None else ZT[col][:, None],
-                               check_finite=False)[:, 0]
+                q = fake_quant_fixed(w, col_spec, ST[col], None if ZT is None else ZT[col])
             QT[i1 + i] = q
             err = (w - q) / Hinv1[i, i]
             Err1[i] = err
             W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
-        loss += Err1.double().square().sum()
+        loss += Err1.double().square().sum(0)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
     Q = QT.t()
@@ -484,7 +499,9 @@ def gptq_quantize_weight(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
     if gg is not None:  # float offsets and super-block scales, as lowbit.core.ggml stores them
         scale, zp, gscale = ggs.stored()
         return GPTQResult(weight=Q.contiguous(), scale=scale, zero_point=zp,
-                          global_scale=gscale, perm=perm, loss=float(loss), damp=damp)
+                          global_scale=gscale, perm=perm, loss=float(loss.sum()), damp=damp,
+                          row_loss=loss)
     return GPTQResult(weight=Q.contiguous(), scale=scale.contiguous(),
                       zero_point=None if zp is None else zp.to(torch.int32).contiguous(),
-                      global_scale=gscale, perm=perm, loss=float(loss), damp=damp)
+                      global_scale=gscale, perm=perm, loss=float(loss.sum()), damp=damp,
+                      row_loss=loss)

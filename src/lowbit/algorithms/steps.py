@@ -399,32 +399,85 @@ def gptq_step(ctx, args: dict) -> None:
             for h in hooks:
                 h.remove()
             last.clear()
-        for n, o in owner.items():
-            while o in owner:
-                o = owner[o]
-            accs[n].H, accs[n].n_tokens = accs[o].H.clone(), accs[o].n_tokens
+        units = _solve_units(grp, mods, owner)
+        for unit in units:  # a shared Hessian copied for a linear solved on its own
+            head = owner.get(unit[0])
+            if head is not None:
+                accs[unit[0]].H, accs[unit[0]].n_tokens = accs[head].H.clone(), \
+                    accs[head].n_tokens
         if ctx.comm.enabled:  # data-parallel: sum the ranks' Hessians (see pipeline.distributed)
-            for n in grp:
-                accs[n].all_reduce(ctx.comm.group)
-        for n, m in zip(grp, mods):
-            if accs[n].n_tokens == 0:  # never called on the block's inputs: RTN, stated
-                ctx.info.setdefault("gptq_no_tokens", []).append(n)
+            for unit in units:
+                accs[unit[0]].all_reduce(ctx.comm.group)
+        byname = dict(zip(grp, mods))
+        for unit in units:
+            head = unit[0]
+            if accs[head].n_tokens == 0:  # never called on the block's inputs: RTN, stated
+                ctx.info.setdefault("gptq_no_tokens", []).extend(unit)
                 continue
+            ms = [byname[n] for n in unit]
+            ws = [m.weight_2d().detach() for m in ms]
             # the accumulator's H is handed over: GPTQ overwrites it and releases its memory
-            # once inverted (one [in, in] matrix less at the peak)
-            r = gptq_quantize_weight(m.weight_2d().detach(), accs.pop(n).H,
-                                     m.weight_quantizer.spec, block_size=int(args["block_size"]),
+            # once inverted (one [in, in] matrix less at the peak); linears sharing it are
+            # solved in one call, their rows stacked (rows_separable: the same result)
+            r = gptq_quantize_weight(ws[0] if len(ws) == 1 else torch.cat(ws), accs.pop(head).H,
+                                     ms[0].weight_quantizer.spec,
+                                     block_size=int(args["block_size"]),
                                      percdamp=float(args["percdamp"]),
                                      act_order=bool(args["act_order"]),
                                      static_groups=bool(args["static_groups"]),
-                                     name=f"{ctx.name}.{n}", overwrite_hessian=True)
-            with torch.no_grad():
-                m.weight.copy_(m.weight_from_2d(r.weight).to(m.weight.dtype))
-            m.weight_quantizer.set_fixed_scale(r.scale, r.zero_point, r.global_scale)
-            m.invalidate_weight_cache()
-            losses[n] = round(r.loss, 6)
+                                     name=f"{ctx.name}.{'+'.join(unit)}", overwrite_hessian=True)
+            r0 = 0
+            for n, m, w in zip(unit, ms, ws):
+                rows = slice(r0, r0 + w.shape[0])
+                r0 += w.shape[0]
+                with torch.no_grad():
+                    m.weight.copy_(m.weight_from_2d(r.weight[rows]).to(m.weight.dtype))
+                zp = None if r.zero_point is None else r.zero_point[rows]
+                m.weight_quantizer.set_fixed_scale(r.scale[rows] if len(unit) > 1 else r.scale,
+                                                   zp if len(unit) > 1 else r.zero_point,
+                                                   r.global_scale)
+                m.invalidate_weight_cache()
+                losses[n] = round(float(r.row_loss[rows].sum()), 6)
             del r
+        # final now: the later passes (and the one feeding the next block) reuse their outputs
+        ctx.memoize(grp)
     ctx.info["gptq_loss"] = losses
+
+
+#: linears sharing a Hessian whose rows GPTQ treats separately are quantized in one call
+#: (tests switch it off: the results are the same bit for bit)
+BATCH_SHARED = True
+
+
+def _solve_units(grp: list[str], mods: list, owner: dict[str, str]) -> list[list[str]]:
+    """The GPTQ calls of a group, in order: ``[head, *others]`` where ``others`` read the
+    same tensor as ``head`` (``owner``: linear -> the one whose Hessian it shares; chains are
+    resolved in place) and can be stacked with it (same spec, dtype and input width, rows
+    separable: :func:`~lowbit.algorithms.gptq.rows_separable`), else ``[name]`` alone (the
+    caller then copies the shared Hessian for it)."""
+    from lowbit.algorithms.gptq import rows_separable
+
+    for n in list(owner):
+        o = owner[n]
+        while o in owner:
+            o = owner[o]
+        owner[n] = o
+    byname = dict(zip(grp, mods))
+    members: dict[str, list[str]] = {}
+    for n in grp:
+        members.setdefault(owner.get(n, n), []).append(n)
+    out = []
+    for head, ns in members.items():
+        unit = [head] + [n for n in ns if n != head]
+        ms = [byname[n] for n in unit]
+        spec, dt = ms[0].weight_quantizer.spec, ms[0].weight.dtype
+        if BATCH_SHARED and len(unit) > 1 and all(
+                m.weight_quantizer.spec == spec and m.weight.dtype == dt and
+                rows_separable(spec, tuple(m.weight_2d().shape)) for m in ms):
+            out.append(unit)
+        else:
+            out.extend([n] for n in unit)
+    return out
 
 
 register_algorithm("smoothquant", smoothquant_step, args=SMOOTHQUANT_ARGS)

@@ -13,7 +13,8 @@ from lowbit.core.blocks import BlockFormat, block_format_names, get_block_format
 from lowbit.core.ggml import (GGML_FORMATS, fields_effective, ggml_type, quantize_fields,
                               round_column, search_scales)
 from lowbit.core.layout import Layout
-from lowbit.core.quant import (QTensor, compute_scales, dequantize, fake_quant, int_rows,
+from lowbit.core.quant import (QTensor, compute_scales, dequantize, fake_quant,
+                               fake_quant_fixed, int_rows,
                                quantize, round_scale)
 from lowbit.core.rotation import (ROTATION_KINDS, cayley, hadamard_matrix, is_hadamard_size,
                                   is_orthogonal, rotate_last, rotation_matrix)
@@ -21,7 +22,7 @@ from lowbit.core.spec import QuantSpec
 
 __all__ = [
     "BlockFormat", "GGML_FORMATS", "Layout", "QTensor", "QuantSpec", "ROTATION_KINDS",
-    "block_format_names", "cayley", "compute_scales", "dequantize", "fake_quant",
+    "block_format_names", "cayley", "compute_scales", "dequantize", "fake_quant", "fake_quant_fixed",
     "fields_effective", "get_block_format", "ggml_type", "hadamard_matrix", "int_rows",
     "is_hadamard_size",
     "is_orthogonal", "quantize", "quantize_fields", "rotate_last", "rotation_matrix",

@@ -354,6 +354,27 @@ class _STE(torch.autograd.Function):
         return g * mask, None, None
 
 
+def fake_quant_fixed(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                     zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant`` of float32 ``x`` with its scales already given per element: ``scale``
+    (and the affine ``zero_point``, float) broadcast against ``x``, e.g. one column ``[out]``
+    of a weight with the per-row scales of its group. The element format's rounding only (no
+    layout, no statistics, no finiteness check): bit for bit what ``fake_quant`` computes
+    once it has the scales, for the per-call cost of a few elementwise ops (GPTQ rounds one
+    column at a time). Returns a new float32 tensor of ``x``'s shape; ggml types (whose
+    rounding searches per sub-block) are refused with :class:`FormatError`."""
+    if spec.ggml_type is not None:
+        raise FormatError(f"fake_quant_fixed: {spec.format} rounds per ggml sub-block; "
+                          "use lowbit.core.ggml.round_column")
+    q = x / scale
+    if zero_point is not None:
+        q.add_(zero_point)
+    q = _round_owned(spec.element_format, q)
+    if zero_point is not None:
+        q.sub_(zero_point)
+    return q.mul_(scale)
+
+
 def fake_quant(x: torch.Tensor, spec: QuantSpec, amax=None, amin=None,
                check_finite: bool = True, scale=None, zero_point=None,
                global_scale=None) -> torch.Tensor:

@@ -146,6 +146,12 @@ class BlockContext:
         self.moe_all = bool(moe_all)
         self.moe_min_tokens = moe_min_tokens
         self.routed: dict[str, torch.Tensor] = {}
+        self._memo: _Memo | None = None
+        # feed="fp": the statistics pass keeps the block's float outputs when it runs before
+        # any parameter changed (then they are what the next block gets, no extra pass)
+        self.fp_feed_sig: tuple | None = None
+        self.fp_outputs: list[torch.Tensor] | None = None
+        self._chunk: int | None = None  # index in self.chunks of the chunk being run
 
     def all_experts(self):
         """Context: every token through every expert of the block's MoE experts when
@@ -188,10 +194,12 @@ class BlockContext:
                     raise _Stop
             # registered last: runs after any other pre-hook of the same module
             hooks = [m.register_forward_pre_hook(stop) for m in until]
+        mine = chunks is self.chunks
         try:
             with torch.no_grad():
-                for c in chunks:
+                for i, c in enumerate(chunks):
                     seen.clear()
+                    self._chunk = i if mine else None
                     a, k = self.call(c)
                     try:
                         o = self.block(*a, **k)
@@ -200,6 +208,7 @@ class BlockContext:
                     if collect:
                         outs.append(_first_tensor(o))
         finally:
+            self._chunk = None
             for h in hooks:
                 h.remove()
             if self.low_memory:
@@ -298,9 +307,18 @@ class BlockContext:
         mods = [self.block.get_submodule(n) for n in names]
         hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
                                           with_kwargs=True) for n, m in zip(names, mods)]
+        from lowbit.pipeline.moe import experts_modules
+
+        # (not with every token through every expert: then the outputs are not the model's)
+        keep = self.fp_feed_sig is not None and self.fp_feed_sig == _param_sig(self.block) \
+            and not (self.moe_all and experts_modules(self.block))
         try:
-            with self.weights_fp(), self.all_experts():
-                self.run(until=mods)
+            if keep:  # the whole block in float: its outputs feed the next block (feed="fp")
+                with disabled(q for _, q in quantizers(self.block)):
+                    self.fp_outputs = self.run(collect=True)
+            else:
+                with self.weights_fp(), self.all_experts():
+                    self.run(until=mods)
         finally:
             for h in hs:
                 h.remove()
@@ -405,6 +423,97 @@ class BlockContext:
         self._stats = None
         self._fold_check = None
 
+    # --- outputs of finished linears, reused by the later passes over the block -----------
+    def memoize(self, names: list[str]) -> None:
+        """The linears ``names`` are final (e.g. just quantized by GPTQ): until
+        :meth:`end_memo` (the block runner calls it after the pass that feeds the next
+        block), a pass over ``self.chunks`` computes each one's output once per chunk and
+        later passes reuse it -- only when the chunk, the input values (compared), the
+        weight, its quantizers' state and the autocast state are the same, and the kept
+        output was not modified in place since; anything else recomputes. Kept tensors stay
+        under ``memo_mb`` (no memoization with ``low_memory``)."""
+        if self.low_memory or self.memo_mb <= 0:
+            return
+        if self._memo is None:
+            self._memo = _Memo(self, self.memo_mb << 20)
+        for n in names:
+            self._memo.add(self.block.get_submodule(n))
+
+    memo_mb = 2048
+    """Budget of :meth:`memoize` in MiB (inputs and outputs kept for the later passes)."""
+
+    def end_memo(self) -> None:
+        """Forget the memoized outputs and restore the linears' own forward."""
+        if self._memo is not None:
+            self._memo.close()
+            self._memo = None
+            trim_heap()
+
+
+class _Memo:
+    """Per-chunk outputs of final linears (see :meth:`BlockContext.memoize`)."""
+
+    def __init__(self, ctx: BlockContext, budget: int):
+        self.ctx = ctx
+        self.budget = budget
+        self.used = 0
+        self.kept: dict[int, dict] = {}  # id(module) -> {chunk: (x, state, y, y._version)}
+        self.mods: dict[int, nn.Module] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def state(m: nn.Module) -> tuple:
+        qs = tuple((r, q.is_enabled, getattr(q, "mode", None),
+                    None if getattr(q, "amax", None) is None else
+                    (q.amax.data_ptr(), q.amax._version),
+                    None if getattr(q, "scale", None) is None else
+                    (q.scale.data_ptr(), q.scale._version)) for r, q in m.quantizers())
+        w = m.weight
+        return (w.data_ptr(), w._version, w.dtype, qs, id(m._modules.get("input_rotation")),
+                torch.is_autocast_enabled(w.device.type),
+                torch.get_autocast_dtype(w.device.type))
+
+    def add(self, m: nn.Module) -> None:
+        if id(m) in self.mods:
+            return
+        self.mods[id(m)] = m
+        self.kept[id(m)] = {}
+        store = self.kept[id(m)]
+        ctx = self
+
+        def forward(x, *rest, **kw):
+            i = ctx.ctx._chunk
+            if i is None or rest or kw:
+                return type(m).forward(m, x, *rest, **kw)
+            st = ctx.state(m)
+            got = store.get(i)
+            if got is not None:
+                kx, kst, ky, kv = got
+                if kst == st and ky._version == kv and (kx is x or (
+                        kx.shape == x.shape and kx.dtype == x.dtype and torch.equal(kx, x))):
+                    ctx.hits += 1
+                    return ky
+                del store[i]
+                ctx.used -= ky.numel() * ky.element_size()
+            ctx.misses += 1
+            y = type(m).forward(m, x)
+            size = y.numel() * y.element_size()
+            xs = 0 if any(e[0] is x for d in ctx.kept.values() for e in d.values()) \
+                else x.numel() * x.element_size()
+            if ctx.used + size + xs <= ctx.budget and not y.requires_grad:
+                store[i] = (x, st, y, y._version)
+                ctx.used += size + xs
+            return y
+
+        m.forward = forward
+
+    def close(self) -> None:
+        for m in self.mods.values():
+            m.__dict__.pop("forward", None)
+        self.kept.clear()
+        self.mods.clear()
+
 
 # --- calibration and the loop -----------------------------------------------------------------
 def calibrate_block(ctx: BlockContext) -> int:
@@ -440,6 +549,11 @@ def calibrate_block(ctx: BlockContext) -> int:
     return len(todo)
 
 
+def _param_sig(block: nn.Module) -> tuple:
+    """Identity and version of every parameter of ``block`` (changes with any edit)."""
+    return tuple((n, p.data_ptr(), p._version) for n, p in block.named_parameters())
+
+
 @contextmanager
 def _params_swapped(block: nn.Module, params: dict[str, torch.Tensor] | None):
     """The block's parameters temporarily replaced by ``params`` (None: unchanged)."""
@@ -470,11 +584,13 @@ def _replace_with_outputs(ctx: BlockContext, fp: bool) -> None:
     try:
         with torch.no_grad():
             for i, c in enumerate(ctx.chunks):
+                ctx._chunk = i
                 a, k = ctx.call(c)
                 o = _first_tensor(ctx.block(*a, **k))
                 ctx.chunks[i] = c.with_hidden(o)
                 del a, k, o, c
     finally:
+        ctx._chunk = None
         for q in qs:
             q.enable()
 
@@ -495,6 +611,8 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
     # (GPTQ rewrites them), so they are kept aside while the steps run
     original = {n: p.detach().clone() for n, p in block.named_parameters()} \
         if feed == "fp" and steps and not last else None
+    if original is not None:
+        ctx.fp_feed_sig = _param_sig(block)
     ctx.info["block"] = ctx.name
     # static activation quantizers are calibrated after the steps: off until then
     waiting = [q for _, q in quantizers(block) if q.needs_calibration and
@@ -511,14 +629,28 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
             ctx.new_step()
             fn(ctx, dict(args))
             ctx.verify_folds()
+    except BaseException:
+        ctx.end_memo()
+        raise
     finally:
         for q in waiting:
             q.enable()
     ctx.release()
     ctx.info["calibrated"] = calibrate_block(ctx)
-    if not last:
-        with _params_swapped(block, original):
-            _replace_with_outputs(ctx, fp=feed == "fp")
+    try:
+        if not last and feed == "fp" and ctx.fp_outputs is not None:
+            # kept by the statistics pass before any weight changed: the original float block
+            for i, o in enumerate(ctx.fp_outputs):
+                ctx.chunks[i] = ctx.chunks[i].with_hidden(o)
+            ctx.info["fp_outputs_from_stats"] = True
+        elif not last:
+            with _params_swapped(block, original):
+                _replace_with_outputs(ctx, fp=feed == "fp")
+    finally:
+        ctx.fp_outputs = None
+        if ctx._memo is not None:
+            ctx.info["memo_hits"] = ctx._memo.hits
+        ctx.end_memo()
     del original
     if ctx.low_memory:
         ctx.drop_weight_caches()
