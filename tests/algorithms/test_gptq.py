@@ -422,18 +422,24 @@ def test_memoized_passes_change_nothing(monkeypatch, family):
     def run(mb):
         monkeypatch.setattr(BlockContext, "memo_mb", mb)
         m = build(family)
+        attn = type(m.model.layers[0].self_attn)
+        calls = []
+        orig = attn.forward
+        monkeypatch.setattr(attn, "forward", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
         lowbit.quantize(m, lowbit.recipes.load("int4-gptq", group_size=16),
                         forward_loop=loop_over(calib_ids(6, 16)), chunk_size=2)
+        monkeypatch.setattr(attn, "forward", orig)
         ws = {n: p.weight.detach().clone() for n, p in m.named_modules()
               if hasattr(p, "weight_quantizer")}
-        return ws, [b.get("memo_hits", 0) for b in m.lowbit_report.blocks], m
+        return ws, [b.get("memo_hits", 0) for b in m.lowbit_report.blocks], m, len(calls)
 
-    memo, hits, m = run(2048)
-    plain, none, _ = run(0)
+    memo, hits, m, n_memo = run(2048)
+    plain, none, _, n_plain = run(0)
     assert memo.keys() == plain.keys()
     for n in memo:
         assert torch.equal(memo[n], plain[n]), n
     assert sum(none) == 0 and all(h > 0 for h in hits[:-1])  # the last block feeds nothing
+    assert n_memo < n_plain  # whole attention modules reused once q/k/v/o are final
     assert all("forward" not in mod.__dict__ for mod in m.modules())  # forwards restored
 
 

@@ -234,3 +234,26 @@ def test_unknown_algorithm_and_argument_fail_before_running():
                                          "algorithms": [{"name": "gptq", "args": {"damp": 1}}]},
                         forward_loop=loop)
     assert not calls
+
+
+@pytest.mark.parametrize("n", [4, 10, 11, 20, 21])
+def test_search_grid_refine_finds_the_minimum_of_one_basin(n):
+    # refine: a coarse pass, then around its best: the same argmin with ~3 sqrt(n) calls
+    from lowbit.algorithms.smoothing import search_grid
+
+    pts = [i / n for i in range(n)]
+    for centre in pts:
+        calls = []
+
+        def f(a):
+            calls.append(a)
+            return (a - centre) ** 2
+
+        full = search_grid(pts, f)
+        assert len(calls) == n and list(full) == pts
+        calls.clear()
+        got = search_grid(pts, f, refine=True)
+        assert min(got, key=got.get) == centre
+        assert len(calls) == len(set(calls)) <= 3 * round(n ** 0.5) + 1
+        assert n < 10 or len(calls) < n
+        assert all(got[a] == full[a] for a in got)

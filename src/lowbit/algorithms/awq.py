@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.algorithms.smoothing import GroupProbe, fold_scales, weight_2d, weight_spec
+from lowbit.algorithms.smoothing import (GroupProbe, fold_scales, search_grid, weight_2d,
+                                         weight_spec)
 from lowbit.core import fake_quant, quantize
 
 
@@ -57,7 +58,7 @@ def group_weight_mean(block, group) -> torch.Tensor:
 
 @torch.no_grad()
 def awq_search(block, group, probe: GroupProbe, xmean: torch.Tensor, grid: int = 20,
-               duo_scaling: bool = False, fold: bool = True) \
+               duo_scaling: bool = False, fold: bool = True, refine: bool = False) \
         -> tuple[float | None, torch.Tensor | None, dict]:
     """Search and (``fold``) apply the AWQ scales of one group.
 
@@ -71,14 +72,13 @@ def awq_search(block, group, probe: GroupProbe, xmean: torch.Tensor, grid: int =
     wmean = group.tie(group_weight_mean(block, group), "mean") if duo_scaling else None
     xmean = group.tie(xmean.float(), "mean")
     losses = {None: probe.loss(None)}
-    best_s = None
-    best = None
-    for i in range(grid):
-        a = i / grid
-        s = awq_scales(xmean, a, wmean)
-        losses[a] = probe.loss(s)
+    losses.update(search_grid([i / grid for i in range(grid)],
+                              lambda a: probe.loss(awq_scales(xmean, a, wmean)), refine))
+    best = None  # the first strictly better candidate in alpha order, as a plain scan
+    for a in sorted(x for x in losses if x is not None):
         if losses[a] < losses[best]:
-            best, best_s = a, s
+            best = a
+    best_s = None if best is None else awq_scales(xmean, best, wmean)
     if best_s is not None and fold:
         fold_scales(block, group, best_s)
     return best, best_s, losses

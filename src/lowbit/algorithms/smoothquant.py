@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.adapters import InputGroup
-from lowbit.algorithms.smoothing import GroupProbe, fold_scales, weight_2d
+from lowbit.algorithms.smoothing import GroupProbe, fold_scales, search_grid, weight_2d
 
 EPS = 1e-5
 
@@ -36,11 +36,13 @@ def group_weight_max(block, group: InputGroup) -> torch.Tensor:
 @torch.no_grad()
 def smooth_group(block, group: InputGroup, xmax: torch.Tensor, alpha: float = 0.5,
                  probe: GroupProbe | None = None, grid: list[float] | None = None,
-                 fold: bool = True) -> tuple[float, torch.Tensor, dict]:
+                 fold: bool = True, refine: bool = False) -> tuple[float, torch.Tensor, dict]:
     """SmoothQuant one group (folded in place with ``fold``); returns ``(alpha, s, losses)``.
 
     With ``probe`` and ``grid``, every alpha of the grid is scored (and ``alpha`` itself, so
-    that the search never does worse than the fixed value) and the best is folded.
+    that the search never does worse than the fixed value) and the best is folded; with
+    ``refine``, a coarse pass over the grid and then the points around its best
+    (:func:`~lowbit.algorithms.smoothing.search_grid`).
     ``fold`` uses :func:`~lowbit.algorithms.smoothing.fold_scales` (the norm's kind is
     measured, the block's function is not checked); the pipeline passes ``fold=False`` and
     folds through ``BlockContext.fold``, which checks it.
@@ -50,9 +52,12 @@ def smooth_group(block, group: InputGroup, xmax: torch.Tensor, alpha: float = 0.
     xmax = group.tie(xmax.float(), "amax")
     losses = {}
     if probe is not None and grid:
-        for a in sorted(set([float(alpha), *map(float, grid)])):
-            losses[a] = probe.loss(smoothquant_scales(xmax, wmax, a))
-        alpha = min(losses, key=losses.get)
+        def loss(a):
+            return probe.loss(smoothquant_scales(xmax, wmax, a))
+        losses = search_grid(sorted(set(map(float, grid))), loss, refine)
+        if float(alpha) not in losses:
+            losses[float(alpha)] = loss(float(alpha))
+        alpha = min(sorted(losses), key=losses.get)
     s = smoothquant_scales(xmax, wmax, alpha)
     if fold:
         fold_scales(block, group, s)

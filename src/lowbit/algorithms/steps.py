@@ -7,7 +7,12 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
 
 * ``smoothquant``: ``alpha`` 0.5; ``search`` false (true: ``alpha`` per group from ``alpha``
   and a grid of ``grid`` values ``1/grid, 2/grid, ..., 1``, scored with weights and
-  activations fake-quantized);
+  activations fake-quantized); ``refine`` false (true: a coarse pass over the grid, then
+  the points around its best, :func:`lowbit.algorithms.smoothing.search_grid`); ``loss``
+  ``module`` (the output error of the module holding the group, on ``max_tokens`` tokens of
+  the block's inputs run up to it) or ``linears`` (the group's own linears on the token
+  sample the statistics pass keeps, ``max_tokens`` tokens spread over all the inputs: no
+  extra pass over the block);
   ``pairs`` true (also ``v_proj -> o_proj``, ``up_proj -> down_proj`` where they fit);
   ``max_tokens`` 2048 (tokens of the search sample); ``amax_from_stats`` true (static
   per-tensor ``max`` input quantizers of the smoothed linears take ``max_j |X_j| / s_j``
@@ -16,7 +21,7 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   error on its captured inputs, else it is undone and refused with a
   :class:`~lowbit.errors.CalibrationError`; None: 1e-4 in float32, 5e-3 in float16, 5e-2 in
   bfloat16, see :func:`lowbit.algorithms.smoothing.fold_tolerance`).
-* ``awq``: ``grid`` 20; ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
+* ``awq``: ``grid`` 20; ``refine`` false (as for SmoothQuant); ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
   ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
   false; ``clip`` true, ``clip_grid`` 20, ``min_ratio`` 0.5, ``clip_tokens`` 512,
   ``clip_skip`` (q/k projections, as AutoAWQ); ``token_weight`` ``none`` (``norm``: errors
@@ -63,9 +68,10 @@ from lowbit.pipeline.algorithms import register_algorithm
 if TYPE_CHECKING:
     from lowbit.pipeline.blocks import LinearStats
 
-SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "pairs": True,
-                    "max_tokens": 2048, "amax_from_stats": True, "fold_tol": None}
-AWQ_ARGS = {"grid": 20, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
+SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "refine": False,
+                    "loss": "module", "pairs": True, "max_tokens": 2048,
+                    "amax_from_stats": True, "fold_tol": None}
+AWQ_ARGS = {"grid": 20, "refine": False, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
             "loss": "module", "act_quant": False, "clip": True, "clip_grid": 20,
             "min_ratio": 0.5, "clip_tokens": 512, "guard": True, "token_weight": "none",
             "fold_tol": None,
@@ -159,24 +165,34 @@ def smoothquant_step(ctx, args: dict) -> None:
     groups = _skip_rotated(ctx, groups, "smoothquant")
     if not groups:
         return
+    if args["loss"] not in ("module", "linears"):
+        raise ConfigError(f"smoothquant: loss must be 'module' or 'linears', got "
+                          f"{args['loss']!r}")
+    on_sample = args["search"] and args["loss"] == "linears"
+    if on_sample and ctx._stats is None:  # the statistics pass keeps the search's tokens
+        ctx.sample_tokens = int(args["max_tokens"])
     stats = ctx.linear_stats()
     grid = None
     if args["search"]:
         n = int(args["grid"])
         grid = [round(i / n, 4) for i in range(1, n + 1)] if n > 1 else [float(args["alpha"])]
-        sample = ctx.sample(int(args["max_tokens"]))
+        sample = None if on_sample else ctx.sample(int(args["max_tokens"]))
     alphas = []
     for g in groups:
         probe = None
         if grid is not None and group_stats(stats, g) is not None:
-            probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
-                               act_quant=True, reduce=ctx.comm.sum_float)
+            if on_sample:  # each linear on its input's token sample (global: no reduce)
+                probe = GroupProbe(ctx.block, g, {n: [((stats[n].sample,), {})]
+                                                  for n in g.linears}, act_quant=True)
+            else:
+                probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
+                                   act_quant=True, reduce=ctx.comm.sum_float)
         st = group_stats(stats, g)
         if st is None:  # an expert no token reached, without moe_calibrate_all_experts
             _no_tokens(ctx, g, "smoothquant")
             continue
         alpha, s, _ = smooth_group(ctx.block, g, st.absmax, float(args["alpha"]), probe,
-                                   grid, fold=False)
+                                   grid, fold=False, refine=bool(args["refine"]))
         ctx.fold(g, s, what="smoothquant", tol=tol)
         alphas.append(round(alpha, 3))
     ctx.info["smoothquant_alpha"] = alphas
@@ -257,7 +273,8 @@ def _awq(ctx, args, groups, stats, sample) -> None:
                            reduce=ctx.comm.sum_float)
         xmean = st.absmean if args["token_weight"] == "none" else st.nabsmean
         alpha, s, _ = awq_search(ctx.block, g, probe, xmean,
-                                 int(args["grid"]), bool(args["duo_scaling"]), fold=False)
+                                 int(args["grid"]), bool(args["duo_scaling"]), fold=False,
+                                 refine=bool(args["refine"]))
         if s is not None:
             ctx.fold(g, s, what="awq", tol=_fold_tol("awq", args))
         alphas.append(alpha)

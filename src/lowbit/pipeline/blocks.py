@@ -147,6 +147,7 @@ class BlockContext:
         self.moe_min_tokens = moe_min_tokens
         self.routed: dict[str, torch.Tensor] = {}
         self._memo: _Memo | None = None
+        self._final: set[str] = set()
         # feed="fp": the statistics pass keeps the block's float outputs when it runs before
         # any parameter changed (then they are what the next block gets, no extra pass)
         self.fp_feed_sig: tuple | None = None
@@ -436,43 +437,96 @@ class BlockContext:
             return
         if self._memo is None:
             self._memo = _Memo(self, self.memo_mb << 20)
+        self._final.update(names)
         for n in names:
             self._memo.add(self.block.get_submodule(n))
+        # and every module holding only final linears (e.g. the attention once q/k/v/o are):
+        # its whole output (attention itself included) is reused
+        linears = {n for n, m in self.block.named_modules() if isinstance(m, QuantMixin)}
+        for n in names:
+            parts = n.split(".")
+            for k in range(len(parts) - 1, 0, -1):
+                anc = ".".join(parts[:k])
+                inside = {x for x in linears if x.startswith(anc + ".")}
+                if inside and inside <= self._final:
+                    self._memo.add(self.block.get_submodule(anc))
 
     memo_mb = 2048
     """Budget of :meth:`memoize` in MiB (inputs and outputs kept for the later passes)."""
 
     def end_memo(self) -> None:
         """Forget the memoized outputs and restore the linears' own forward."""
+        self._final = set()
         if self._memo is not None:
             self._memo.close()
             self._memo = None
             trim_heap()
 
 
+def _same(a, b) -> bool:
+    """Whether two call arguments are the same: the same object, equal tensors (values,
+    shape, dtype), or containers / plain values that are equal element by element."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and \
+            bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (int, float, str, bool, type(None))) and type(a) is type(b):
+        return a == b
+    return False
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    """The tensors inside ``x`` (nested tuples, lists, dicts)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
 class _Memo:
-    """Per-chunk outputs of final linears (see :meth:`BlockContext.memoize`)."""
+    """Per-chunk outputs of final modules (see :meth:`BlockContext.memoize`)."""
 
     def __init__(self, ctx: BlockContext, budget: int):
         self.ctx = ctx
         self.budget = budget
         self.used = 0
-        self.kept: dict[int, dict] = {}  # id(module) -> {chunk: (x, state, y, y._version)}
+        # id(module) -> {chunk: (args, kwargs, state, output, output tensors' versions)}
+        self.kept: dict[int, dict] = {}
         self.mods: dict[int, nn.Module] = {}
         self.hits = 0
         self.misses = 0
 
     @staticmethod
     def state(m: nn.Module) -> tuple:
-        qs = tuple((r, q.is_enabled, getattr(q, "mode", None),
-                    None if getattr(q, "amax", None) is None else
-                    (q.amax.data_ptr(), q.amax._version),
-                    None if getattr(q, "scale", None) is None else
-                    (q.scale.data_ptr(), q.scale._version)) for r, q in m.quantizers())
-        w = m.weight
-        return (w.data_ptr(), w._version, w.dtype, qs, id(m._modules.get("input_rotation")),
-                torch.is_autocast_enabled(w.device.type),
-                torch.get_autocast_dtype(w.device.type))
+        """What the module's output depends on besides its inputs: every parameter and
+        buffer (identity, version), every quantizer's state, online rotations, autocast."""
+        out = [(n, t.data_ptr(), t._version, t.dtype)
+               for n, t in [*m.named_parameters(), *m.named_buffers()]]
+        for sub in m.modules():
+            if hasattr(sub, "is_enabled") and hasattr(sub, "spec"):  # a TensorQuantizer
+                amax, sc = getattr(sub, "amax", None), getattr(sub, "scale", None)
+                out.append((id(sub), sub.is_enabled, getattr(sub, "mode", None), id(sub.spec),
+                            None if amax is None else (amax.data_ptr(), amax._version),
+                            None if sc is None else (sc.data_ptr(), sc._version)))
+            elif hasattr(sub, "calibrate_all"):  # MoE experts: routing may change
+                out.append((id(sub), sub.calibrate_all))
+        dev = next((p.device.type for p in m.parameters()), "cpu")
+        out.append((torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        return tuple(out)
+
+    @staticmethod
+    def hooked(m: nn.Module) -> bool:
+        """Whether a hook inside ``m`` would be skipped by a reused output."""
+        return any(sub._forward_pre_hooks or sub._forward_hooks for sub in m.modules())
 
     def add(self, m: nn.Module) -> None:
         if id(m) in self.mods:
@@ -480,33 +534,43 @@ class _Memo:
         self.mods[id(m)] = m
         self.kept[id(m)] = {}
         store = self.kept[id(m)]
-        ctx = self
+        memo = self
 
-        def forward(x, *rest, **kw):
-            i = ctx.ctx._chunk
-            if i is None or rest or kw:
-                return type(m).forward(m, x, *rest, **kw)
-            st = ctx.state(m)
-            got = store.get(i)
+        def forward(*args, **kw):
+            i = memo.ctx._chunk
+            if i is None or memo.hooked(m):
+                return type(m).forward(m, *args, **kw)
+            st = memo.state(m)
+            got = store.pop(i, None)
             if got is not None:
-                kx, kst, ky, kv = got
-                if kst == st and ky._version == kv and (kx is x or (
-                        kx.shape == x.shape and kx.dtype == x.dtype and torch.equal(kx, x))):
-                    ctx.hits += 1
+                ka, kk, kst, ky, kv = got
+                if kst == st and [t._version for t in _tensors(ky)] == kv and \
+                        _same(ka, args) and _same(kk, kw):
+                    memo.hits += 1
+                    store[i] = got
                     return ky
-                del store[i]
-                ctx.used -= ky.numel() * ky.element_size()
-            ctx.misses += 1
-            y = type(m).forward(m, x)
-            size = y.numel() * y.element_size()
-            xs = 0 if any(e[0] is x for d in ctx.kept.values() for e in d.values()) \
-                else x.numel() * x.element_size()
-            if ctx.used + size + xs <= ctx.budget and not y.requires_grad:
-                store[i] = (x, st, y, y._version)
-                ctx.used += size + xs
+                memo.used -= memo.size(got)
+            memo.misses += 1
+            y = type(m).forward(m, *args, **kw)
+            ys = _tensors(y)
+            if not any(t.requires_grad for t in ys):
+                entry = (args, kw, st, y, [t._version for t in ys])
+                size = memo.size(entry)
+                if memo.used + size <= memo.budget:
+                    store[i] = entry
+                    memo.used += size
             return y
 
         m.forward = forward
+
+    def size(self, entry) -> int:
+        """Bytes an entry keeps alive that no other entry holds (inputs are often shared:
+        q/k/v read one tensor)."""
+        others = {t.data_ptr() for d in self.kept.values() for e in d.values() if e is not entry
+                  for t in _tensors(e[:2])}
+        ins = sum(t.numel() * t.element_size() for t in _tensors(entry[:2])
+                  if t.data_ptr() not in others)
+        return ins + sum(t.numel() * t.element_size() for t in _tensors(entry[3]))
 
     def close(self) -> None:
         for m in self.mods.values():
