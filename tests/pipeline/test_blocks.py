@@ -87,10 +87,12 @@ def test_capture_stops_early():
     assert len(cap.chunks) == 1 and cap.chunks[0].hidden.shape == (3, 16, 64)
 
 
-def test_holds_one_block_of_activations():
+@pytest.mark.parametrize("feed", ["quantized", "fp"])
+def test_holds_one_block_of_activations(feed):
     """Every hidden-state tensor a block returns is tracked (weak references): whenever a
-    block runs, the live ones are at most one block's worth plus one chunk, and none is
-    older than the previous block."""
+    block runs, the live ones are at most one block's worth plus one chunk (feed="fp": the
+    statistics pass keeps the float outputs of the whole block, one block more), and none
+    is older than the previous block."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -123,11 +125,12 @@ def test_holds_one_block_of_activations():
         hs.append(b.register_forward_hook(post(i)))
         hs.append(b.register_forward_pre_hook(pre(i), with_kwargs=True))
     lowbit.quantize(model, "int8-smoothquant", forward_loop=loop_over(calib_ids(n_samples, seq)),
-                    chunk_size=chunk)
+                    chunk_size=chunk, feed=feed)
     for h in hs:
         h.remove()
     assert peak["blocks_run"] == {0, 1, 2, 3}
-    assert 0 < peak["bytes"] <= one_block + one_chunk, (peak["bytes"], one_block)
+    extra = one_block if feed == "fp" else 0
+    assert 0 < peak["bytes"] <= one_block + one_chunk + extra, (peak["bytes"], one_block)
 
 
 def test_gptq_through_the_pipeline_beats_rtn():
@@ -297,3 +300,20 @@ def test_feed_fp_outputs_kept_by_the_statistics_pass(monkeypatch, recipe):
         with torch.no_grad():
             got[keep] = m(ids).logits
     assert torch.equal(got[True], got[False])
+
+
+def test_recipe_feed_and_the_argument_that_overrides_it():
+    """A recipe's ``feed`` applies when quantize() is not given one; the argument wins."""
+    base = build("llama")
+    ids = calib_ids(4, 16)
+    d = recipes.load("int8-smoothquant").to_dict()
+    for recipe_feed, arg, want in [("fp", None, True), ("fp", "quantized", False),
+                                   (None, None, False), ("quantized", "fp", True)]:
+        d["feed"] = recipe_feed
+        m = copy.deepcopy(base)
+        lowbit.quantize(m, recipes.load(d), forward_loop=loop_over(ids), feed=arg, chunk_size=2)
+        assert bool(m.lowbit_report.blocks[0].get("fp_outputs_from_stats")) == want, \
+            (recipe_feed, arg)
+    d["feed"] = "float"
+    with pytest.raises(lowbit.errors.ConfigError):
+        recipes.load(d)

@@ -105,6 +105,13 @@ def _all(ctx, group, pred) -> bool:
     return all(ctx.selected(n) and pred(ctx.block.get_submodule(n)) for n in group.linears)
 
 
+def _one_input(m) -> bool:
+    """Whether ``m`` is called on one tensor (a Linear or GPT-2 Conv1D, not an
+    ``nn.MultiheadAttention``'s in-projection)."""
+    from lowbit.adapters.base import is_conv1d
+    return isinstance(m, torch.nn.Linear) or is_conv1d(m)
+
+
 def _targets(group, loss: str) -> list[str]:
     if loss == "module":
         return [group.parent]
@@ -181,8 +188,14 @@ def smoothquant_step(ctx, args: dict) -> None:
     for g in groups:
         probe = None
         if grid is not None and group_stats(stats, g) is not None:
-            if on_sample:  # each linear on its input's token sample (global: no reduce)
-                probe = GroupProbe(ctx.block, g, {n: [((stats[n].sample,), {})]
+            plain = all(_one_input(ctx.block.get_submodule(n)) for n in g.linears)
+            if on_sample and not plain:
+                ctx.info.setdefault("notes", []).append(
+                    f"smoothquant: group {'/'.join(g.linears)} takes more than one input "
+                    "tensor: scored with loss=module")
+            if on_sample and plain:  # each linear on its input's token sample (global)
+                dt = {n: ctx.block.get_submodule(n).weight.dtype for n in g.linears}
+                probe = GroupProbe(ctx.block, g, {n: [((stats[n].sample.to(dt[n]),), {})]
                                                   for n in g.linears}, act_quant=True)
             else:
                 probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),

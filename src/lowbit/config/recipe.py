@@ -173,6 +173,7 @@ class Recipe(BaseModel):
     moe_calibrate_all_experts: bool | None = None
     moe_min_tokens: int | None = None
     gguf_mix: GgufMix | None = None
+    feed: Literal["quantized", "fp"] | None = None
 
     @field_validator("gguf_mix", mode="before")
     @classmethod

@@ -149,7 +149,8 @@ class BlockContext:
         self._memo: _Memo | None = None
         self._final: set[str] = set()
         # feed="fp": the statistics pass keeps the block's float outputs when it runs before
-        # any parameter changed (then they are what the next block gets, no extra pass)
+        # any parameter changed (then they are what the next block gets, no extra pass; one
+        # more block of activations held meanwhile, so not with low_memory)
         self.fp_feed_sig: tuple | None = None
         self.fp_outputs: list[torch.Tensor] | None = None
         self._chunk: int | None = None  # index in self.chunks of the chunk being run
@@ -312,7 +313,7 @@ class BlockContext:
 
         # (not with every token through every expert: then the outputs are not the model's)
         keep = self.fp_feed_sig is not None and self.fp_feed_sig == _param_sig(self.block) \
-            and not (self.moe_all and experts_modules(self.block))
+            and not (self.moe_all and experts_modules(self.block)) and not self.low_memory
         try:
             if keep:  # the whole block in float: its outputs feed the next block (feed="fp")
                 with disabled(q for _, q in quantizers(self.block)):
@@ -460,7 +461,6 @@ class BlockContext:
         if self._memo is not None:
             self._memo.close()
             self._memo = None
-            trim_heap()
 
 
 def _same(a, b) -> bool:

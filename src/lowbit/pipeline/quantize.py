@@ -97,7 +97,7 @@ def calibrate(model: nn.Module, forward_loop: Callable[[nn.Module], Any], comm=N
 def quantize(model: nn.Module, recipe: "str | Recipe | dict",
              forward_loop: Callable[[nn.Module], Any] | None = None,
              calib_data: Any = None, progress: Callable[[int, int, str], None] | None = None,
-             feed: str = "quantized", chunk_size: int = 8, blockwise: bool | None = None,
+             feed: str | None = None, chunk_size: int = 8, blockwise: bool | None = None,
              comm=None, **overrides: Any) -> nn.Module:
     """Quantize ``model`` in place per ``recipe`` and return it.
 
@@ -112,7 +112,8 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         progress: ``callable(done, total, block_name)`` called after each decoder block when
             the recipe has algorithm steps (they run block by block).
         feed: block by block, each block's inputs are the outputs of the quantized blocks
-            before it (``"quantized"``) or of the full-precision ones (``"fp"``).
+            before it (``"quantized"``) or of the full-precision ones (``"fp"``); None: the
+            recipe's ``feed`` (e.g. ``int8-smoothquant`` says ``fp``), else ``"quantized"``.
         chunk_size: calibration samples per block call in the block-by-block runner.
         blockwise: run calibration block by block (``lowbit.pipeline.blocks``): None (the
             default) does so when the recipe has algorithm steps, True always, False never
@@ -157,6 +158,7 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
     if moe_options:
         recipe = Recipe.parse({**recipe.to_dict(), **moe_options}, f"recipe {recipe.name}")
     moe_all = recipe.calibrate_all_experts
+    feed = feed if feed is not None else (recipe.feed or "quantized")
     if forward_loop is None and calib_data is not None:
         if comm.enabled:
             calib_data = shard_batches(calib_data, chunk_size, comm)

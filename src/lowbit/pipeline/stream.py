@@ -165,7 +165,7 @@ def _export_rest(model: nn.Module, prefix: str, work: WorkDir, tokenizer) -> Non
 
 def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: Any,
                         out_dir: "str | os.PathLike", *, chunk_size: int = 8,
-                        feed: str = "quantized", dtype: "torch.dtype | str | None" = None,
+                        feed: str | None = None, dtype: "torch.dtype | str | None" = None,
                         device: "str | torch.device" = "cpu", resume: bool = True,
                         work_dir: "str | os.PathLike | None" = None, overwrite: bool = False,
                         tokenizer=None, progress: Callable[[int, int, str], None] | None = None,
@@ -184,7 +184,8 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
             dicts of model inputs), the **whole** set on every rank; None for recipes that
             need no data (weight-only RTN).
         chunk_size: samples per block call; ``feed``: ``"quantized"`` or ``"fp"`` inputs
-            for the next block (as :func:`lowbit.pipeline.blocks.run_blocks`).
+            for the next block (as :func:`lowbit.pipeline.blocks.run_blocks`; None: the
+            recipe's ``feed``, else ``"quantized"``).
         dtype: compute and storage dtype of the unquantized tensors (default: the config's
             ``dtype``, else float32). ``device``: where blocks run (``"cuda"``...).
         resume: continue an interrupted run found in ``work_dir`` (default
@@ -209,6 +210,7 @@ def quantize_checkpoint(src_dir: "str | os.PathLike", recipe: Any, calib_data: A
     recipe = _recipes.load(recipe, **overrides)
     if moe_options:  # moe_calibrate_all_experts / moe_min_tokens, as lowbit.quantize takes
         recipe = Recipe.parse({**recipe.to_dict(), **moe_options}, f"recipe {recipe.name}")
+    feed = feed if feed is not None else (recipe.feed or "quantized")
     if feed not in ("quantized", "fp"):
         raise ConfigError(f"feed must be 'quantized' or 'fp', got {feed!r}")
     if getattr(recipe, "gguf_mix", None) is not None:
