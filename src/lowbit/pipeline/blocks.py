@@ -289,22 +289,30 @@ class BlockContext:
         total = sum(t for _, t in layout)
         per_chunk = max(1, math.ceil(self.sample_tokens / max(1, len(layout))))
 
+        last: list = [None, None]  # the latest input tensor and its terms: linears called
+        # on the very same tensor (q/k/v, gate/up) take the same terms, computed once
+
         def hook(mod, a, k, n):
-            x = linear_input(mod, a, k, n).detach()
-            x = x.reshape(-1, x.shape[-1]).float()
+            x0 = linear_input(mod, a, k, n).detach()
+            if last[0] is not x0:
+                x = x0.reshape(-1, x0.shape[-1]).float()
+                ax = x.abs()
+                nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0).double()
+                if x.shape[0] > per_chunk:
+                    idx = torch.linspace(0, x.shape[0] - 1, per_chunk).round().long()
+                    smp = x[idx].clone()
+                else:
+                    smp = x.clone()
+                last[:] = [x0, (ax.amax(0), ax.sum(0).double(), x.shape[0], nm, smp)]
+                del x, ax
+            mx, sm, rows, nm, smp = last[1]
             st = acc[n]
-            ax = x.abs()
-            mx, sm = ax.amax(0), ax.sum(0).double()
-            st[0] = mx if st[0] is None else torch.maximum(st[0], mx)
-            st[1] = sm if st[1] is None else st[1] + sm
-            st[2] += x.shape[0]
-            nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0).double()
-            st[4] = nm if st[4] is None else st[4] + nm
-            if x.shape[0] > per_chunk:
-                idx = torch.linspace(0, x.shape[0] - 1, per_chunk).round().long()
-                st[3].append(x[idx].clone())
-            else:
-                st[3].append(x.clone())
+            # (own copies: the ranks' reduction works in place, linear by linear)
+            st[0] = mx.clone() if st[0] is None else torch.maximum(st[0], mx)
+            st[1] = sm.clone() if st[1] is None else st[1] + sm
+            st[2] += rows
+            st[4] = nm.clone() if st[4] is None else st[4] + nm
+            st[3].append(smp)
 
         mods = [self.block.get_submodule(n) for n in names]
         hs = [m.register_forward_pre_hook(lambda mod, a, k, n=n: hook(mod, a, k, n),
@@ -322,6 +330,7 @@ class BlockContext:
                 with self.weights_fp(), self.all_experts():
                     self.run(until=mods)
         finally:
+            last[:] = [None, None]
             for h in hs:
                 h.remove()
         if self.comm.enabled:
