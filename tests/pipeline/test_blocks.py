@@ -314,6 +314,9 @@ def test_recipe_feed_and_the_argument_that_overrides_it():
         lowbit.quantize(m, recipes.load(d), forward_loop=loop_over(ids), feed=arg, chunk_size=2)
         assert bool(m.lowbit_report.blocks[0].get("fp_outputs_from_stats")) == want, \
             (recipe_feed, arg)
+    d["feed"] = "fp"  # kept through to_dict and load-time overrides
+    assert recipes.load(recipes.load(d).to_dict()).feed == "fp"
+    assert recipes.load("int8-smoothquant", kv_cache="int8").feed == "fp"
     d["feed"] = "float"
     with pytest.raises(lowbit.errors.ConfigError):
         recipes.load(d)

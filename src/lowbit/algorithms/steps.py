@@ -38,7 +38,11 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   activations do not dominate it), ``forward_dtype`` ``float32`` (``bfloat16``: the block's
   passes that collect Hessians run under CPU/CUDA autocast to bfloat16, 2-3x faster matmuls
   on CPUs with bfloat16 instructions; the Hessians still accumulate in ``dtype``; the pass
-  that feeds the next block stays in the model's dtype). On ``gguf_*`` specs each super-block's scales come from
+  that feeds the next block stays in the model's dtype, so it cannot reuse the outputs the
+  bfloat16 passes computed, see :meth:`lowbit.pipeline.blocks.BlockContext.memoize`).
+  Linears sharing one Hessian (q/k/v, gate/up) whose rows GPTQ treats separately are
+  quantized in one call, rows stacked; after each group its linears (and the modules holding
+  only final linears) are memoized for the block's later passes. On ``gguf_*`` specs each super-block's scales come from
   the importance-weighted search with the Hessian's diagonal (see :mod:`lowbit.algorithms.gptq`).
 * ``smoothquant`` and ``awq`` skip a group whose linears hold an online ``input_rotation``
   (or whose norm's output is rotated online, :mod:`lowbit.algorithms.rotate`): a scale

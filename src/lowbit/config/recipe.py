@@ -257,7 +257,8 @@ class Recipe(BaseModel):
             "exclude": list(self.exclude), "kv_cache": spec(self.kv_cache),
             "algorithms": [a.model_dump(exclude_defaults=True) for a in self.algorithms],
             "group_policy": self.group_policy, "strict": self.strict,
-            **{k: getattr(self, k) for k in ("moe_calibrate_all_experts", "moe_min_tokens")
+            **{k: getattr(self, k) for k in ("moe_calibrate_all_experts", "moe_min_tokens",
+                                             "feed")
                if getattr(self, k) is not None},
             **({"gguf_mix": self.gguf_mix.model_dump(exclude_defaults=True)}
                if self.gguf_mix is not None else {}),
