@@ -21,7 +21,8 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   error on its captured inputs, else it is undone and refused with a
   :class:`~lowbit.errors.CalibrationError`; None: 1e-4 in float32, 5e-3 in float16, 5e-2 in
   bfloat16, see :func:`lowbit.algorithms.smoothing.fold_tolerance`).
-* ``awq``: ``grid`` 20; ``refine`` false (as for SmoothQuant); ``pairs`` true; ``max_tokens`` 2048; ``duo_scaling`` false;
+* ``awq``: ``grid`` 20; ``refine`` false (as for SmoothQuant); ``pairs`` true;
+  ``max_tokens`` 2048; ``duo_scaling`` false;
   ``loss`` ``module`` (error of the module holding the group) or ``linears``; ``act_quant``
   false; ``clip`` true, ``clip_grid`` 20, ``min_ratio`` 0.5, ``clip_tokens`` 512,
   ``clip_skip`` (q/k projections, as AutoAWQ); ``token_weight`` ``none`` (``norm``: errors
@@ -440,8 +441,8 @@ def gptq_step(ctx, args: dict) -> None:
                 accs[unit[0]].H, accs[unit[0]].n_tokens = accs[head].H.clone(), \
                     accs[head].n_tokens
         if ctx.comm.enabled:  # data-parallel: sum the ranks' Hessians (see pipeline.distributed)
-            for unit in units:
-                accs[unit[0]].all_reduce(ctx.comm.group)
+            for n in grp:  # every linear, in one order on every rank (a stacked one's is unused)
+                accs[n].all_reduce(ctx.comm.group)
         byname = dict(zip(grp, mods))
         for unit in units:
             head = unit[0]
