@@ -12,6 +12,7 @@ import lowbit
 from lowbit import recipes
 from lowbit.adapters import find_blocks, get_adapter
 from lowbit.pipeline import blocks as B
+from lowbit.pipeline import runner as R
 from lowbit.pipeline.algorithms import algorithm_names, register_algorithm
 from tests.tiny_models import build, calib_ids, loop_over, group_over
 
@@ -63,7 +64,7 @@ def test_captured_inputs_reproduce_the_model(family, chunk_size):
                              cap.overrides[i])
         got = torch.cat([c.hidden for c in chunks])
         assert torch.allclose(got, hs[i], atol=1e-5, rtol=1e-5), i
-        B._replace_with_outputs(ctx, fp=True)
+        R._replace_with_outputs(ctx, fp=True)
     if family in ("llama", "qwen3", "gemma3"):  # the last hidden state is after the norm
         norm = model.model.norm
         with torch.no_grad():
