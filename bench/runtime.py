@@ -43,8 +43,8 @@ Variants (``--variants`` picks some):
   segfaults: build llama-cpp-python without it (docs/runtime.md);
 * ``torchao int8 wo``: only when ``torchao`` is importable (else a note).
 
-Then the goal ratios, and, with CUDA only, a GPU section (not yet run on a GPU: every result so far
-was taken with ``--no-gpu`` on a CPU): FP8 ``_scaled_mm`` linear vs BF16 at
+Then the goal ratios, and, with CUDA only, a GPU section (run once, on an H200:
+``bench/results/runtime_gpu_h200.json``; the CPU results were taken with ``--no-gpu``): FP8 ``_scaled_mm`` linear vs BF16 at
 4096x4096x4096 and int4 weight-only GEMV (M=1) vs BF16. Prints tables and writes
 ``bench/results/runtime.json``.
 

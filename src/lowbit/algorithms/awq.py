@@ -127,15 +127,15 @@ def awq_clip(module: nn.Module, x: torch.Tensor, grid: int = 20, min_ratio: floa
     if token_weight == "norm":
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     xg = x.reshape(-1, n_groups, g)
-    best_err = torch.full((o, n_groups), float("inf"))
-    best_r = torch.ones(o, n_groups)
+    best_err = torch.full((o, n_groups), float("inf"), device=w.device)
+    best_r = torch.ones(o, n_groups, device=w.device)
     ratios = torch.linspace(1.0, min_ratio, grid).tolist() if grid > 1 else [1.0]
     for r in ratios:
-        qt = _fixed_scales(w, torch.full((o, n_groups), r), spec, g, nv_amax)
+        qt = _fixed_scales(w, torch.full((o, n_groups), r, device=w.device), spec, g, nv_amax)
         q = fake_quant(w, spec, scale=qt.scale, zero_point=qt.zero_point,
                        global_scale=qt.global_scale)
         d = (q - w).reshape(o, n_groups, g)
-        err = torch.empty(o, n_groups)
+        err = torch.empty(o, n_groups, device=w.device)
         for r0 in range(0, o, rows_per_batch):
             r1 = min(o, r0 + rows_per_batch)
             err[r0:r1] = torch.einsum("ogk,tgk->ogt", d[r0:r1], xg).square().sum(-1)

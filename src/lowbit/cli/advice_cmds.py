@@ -14,7 +14,7 @@ GOALS = {
     "training-speed": ("FP8 training (E4M3 forward, E5M2 gradients, delayed scaling)",
                        "fp8 (training: lowbit.training.fp8_autocast)",
                        "FP8 tensor cores on Hopper-class GPUs (NVIDIA's figure: about twice "
-                       "BF16's throughput; lowbit's FP8 path has not yet run on a GPU)."),
+                       "BF16's throughput; lowbit's FP8 training path ran on one H200, unbenchmarked)."),
     "inference-int8": ("SmoothQuant + W8A8 INT8", "int8-smoothquant",
                        "Best W8A8 accuracy: moves activation outliers into the weights; INT8 "
                        "kernels are everywhere (CPU included)."),

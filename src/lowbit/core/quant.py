@@ -58,6 +58,16 @@ class QTensor:
     global_scale: torch.Tensor | None = None
     fields: dict | None = None
 
+    def to(self, device: "torch.device | str") -> "QTensor":
+        """The same QTensor with every tensor (codes, scales, ggml fields) on ``device``."""
+        def mv(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        return QTensor(mv(self.codes), mv(self.scale), mv(self.zero_point), self.spec,
+                       self.shape, self.dtype, mv(self.global_scale),
+                       None if self.fields is None else {k: mv(v) for k, v in
+                                                         self.fields.items()})
+
     @property
     def element_format(self) -> formats.Format:
         """The format of the codes (ConfigError for ggml types: see :attr:`fields`)."""

@@ -174,11 +174,13 @@ def packed_to_int32(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     ``bits``-bit codes per row) as compressed-tensors' int32 words: the same little-endian
     bit stream with each code offset by ``2^(bits-1)`` (its top bit flipped), zero-padded
     to ``ceil(n * bits / 32)`` words."""
-    mask = formats.pack(torch.full((n,), 1 << (bits - 1), dtype=torch.uint8), bits)
+    mask = formats.pack(torch.full((n,), 1 << (bits - 1), dtype=torch.uint8,
+                                   device=stream.device), bits)
     words = math.ceil(n * bits / 32)
     nbytes = words * 4
     k = min(nbytes, stream.shape[-1])
-    buf = torch.zeros(*stream.shape[:-1], nbytes, dtype=torch.uint8)  # fresh, contiguous
+    buf = torch.zeros(*stream.shape[:-1], nbytes, dtype=torch.uint8,
+                      device=stream.device)  # fresh, contiguous
     buf[..., :k] = stream[..., :k] ^ mask[:k]  # bytes past the codes stay zero padding
     out = buf.view(torch.int32)
     if not _little_endian():
@@ -207,8 +209,8 @@ def ct_global_scale(gs: torch.Tensor, used: torch.Tensor | None = None) -> torch
     value), ties to the nearest. Often it holds for all; otherwise the remaining scales
     differ by 1 float32 ulp, below the bfloat16 rounding of the decompressed weights.
     """
-    gs = gs.float().reshape(())
-    vals = _E4M3.values() if used is None else used.float().reshape(-1).unique()
+    gs = gs.detach().float().cpu().reshape(())
+    vals = _E4M3.values() if used is None else used.detach().float().cpu().reshape(-1).unique()
     vals = vals[vals > 0]
     want = vals * gs
     base = (1.0 / gs).reshape(1)
@@ -279,7 +281,7 @@ def _static_scale(q, spec: QuantSpec, n: int = 1):
     """``(scale [1], zero_point [1] | None, global | None)`` of a static quantizer, computed
     by lowbit's own rule from its calibrated amax (the values fake quantization uses)."""
     block = spec.group_size if spec.block_format is not None else 1
-    dummy = torch.zeros(n, block)
+    dummy = torch.zeros(n, block, device=q.amax.device)
     _, _, s, zp, extra = compute_scales(dummy, spec, amax=q.amax, amin=q.amin)
     if extra is not None:
         return None, None, extra[1].reshape(1)
@@ -357,7 +359,7 @@ def export(model: nn.Module, out_dir: Path, tokenizer=None, max_shard_size: int 
             dtype = torch.bfloat16
     for name, m, roles in quantized:
         if roles["weights"] is not None:
-            qt = weight_qtensor(m)
+            qt = weight_qtensor(m).to("cpu")  # packed and written on the CPU
             skip.add(f"{name}.weight")
             tensors.update(_weight_tensors(name, qt, roles["format"], dtype, inexact))
         if roles["input_activations"] is not None:

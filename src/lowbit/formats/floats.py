@@ -165,7 +165,7 @@ class FloatFormat(Format):
         nan = torch.isnan(y)
         if not self.has_nan and bool(nan.any()):
             raise FormatError(f"format {self.name} has no NaN: the input holds NaN values")
-        pos_vals, pos_codes = _positive_grid(self)
+        pos_vals, pos_codes = (t.to(y.device) for t in _positive_grid(self))
         mag = torch.where(nan, torch.zeros_like(y), y.abs())
         idx = torch.searchsorted(pos_vals, mag.reshape(-1)).reshape(mag.shape)
         idx = idx.clamp_(max=pos_vals.numel() - 1)
@@ -177,7 +177,7 @@ class FloatFormat(Format):
         return codes.to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.table()[codes.to(torch.int64) & (2**self.bits - 1)]
+        return self.table().to(codes.device)[codes.to(torch.int64) & (2**self.bits - 1)]
 
     # --- text ---------------------------------------------------------------------------
     def layout(self) -> str:

@@ -52,9 +52,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         c = torch.nn.functional.pad(c, (0, pad))
     # explicit sizes (not -1): a zero-size leading dim makes -1 ambiguous
     c = c.reshape(*codes.shape[:-1], (n + pad) // per, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
     word = (c << shifts).sum(-1)  # [..., units], < 2^(8*nbytes) <= 2^56
-    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=codes.device) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
     return out.flatten(-2).to(torch.uint8)
 
@@ -72,8 +72,8 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed.clone()
     per, nbytes = _unit(bits)
     p = packed.to(torch.int64).reshape(*packed.shape[:-1], packed.shape[-1] // nbytes, nbytes)
-    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=packed.device) * 8
     word = (p << byte_shifts).sum(-1)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
     c = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return c.flatten(-2)[..., :n].to(torch.uint8)
