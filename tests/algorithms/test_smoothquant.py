@@ -257,3 +257,57 @@ def test_search_grid_refine_finds_the_minimum_of_one_basin(n):
         assert len(calls) == len(set(calls)) <= 3 * round(n ** 0.5) + 1
         assert n < 10 or len(calls) < n
         assert all(got[a] == full[a] for a in got)
+
+
+def _probe_setup():
+    from lowbit.pipeline.blocks import BlockContext, capture_block_inputs
+
+    model = outlier_llama()
+    lowbit.quantize(model, "int8", forward_loop=loop_over(calib_ids(4, 16)))
+    adapter = get_adapter(model)
+    blocks = adapter.find_blocks(model)[1]
+    cap = capture_block_inputs(model, blocks, loop_over(calib_ids(4, 16)))
+    ctx = BlockContext(model, blocks[0], "model.layers.0", 0, adapter, cap.chunks, {})
+    ctx.sample_tokens = 48
+    return ctx, ctx.linear_stats(means=False)
+
+
+def test_direct_probe_equals_the_module_probe_and_max_rows_scores_a_row_subset():
+    """``direct`` gives the module path's loss exactly; ``max_rows`` sums the kept rows'
+    errors scaled by out / rows (computed here by hand from the direct path's outputs)."""
+    from lowbit.algorithms import GroupProbe, smoothquant_scales
+    from lowbit.algorithms.smoothquant import group_weight_max
+
+    ctx, stats = _probe_setup()
+    assert all(st.absmean is None and st.nabsmean is None for st in stats.values())
+    for g in ctx.scale_groups():
+        inputs = {n: [((stats[n].sample,), {})] for n in g.linears}
+        s = smoothquant_scales(stats[g.linears[0]].absmax, group_weight_max(ctx.block, g), 0.6)
+        module = GroupProbe(ctx.block, g, inputs, act_quant=True)
+        direct = GroupProbe(ctx.block, g, inputs, act_quant=True, direct=True)
+        assert direct.loss(s) == module.loss(s) and direct.loss(None) == module.loss(None)
+        rows = GroupProbe(ctx.block, g, inputs, act_quant=True, max_rows=5)
+        outs, refs = direct._row_outputs(s, None, quant=True), direct.ref
+        want = 0.0
+        for i, n in enumerate(g.linears):
+            out = ctx.block.get_submodule(n).weight.shape[0]
+            idx = torch.linspace(0, out - 1, 5).round().long()
+            want += out / 5 * float((outs[i][:, idx] - refs[i][:, idx]).square().sum())
+        assert rows.loss(s) == pytest.approx(want, rel=1e-5)  # (row-subset matmul order)
+        assert rows.loss(s) != direct.loss(s)
+
+
+def test_max_rows_needs_the_linears_loss():
+    from lowbit.errors import ConfigError
+
+    m = build("llama")
+    r = lowbit.recipes.load("int8-smoothquant").to_dict()
+    r["algorithms"][0]["args"].update(loss="module", max_rows=64)
+    with pytest.raises(ConfigError, match="max_rows=64 .* needs loss='linears'"):
+        lowbit.quantize(m, r, forward_loop=loop_over(calib_ids(2, 16)))
+    ctx, stats = _probe_setup()
+    from lowbit.algorithms import GroupProbe
+
+    g = ctx.scale_groups()[0]
+    with pytest.raises(ConfigError, match="max_rows / direct"):
+        GroupProbe(ctx.block, g, ctx.capture([g.parent], ctx.chunks), max_rows=4)

@@ -198,11 +198,22 @@ class GroupProbe:
     ``reduce``: combines the loss of this process's inputs with the other ranks' (e.g.
     ``ctx.comm.sum_float`` in data-parallel calibration); the per-call errors are summed in
     float64, so the total does not depend on how the calls are split.
+
+    ``max_rows``: only when the targets are the group's own linears, each called on one input
+    tensor: a linear with more output rows than this is scored on ``max_rows`` of them,
+    evenly spaced and the same for every candidate, its error scaled by ``out / max_rows``
+    (an estimate of the full sum). The weight is still quantized whole (so any granularity
+    gives the rows their exact quantized values) and only the kept rows are multiplied: the
+    scoring matmuls shrink by ``out / max_rows``. None: every row. ``direct``: the same
+    targets (the group's own linears on one input tensor each) computed as ``F.linear`` of
+    the candidate weight, without writing it into the module and back (implied by
+    ``max_rows``; the same values as the module's forward with its quantizers off).
     """
 
     def __init__(self, block: nn.Module, group: InputGroup, inputs: dict[str, list],
                  act_quant: bool = False, token_weight: str = "none",
-                 reduce: Callable[[float], float] | None = None):
+                 reduce: Callable[[float], float] | None = None, max_rows: int | None = None,
+                 direct: bool = False):
         self.block = block
         self.reduce = reduce
         self.group = group
@@ -211,8 +222,22 @@ class GroupProbe:
         self.act_specs = [dynamic_version(input_spec(m)) if act_quant and input_spec(m)
                           is not None else None for m in self.mods]
         self.wspecs = [weight_spec(m) for m in self.mods]
+        self.rows = None
+        if max_rows is not None or direct:
+            if max_rows is not None and int(max_rows) < 1:
+                raise ConfigError(f"max_rows must be a positive number of rows, got {max_rows}")
+            if list(inputs) != list(group.linears) or \
+                    any(len(a) != 1 or k for calls in inputs.values() for a, k in calls):
+                raise ConfigError("max_rows / direct score the group's own linears on one "
+                                  "input tensor each; these targets are modules or take more")
+            self.rows = []
+            for m in self.mods:
+                out = weight_2d(m).shape[0]
+                idx = None if max_rows is None or out <= max_rows else \
+                    torch.linspace(0, out - 1, int(max_rows)).round().long().unique()
+                self.rows.append((idx, 1.0 if idx is None else out / idx.numel()))
         with self._all_off():
-            self.ref = self._outputs()
+            self.ref = self._outputs() if self.rows is None else self._row_outputs(None, None)
         self.weights = [token_weights(r, token_weight) for r in self.ref]
 
     def _all_off(self):
@@ -230,9 +255,42 @@ class GroupProbe:
         return outs
 
     @torch.no_grad()
+    def _row_outputs(self, s: torch.Tensor | None, weights: list[torch.Tensor] | None,
+                     quant: bool = False) -> list[torch.Tensor]:
+        """The kept rows of each linear's output, computed directly: the (scaled, quantized
+        when ``quant``) weight's rows times the (scaled, quantized) input, plus the bias."""
+        outs = []
+        for i, (m, (idx, _)) in enumerate(zip(self.mods, self.rows)):
+            w = weight_2d(m).detach()
+            if weights is not None:
+                wq = weights[i]
+            else:
+                wq = w.float() * s[None, :] if s is not None else w.float()
+                if quant and self.wspecs[i] is not None:
+                    wq = fake_quant(wq, self.wspecs[i])
+            wq = wq.to(w.dtype)
+            b = getattr(m, "bias", None)
+            if idx is not None:
+                wq = wq[idx]
+                b = None if b is None else b[idx]
+            for (x,), _ in self.inputs[self.group.linears[i]]:
+                if s is not None or (quant and self.act_specs[i] is not None):
+                    x = self._scale_in(x, s, self.act_specs[i] if quant else None)
+                outs.append(torch.nn.functional.linear(x.to(wq.dtype), wq, b).float())
+        return outs
+
+    def _row_scales(self) -> list[float]:
+        return [f for (_, f), calls in zip(self.rows, self.inputs.values()) for _ in calls]
+
+    @torch.no_grad()
     def loss(self, s: torch.Tensor | None, weights: list[torch.Tensor] | None = None) -> float:
         """Squared output error with the group's weights scaled by ``s`` (None: 1) and
         fake-quantized (or replaced by ``weights``, ``[out, in]`` each, already scaled)."""
+        if self.rows is not None:
+            outs = self._row_outputs(s, weights, quant=True)
+            local = sum(f * float(((o - r).square().sum(-1) * w).sum()) for o, r, w, f in
+                        zip(outs, self.ref, self.weights, self._row_scales()))
+            return float(local) if self.reduce is None else float(self.reduce(float(local)))
         saved = [weight_2d(m).detach().clone() for m in self.mods]
         hooks = []
         try:

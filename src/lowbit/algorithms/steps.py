@@ -12,7 +12,10 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   ``module`` (the output error of the module holding the group, on ``max_tokens`` tokens of
   the block's inputs run up to it) or ``linears`` (the group's own linears on the token
   sample the statistics pass keeps, ``max_tokens`` tokens spread over all the inputs: no
-  extra pass over the block);
+  extra pass over the block); ``max_rows`` None (with ``loss: linears``: each linear scored
+  on at most this many of its output rows, evenly spaced, its error scaled up to the whole
+  -- :class:`~lowbit.algorithms.smoothing.GroupProbe`; the scoring matmuls shrink by
+  ``out / max_rows``);
   ``pairs`` true (also ``v_proj -> o_proj``, ``up_proj -> down_proj`` where they fit);
   ``max_tokens`` 2048 (tokens of the search sample); ``amax_from_stats`` true (static
   per-tensor ``max`` input quantizers of the smoothed linears take ``max_j |X_j| / s_j``
@@ -75,7 +78,8 @@ if TYPE_CHECKING:
 
 SMOOTHQUANT_ARGS = {"alpha": 0.5, "search": False, "grid": 10, "refine": False,
                     "loss": "module", "pairs": True, "max_tokens": 2048,
-                    "amax_from_stats": True, "fold_tol": None}
+                    "amax_from_stats": True, "fold_tol": None, "max_rows": None,
+                    "forward_dtype": "float32"}
 AWQ_ARGS = {"grid": 20, "refine": False, "pairs": True, "max_tokens": 2048, "duo_scaling": False,
             "loss": "module", "act_quant": False, "clip": True, "clip_grid": 20,
             "min_ratio": 0.5, "clip_tokens": 512, "guard": True, "token_weight": "none",
@@ -100,10 +104,11 @@ def group_stats(stats: dict, group) -> "LinearStats | None":
     if len(have) == len(group.linears) and len({st.n_tokens for st in have}) == 1:
         return have[0]
     n = sum(st.n_tokens for st in have)
+    means = have[0].absmean is not None
     return LinearStats(torch.stack([st.absmax for st in have]).amax(0),
-                       sum(st.absmean * st.n_tokens for st in have) / n,
-                       sum(st.nabsmean * st.n_tokens for st in have) / n, n,
-                       torch.cat([st.sample for st in have]))
+                       sum(st.absmean * st.n_tokens for st in have) / n if means else None,
+                       sum(st.nabsmean * st.n_tokens for st in have) / n if means else None,
+                       n, torch.cat([st.sample for st in have]))
 
 
 def _all(ctx, group, pred) -> bool:
@@ -180,10 +185,20 @@ def smoothquant_step(ctx, args: dict) -> None:
     if args["loss"] not in ("module", "linears"):
         raise ConfigError(f"smoothquant: loss must be 'module' or 'linears', got "
                           f"{args['loss']!r}")
+    max_rows = args["max_rows"]
+    if max_rows is not None and args["loss"] != "linears":
+        raise ConfigError(f"smoothquant: max_rows={max_rows} scores the group's own linears; "
+                          "it needs loss='linears'")
     on_sample = args["search"] and args["loss"] == "linears"
     if on_sample and ctx._stats is None:  # the statistics pass keeps the search's tokens
         ctx.sample_tokens = int(args["max_tokens"])
-    stats = ctx.linear_stats()
+    if args["forward_dtype"] not in ("float32", "bfloat16"):
+        raise ConfigError(f"smoothquant: forward_dtype must be 'float32' or 'bfloat16', got "
+                          f"{args['forward_dtype']!r}")
+    # SmoothQuant reads absmax (and the sample); with forward_dtype bfloat16 the statistics
+    # pass (and the float outputs it keeps for feed="fp") runs under bfloat16 autocast
+    with _autocast(ctx.block, args["forward_dtype"] == "bfloat16"):
+        stats = ctx.linear_stats(means=False)
     grid = None
     if args["search"]:
         n = int(args["grid"])
@@ -197,11 +212,14 @@ def smoothquant_step(ctx, args: dict) -> None:
             if on_sample and not plain:
                 ctx.info.setdefault("notes", []).append(
                     f"smoothquant: group {'/'.join(g.linears)} takes more than one input "
-                    "tensor: scored with loss=module")
+                    "tensor: scored with loss=module" +
+                    ("" if max_rows is None else ", every output row (max_rows not applied)"))
             if on_sample and plain:  # each linear on its input's token sample (global)
                 dt = {n: ctx.block.get_submodule(n).weight.dtype for n in g.linears}
                 probe = GroupProbe(ctx.block, g, {n: [((stats[n].sample.to(dt[n]),), {})]
-                                                  for n in g.linears}, act_quant=True)
+                                                  for n in g.linears}, act_quant=True,
+                                   max_rows=None if max_rows is None else int(max_rows),
+                                   direct=True)
             else:
                 probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
                                    act_quant=True, reduce=ctx.comm.sum_float)

@@ -76,11 +76,12 @@ def return_large_frees(threshold: int = 1 << 20) -> None:
 class LinearStats:
     """Per-input-channel statistics of one linear's input over every calibration token:
     ``absmax [in]``, ``absmean [in]``, ``nabsmean [in]`` (mean of ``|x_t| / ||x_t||``: every
-    token counts alike), the token count and a token ``sample [k, in]``."""
+    token counts alike; both None when the steps asked for ``means=False``), the token count
+    and a token ``sample [k, in]``."""
 
     absmax: torch.Tensor
-    absmean: torch.Tensor
-    nabsmean: torch.Tensor
+    absmean: torch.Tensor | None
+    nabsmean: torch.Tensor | None
     n_tokens: int
     sample: torch.Tensor
 
@@ -88,8 +89,9 @@ class LinearStats:
         """The input became ``X diag(s)^-1`` (scales folded upstream)."""
         s = s.float()
         self.absmax = self.absmax / s
-        self.absmean = self.absmean / s
-        self.nabsmean = self.nabsmean / s  # up to a per-token factor: kept as an estimate
+        if self.absmean is not None:
+            self.absmean = self.absmean / s
+            self.nabsmean = self.nabsmean / s  # up to a per-token factor: kept as an estimate
         self.sample = self.sample / s
 
 
@@ -142,6 +144,7 @@ class BlockContext:
         self.offset = offset
         self.low_memory = low_memory
         self._stats: dict[str, LinearStats] | None = None
+        self._stats_means = True  # whether _stats holds the means (see linear_stats)
         self._fold_check = None  # see fold()
         self.moe_all = bool(moe_all)
         self.moe_min_tokens = moe_min_tokens
@@ -276,13 +279,16 @@ class BlockContext:
         return got
 
     # --- statistics -------------------------------------------------------------------------
-    def linear_stats(self) -> dict[str, LinearStats]:
+    def linear_stats(self, means: bool = True) -> dict[str, LinearStats]:
         """Statistics of every quantized linear's input (all chunks of every rank, block
         weights in full precision), computed once per block and kept up to date by
         :meth:`fold`. Sums are accumulated in float64 (exact for the per-chunk float32
-        terms, so ranks combine them bit for bit)."""
-        if self._stats is not None:
+        terms, so ranks combine them bit for bit). ``means=False``: only ``absmax`` and the
+        sample (SmoothQuant needs no means; two passes over every input element fewer); a
+        later call with ``means=True`` computes them again, with the means."""
+        if self._stats is not None and (self._stats_means or not means):
             return self._stats
+        self._stats_means = means
         names = self.quantized_linears()
         acc: dict[str, list] = {n: [None, None, 0, [], None] for n in names}
         layout = self.global_layout()
@@ -297,21 +303,24 @@ class BlockContext:
             if last[0] is not x0:
                 x = x0.reshape(-1, x0.shape[-1]).float()
                 ax = x.abs()
-                nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0).double()
+                nm = (ax / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0).double() \
+                    if means else None
                 if x.shape[0] > per_chunk:
                     idx = torch.linspace(0, x.shape[0] - 1, per_chunk).round().long()
                     smp = x[idx].clone()
                 else:
                     smp = x.clone()
-                last[:] = [x0, (ax.amax(0), ax.sum(0).double(), x.shape[0], nm, smp)]
+                last[:] = [x0, (ax.amax(0), ax.sum(0).double() if means else None,
+                                x.shape[0], nm, smp)]
                 del x, ax
             mx, sm, rows, nm, smp = last[1]
             st = acc[n]
             # (own copies: the ranks' reduction works in place, linear by linear)
             st[0] = mx.clone() if st[0] is None else torch.maximum(st[0], mx)
-            st[1] = sm.clone() if st[1] is None else st[1] + sm
+            if means:
+                st[1] = sm.clone() if st[1] is None else st[1] + sm
+                st[4] = nm.clone() if st[4] is None else st[4] + nm
             st[2] += rows
-            st[4] = nm.clone() if st[4] is None else st[4] + nm
             st[3].append(smp)
 
         mods = [self.block.get_submodule(n) for n in names]
@@ -335,8 +344,9 @@ class BlockContext:
                 h.remove()
         if self.comm.enabled:
             self._reduce_stats(acc, mods)
-        self._stats = {n: LinearStats(st[0], (st[1] / max(st[2], 1)).float(),
-                                      (st[4] / max(st[2], 1)).float(), st[2], torch.cat(st[3]))
+        self._stats = {n: LinearStats(st[0], (st[1] / max(st[2], 1)).float() if means else None,
+                                      (st[4] / max(st[2], 1)).float() if means else None,
+                                      st[2], torch.cat(st[3]))
                        for n, st in acc.items() if st[0] is not None and st[2] > 0}
         self.info.setdefault("stat_tokens", total)
         return self._stats
@@ -352,8 +362,9 @@ class BlockContext:
                          dtype=torch.float64), 0, [torch.zeros(0, width, device=dev)],
                          torch.zeros(width, device=dev, dtype=torch.float64)]
             comm.max_(st[0])
-            comm.sum_(st[1])
-            comm.sum_(st[4])
+            if self._stats_means:  # (the same on every rank: one recipe)
+                comm.sum_(st[1])
+                comm.sum_(st[4])
             st[2] = comm.sum_int(st[2])
             st[3] = [comm.gather_cat(torch.cat(st[3]))]
 
