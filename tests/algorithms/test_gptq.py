@@ -483,21 +483,3 @@ def test_memo_recomputes_what_changed():
         QuantLinear.forward = orig
         ctx.end_memo()
     assert "forward" not in lin.__dict__
-
-
-@pytest.mark.parametrize("d", [64, 512, 700, 1536])
-def test_sym_addmm_equals_the_full_product(d):
-    """The upper-triangle Hessian update equals ``H + alpha x^T x`` (float64: to rounding),
-    its off-diagonal blocks mirrored exactly."""
-    from lowbit.algorithms.gptq import SYM_BLOCKS, sym_addmm_
-
-    g = torch.Generator().manual_seed(d)
-    x = torch.randn(97, d, generator=g, dtype=torch.float64)
-    h0 = torch.randn(d, d, generator=g, dtype=torch.float64)
-    h0 = h0 + h0.t()
-    H = h0.clone()
-    sym_addmm_(H, x, 0.25)
-    assert torch.allclose(H, h0 + 0.25 * x.t() @ x, rtol=1e-12, atol=1e-10)
-    bs = -(-d // SYM_BLOCKS)
-    if d >= 512:
-        assert torch.equal(H[bs:, :bs], H[:bs, bs:].t())

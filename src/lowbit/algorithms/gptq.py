@@ -51,34 +51,6 @@ from lowbit.core import Layout, QuantSpec, compute_scales, fake_quant_fixed
 from lowbit.errors import CalibrationError, ConfigError, FormatError
 
 
-#: widths from which :func:`sym_addmm_` computes only the upper triangle, and its block count
-SYM_MIN_WIDTH, SYM_BLOCKS = 512, 3
-
-
-def sym_addmm_(H: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
-    """``H += alpha * x^T x`` in place for ``x [m, d]`` and a symmetric ``H [d, d]``: from
-    ``d >= SYM_MIN_WIDTH`` only the blocks on and above the diagonal are multiplied
-    (``SYM_BLOCKS`` column blocks: 6 of 9 products) and the blocks below copied from them
-    (the diagonal blocks are one GEMM each, symmetric up to its summation order, as one
-    ``addmm`` is); each entry is still one float dot product over the ``m`` tokens (about
-    1.2-1.3x faster on a 2-core CPU, not bit-identical to one ``addmm``)."""
-    d = H.shape[0]
-    if d < SYM_MIN_WIDTH:
-        H.addmm_(x.t(), x, alpha=alpha)
-        return
-    bs = -(-d // SYM_BLOCKS)
-    starts = range(0, d, bs)
-    for i in starts:
-        xi = x[:, i:i + bs].t()
-        for j in starts:
-            if j >= i:
-                H[i:i + bs, j:j + bs].addmm_(xi, x[:, j:j + bs], alpha=alpha)
-    for i in starts:
-        for j in starts:
-            if j > i:
-                H[j:j + bs, i:i + bs] = H[i:i + bs, j:j + bs].t()
-
-
 class HessianAccumulator:
     """Running ``H = 2/N * sum_t x_t x_t^T`` over calibration tokens (float32, or float64).
 
@@ -107,7 +79,7 @@ class HessianAccumulator:
             return
         n = self.n_tokens
         self.H.mul_(n / (n + m))
-        sym_addmm_(self.H, x, 2.0 / (n + m))
+        self.H.addmm_(x.t(), x, alpha=2.0 / (n + m))
         self.n_tokens = n + m
 
     def state_dict(self) -> dict[str, torch.Tensor]:
