@@ -8,10 +8,11 @@ choices of every search (GPTQ's rounding order, AWQ / SmoothQuant grids, K-quant
 flip. Presets without an algorithm step must agree on >95% of their codes; all are compared
 by their error against the float model.
 
-First run on an NVIDIA H200 (torch 2.11.0+cu130) on 2026-12-04: it found the device bugs fixed
-with this file (packing, AWQ clipping, FP4/MX encoding and compressed-tensors export built
-CPU tensors beside CUDA ones); the fixes and this file's final form have not been rerun on a
-GPU since (no machine was left to the session)."""
+Run on an NVIDIA H200 (torch 2.11.0+cu130) on 2026-12-04: its first run found the device
+bugs fixed with this file (packing, AWQ clipping, FP4/MX encoding and compressed-tensors
+export built CPU tensors beside CUDA ones); the second ran every preset without a device
+error (the reload check then compared with the model moved to the CPU, which recomputes its
+codes there; now it compares with the GPU run). This final form has not run on a GPU."""
 
 import warnings
 
@@ -111,9 +112,11 @@ def _outcome(preset: str, device: torch.device, tmp, tag: str) -> dict:
 
                 for f in sorted(out.glob("*.safetensors")):
                     tensors.update({f"ct:{k}": v for k, v in load_file(f).items()})
-        if "reloaded" in result:
-            with torch.no_grad():  # the model itself, moved to the CPU, beside its reload
-                result["on_cpu"] = m.to("cpu")(ids).logits.float()
+        from lowbit.nn.utils import quantizers
+
+        # activations quantized on the fly: a value at a rounding tie may go either way on
+        # another device, so the reload on the CPU matches the GPU run less closely
+        result["acts"] = any(q.is_enabled and q.role != "weight" for _, q in quantizers(m))
     except Exception as e:  # noqa: BLE001 - reported to the test, which names it
         return {"error": f"{type(e).__name__}: {str(e)[:400]}"}
     return {**result, "tensors": tensors}
@@ -141,8 +144,11 @@ def test_every_preset_on_cuda_as_on_cpu(tmp_path, preset):
     with torch.no_grad():
         ref = build("llama")(ids).logits
     msg = no_worse(ref, cpu["logits"], gpu["logits"], preset)
-    if "reloaded" in gpu:  # lowbit's checkpoint written from CUDA, loaded on the CPU
-        assert rel_err(gpu["on_cpu"], gpu["reloaded"]) < 1e-5
+    if "reloaded" in gpu:  # lowbit's checkpoint written from CUDA, loaded on the CPU: it
+        # holds the GPU run's codes (not the CPU's: recomputing them on the CPU would take the
+        # CPU's side of every rounding tie, see the module doc)
+        back = rel_err(gpu["logits"], gpu["reloaded"])
+        assert back < (5e-2 if gpu["acts"] else 1e-4), back
     print(f"{preset}: codes/bytes equal {agree:.5f}, {msg}")
     if not recipes.load(preset, **_group(preset)).algorithms:
         assert agree > 0.95
