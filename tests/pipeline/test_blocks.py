@@ -321,3 +321,23 @@ def test_recipe_feed_and_the_argument_that_overrides_it():
     d["feed"] = "float"
     with pytest.raises(lowbit.errors.ConfigError):
         recipes.load(d)
+
+
+def test_report_says_how_the_blocks_were_fed_and_the_memo_peak():
+    """The report names the block runner's feed (None when no block ran) and the most memory
+    the reused outputs held in one block, also in its console lines."""
+    import lowbit as lb
+    from tests.tiny_models import build as build_model, calib_ids as ids_, loop_over as loop_
+
+    rows = {}
+    for rec, kw in (("int4-gptq", {"group_size": 32}), ("int8-smoothquant", {}),
+                    ("int4-weight-only", {"group_size": 32})):
+        m = build_model("llama")
+        rows[rec] = lb.quantize(m, rec, forward_loop=loop_(ids_(4, 16)), **kw).lowbit_report
+    g, sq, rtn = rows["int4-gptq"], rows["int8-smoothquant"], rows["int4-weight-only"]
+    assert (g.feed, sq.feed, rtn.feed) == ("quantized", "fp", None)
+    assert all(r["memo_peak_mb"] > 0 for r in g.blocks)
+    line = next(x for x in g.lines() if x.startswith("blocks:"))
+    assert "feed quantized" in line and "MiB per block" in line
+    assert any("feed fp" in x for x in sq.lines())
+    assert not any(x.startswith("blocks:") for x in rtn.lines())

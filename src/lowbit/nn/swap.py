@@ -51,6 +51,7 @@ class ApplyReport:
     unfused_experts: list[str] = field(default_factory=list)
     gguf_mix: dict | None = None  # a recipe's GGUF mix plan (lowbit.adapters.gguf_mix)
     rotations: dict | None = None  # what a rotate/spinquant step did (lowbit.algorithms.rotate)
+    feed: str | None = None  # the block runner's feed ("quantized" / "fp"); None: not blockwise
 
     def lines(self) -> list[str]:
         """Short lines for a console: the coverage line, each unquantized parameter above
@@ -80,7 +81,15 @@ class ApplyReport:
             out.append(f"rotations: {on or 'none'}; online: {online or 'none'}"
                        + ("; LM head untied from the embedding" if r.get("untied_lm_head")
                           else "") + (" (learned: spinquant)" if r.get("learned") else ""))
-        for row in getattr(self, "blocks", None) or []:  # set by the block runner
+        blocks = getattr(self, "blocks", None) or []  # set by the block runner
+        if self.feed is not None and blocks:
+            memo = max((r.get("memo_peak_mb", 0) for r in blocks if isinstance(r, dict)),
+                       default=0)
+            out.append(f"blocks: {len(blocks)}, each fed the "
+                       + ("float model's outputs (feed fp)" if self.feed == "fp" else
+                          "quantized blocks' outputs (feed quantized)")
+                       + (f"; reused outputs held up to {memo:g} MiB per block" if memo else ""))
+        for row in blocks:
             out.extend(row.get("notes", []) if isinstance(row, dict) else [])
         return out
 

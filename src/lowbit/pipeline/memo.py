@@ -49,6 +49,7 @@ class Memo:
         self.ctx = ctx
         self.budget = budget
         self.used = 0
+        self.peak = 0  # the most bytes held at once
         # id(module) -> {chunk: (args, kwargs, state, output, output tensors' versions)}
         self.kept: dict[int, dict] = {}
         self.mods: dict[int, nn.Module] = {}
@@ -109,6 +110,7 @@ class Memo:
                 if memo.used + size <= memo.budget:
                     store[i] = entry
                     memo.used += size
+                    memo.peak = max(memo.peak, memo.used)
             return y
 
         m.forward = forward

@@ -205,6 +205,8 @@ def quantize(model: nn.Module, recipe: "str | Recipe | dict",
         run_blocks(model, [], forward_loop, report, feed=feed, chunk_size=chunk_size,
                    progress=progress, comm=comm, moe_all=moe_all,
                    moe_min_tokens=recipe.moe_min_tokens)
+    if getattr(report, "blocks", None):  # the block runner ran: say how it fed the blocks
+        report.feed = feed
     needs = any(q.needs_calibration and q.amax is None for _, q in quantizers(model))
     released: list[dict] = []
     if needs:

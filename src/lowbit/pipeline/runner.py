@@ -151,6 +151,7 @@ def process_block(ctx: BlockContext, steps: list[tuple], feed: str = "quantized"
         ctx.fp_outputs = None
         if ctx._memo is not None:
             ctx.info["memo_hits"] = ctx._memo.hits
+            ctx.info["memo_peak_mb"] = round(ctx._memo.peak / 2**20, 1)
         ctx.end_memo()
     del original
     if ctx.low_memory:
