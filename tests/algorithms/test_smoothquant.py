@@ -233,6 +233,17 @@ def test_unknown_algorithm_and_argument_fail_before_running():
         lowbit.quantize(build("llama"), {"targets": [{"pattern": "*", "weight": "int8"}],
                                          "algorithms": [{"name": "gptq", "args": {"damp": 1}}]},
                         forward_loop=loop)
+    # an argument of the wrong type (a YAML string "false" would be true for bool())
+    for args, what in (({"refine": "false"}, "refine='false'; expected true or false"),
+                       ({"grid": 10.5}, "grid=10.5; expected an integer"),
+                       ({"alpha": "0.5"}, "alpha='0.5'; expected a number"),
+                       ({"loss": 1}, "loss=1; expected a string")):
+        with pytest.raises(lowbit.errors.ConfigError, match=what.replace("(", r"\(")):
+            lowbit.quantize(build("llama"), {"targets": [{"pattern": "*", "weight": "int8",
+                                                          "input": "int8"}],
+                                             "algorithms": [{"name": "smoothquant",
+                                                             "args": args}]},
+                            forward_loop=loop)
     assert not calls
 
 

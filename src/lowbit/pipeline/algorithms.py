@@ -49,6 +49,25 @@ def algorithm_names() -> list[str]:
 step_names = algorithm_names
 
 
+def _arg_type_error(default, value) -> str | None:
+    """What an argument should be, judged by its default's type (None: anything goes, as
+    for defaults of None), or None when ``value`` fits: a string "false" is not a bool."""
+    if default is None or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else "a list"
+    return None
+
+
 def recipe_steps(recipe) -> tuple[list[tuple], list[tuple]]:
     """``(model_steps, block_steps)`` of ``recipe``, checked: ``model_steps`` as ``[(fn,
     step)]``, ``block_steps`` as ``[(fn, args with defaults, targets)]`` for the block
@@ -63,6 +82,11 @@ def recipe_steps(recipe) -> tuple[list[tuple], list[tuple]]:
         if bad:
             raise ConfigError(f"recipe {recipe.name}: algorithm {step.name}: unknown argument "
                               f"{bad[0]!r}; expected one of: {', '.join(sorted(allowed))}")
+        for k, v in step.args.items():
+            want = _arg_type_error(allowed.get(k) if allowed else None, v)
+            if want:
+                raise ConfigError(f"recipe {recipe.name}: algorithm {step.name}: argument "
+                                  f"{k}={v!r}; expected {want}")
     model_steps, block_steps = [], []
     for step in recipe.algorithms:
         fn, scope, allowed = _ALGORITHMS[step.name]
