@@ -203,15 +203,8 @@ def test_amax_from_stats_equals_a_calibration_pass(search):
 def test_alpha_search_is_never_worse_than_the_fixed_alpha():
     """Per group, the searched alpha scores at most the fixed alpha's loss (it is in the grid)."""
     from lowbit.algorithms import GroupProbe, smooth_group
-    from lowbit.pipeline.blocks import BlockContext, capture_block_inputs
 
-    model = outlier_llama()
-    lowbit.quantize(model, "int8", forward_loop=loop_over(calib_ids(4, 16)))
-    adapter = get_adapter(model)
-    blocks = adapter.find_blocks(model)[1]
-    cap = capture_block_inputs(model, blocks, loop_over(calib_ids(4, 16)))
-    ctx = BlockContext(model, blocks[0], "model.layers.0", 0, adapter, cap.chunks, {})
-    stats = ctx.linear_stats()
+    ctx, stats = _probe_setup(means=True, sample_tokens=None)
     for g in ctx.scale_groups():
         probe = GroupProbe(ctx.block, g, ctx.capture([g.parent], ctx.chunks), act_quant=True)
         alpha, s, losses = smooth_group(ctx.block, g, stats[g.linears[0]].absmax, 0.5, probe,
@@ -270,7 +263,8 @@ def test_search_grid_refine_finds_the_minimum_of_one_basin(n):
         assert all(got[a] == full[a] for a in got)
 
 
-def _probe_setup():
+def _probe_setup(means=False, sample_tokens=48):
+    """``(BlockContext of the first block of an int8 outlier Llama, its linear stats)``."""
     from lowbit.pipeline.blocks import BlockContext, capture_block_inputs
 
     model = outlier_llama()
@@ -279,8 +273,9 @@ def _probe_setup():
     blocks = adapter.find_blocks(model)[1]
     cap = capture_block_inputs(model, blocks, loop_over(calib_ids(4, 16)))
     ctx = BlockContext(model, blocks[0], "model.layers.0", 0, adapter, cap.chunks, {})
-    ctx.sample_tokens = 48
-    return ctx, ctx.linear_stats(means=False)
+    if sample_tokens is not None:
+        ctx.sample_tokens = sample_tokens
+    return ctx, ctx.linear_stats(means=means)
 
 
 def test_direct_probe_equals_the_module_probe_and_max_rows_scores_a_row_subset():
@@ -316,6 +311,10 @@ def test_max_rows_needs_the_linears_loss():
     r["algorithms"][0]["args"].update(loss="module", max_rows=64)
     with pytest.raises(ConfigError, match="max_rows=64 .* needs loss='linears'"):
         lowbit.quantize(m, r, forward_loop=loop_over(calib_ids(2, 16)))
+    for bad in (0, "64"):
+        r["algorithms"][0]["args"].update(loss="linears", max_rows=bad)
+        with pytest.raises(ConfigError, match="max_rows must be a positive number"):
+            lowbit.quantize(build("llama"), r, forward_loop=loop_over(calib_ids(2, 16)))
     ctx, stats = _probe_setup()
     from lowbit.algorithms import GroupProbe
 

@@ -12,7 +12,8 @@ Run on an NVIDIA H200 (torch 2.11.0+cu130) on 2026-12-04: its first run found th
 bugs fixed with this file (packing, AWQ clipping, FP4/MX encoding and compressed-tensors
 export built CPU tensors beside CUDA ones); the second ran every preset without a device
 error (the reload check then compared with the model moved to the CPU, which recomputes its
-codes there; now it compares with the GPU run). This final form has not run on a GPU."""
+codes there; now it compares with the GPU run); the third, of this final form, passed
+(61 tests)."""
 
 import warnings
 

@@ -15,7 +15,9 @@ every block. Arguments and defaults (the recipe's ``args`` override them):
   extra pass over the block); ``max_rows`` None (with ``loss: linears``: each linear scored
   on at most this many of its output rows, evenly spaced, its error scaled up to the whole
   -- :class:`~lowbit.algorithms.smoothing.GroupProbe`; the scoring matmuls shrink by
-  ``out / max_rows``);
+  ``out / max_rows``); ``forward_dtype`` ``float32`` (``bfloat16``: the statistics pass, and
+  the float outputs it keeps for ``feed: fp``, under bfloat16 autocast; when an earlier
+  step of the block already computed the statistics they are reused as they are);
   ``pairs`` true (also ``v_proj -> o_proj``, ``up_proj -> down_proj`` where they fit);
   ``max_tokens`` 2048 (tokens of the search sample); ``amax_from_stats`` true (static
   per-tensor ``max`` input quantizers of the smoothed linears take ``max_j |X_j| / s_j``
@@ -186,6 +188,10 @@ def smoothquant_step(ctx, args: dict) -> None:
         raise ConfigError(f"smoothquant: loss must be 'module' or 'linears', got "
                           f"{args['loss']!r}")
     max_rows = args["max_rows"]
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
+                                 or max_rows < 1):
+        raise ConfigError(f"smoothquant: max_rows must be a positive number of output rows "
+                          f"(or None: every row), got {max_rows!r}")
     if max_rows is not None and args["loss"] != "linears":
         raise ConfigError(f"smoothquant: max_rows={max_rows} scores the group's own linears; "
                           "it needs loss='linears'")
@@ -218,8 +224,7 @@ def smoothquant_step(ctx, args: dict) -> None:
                 dt = {n: ctx.block.get_submodule(n).weight.dtype for n in g.linears}
                 probe = GroupProbe(ctx.block, g, {n: [((stats[n].sample.to(dt[n]),), {})]
                                                   for n in g.linears}, act_quant=True,
-                                   max_rows=None if max_rows is None else int(max_rows),
-                                   direct=True)
+                                   max_rows=max_rows, direct=True)
             else:
                 probe = GroupProbe(ctx.block, g, ctx.capture(_targets(g, "module"), sample),
                                    act_quant=True, reduce=ctx.comm.sum_float)
