@@ -40,6 +40,8 @@ greedy tokens equal ``generate``'s.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,7 @@ from lowbit.adapters import facts, family, fused_parts, get_adapter, is_norm, no
 from lowbit.errors import ConfigError, FormatError
 from lowbit.hardware import fell_back, not_attempted, took_hardware
 from lowbit.nn.rotation import suspended
+from lowbit.runtime import native
 from lowbit.runtime.decode_families import attend, build_plan, make_norm, rotate, text_parts
 from lowbit.runtime.packed import PackedLinear
 
@@ -56,10 +59,47 @@ from lowbit.runtime.packed import PackedLinear
 #: serve are the adapters' own (:func:`supported_model_types`)
 SUPPORTED = ("llama", "gemma2", "gemma3_mm", "phi3", "granite", "olmo2")
 from lowbit.runtime.fuse import (FUSED_PATH, FusedLinear, _call, _plain_linear,  # noqa: E402,F401
-                                 _try_fuse, float_linear, fuse_linears)
+                                 _try_fuse, bf16_gemv, float_linear, fuse_linears)
 _GQA_KWARG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 COMPILE_PATH = "runtime.decode_compiled"  # name in lowbit.hardware.hardware_path_report()
+ATTN_PATH = "runtime.decode_attn_native"
+
+
+def _native_attention(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the Llama step's one-query attention runs lowbit's native operator
+    (``torch.ops.lowbit.decode_attn``: reads only the filled cache, float32 inside), recorded
+    as ``runtime.decode_attn_native``; else :func:`_one_query` (the same function).
+    bfloat16 caches only: a float32 model keeps torch's ops, whose sums match the model's own
+    attention bit for bit (the native sums differ by ~1e-7, enough to flip a later bfloat16
+    rounding of a weight-only kernel's input)."""
+    if dtype != torch.bfloat16 or head_dim % 16 or head_dim > 256:
+        not_attempted(ATTN_PATH, f"{dtype} cache with head size {head_dim} (bfloat16, a "
+                      "multiple of 16 up to 256)")
+        return False
+    return native.choose(ATTN_PATH, native.decode_attn_ready,
+                         "the one-query attention in torch ops (slower, the same function)")
 CACHE_BUCKET = 256  # a compiled decoder sizes its cache in multiples of this
+
+
+#: torch.compile takes a ``guard_filter_fn`` option (it came with these helpers)
+_GUARD_FILTER = hasattr(torch.compiler, "skip_all_guards_unsafe")
+#: guards on the decoder's own weights and layer objects (fixed once it is built); the KV
+#: cache of a layer (``self.layers[i].k``, ``.v``) is not among them
+_FIXED_GUARD = re.compile(r"^(self\.(embed|lm_head|norm_w)\b|self\.layers\[\d+\]"
+                          r"(?!\.[kv]$))")
+
+
+def _step_guards(entries) -> list[bool]:
+    """Which of dynamo's guards the compiled decode step keeps (``guard_filter_fn``).
+
+    Checking every guard costs ~1.2 ms a token on SmolLM2-135M (one tensor match per
+    weight, module-hook and type checks per layer), a tenth of the step. The weights and
+    the layer structure belong to the decoder and never change after it is built, so their
+    guards are dropped; everything that can change between calls keeps its guard: the
+    inputs (``ids``, ``pos``), the KV cache and rotary tables (re-allocated when the cache
+    grows), the cache length, and torch's global state (grad mode, default device, ...)."""
+    return [not (_FIXED_GUARD.match(e.name) or e.guard_type == "EMPTY_NN_MODULE_HOOKS_DICT")
+            for e in entries]
 
 
 def _one_query(q, k, v, n_kv: int, mask=None) -> torch.Tensor:
@@ -178,6 +218,8 @@ class FastDecoder:
         self.embed = base.embed_tokens
         self.dtype = self.embed.weight.dtype
         self.lm_head = lm_head
+        if self.dtype == torch.bfloat16:
+            bf16_gemv()  # decided (native build + probe) before any step is captured
         adapter = get_adapter(model)
         declared = adapter.norm if adapter is not None else None
         # the norm the adapter declares in front of the attention and the MLP projections
@@ -207,11 +249,13 @@ class FastDecoder:
         self._plain = self.plan.plain and self._llama_norm(base.norm, self.final_norm) and \
             all(L.plain for L in self.layers)
         self._fast = self._plain
+        self._attn_native = self._plain and _native_attention(self.dtype, self.head_dim)
         self.cache_len = 0
         self.cos = self.sin = None
         self._ids = None
         self.compile = bool(compile)
         self._compiled = None
+        self._next = None
         if self.compile and not self._plain:
             not_attempted(COMPILE_PATH, "this family's general step (only the Llama step is "
                           "captured)")
@@ -353,6 +397,7 @@ class FastDecoder:
         ``all_logits``), in the model's dtype."""
         t = ids.shape[0]
         self._ensure_cache(pos + t)
+        self._next = None  # the greedy token, where a compiled step computed it
         if not self._fast:
             return self._forward_general(ids, pos, t, all_logits)
         if t == 1 and self.compile:
@@ -363,6 +408,8 @@ class FastDecoder:
         cos, sin = self.cos[pos:pos + t, None], self.sin[pos:pos + t, None]  # [T, 1, hd]
         half = hd // 2
         h = self.embed(ids)  # [T, D]
+        one = t == 1 and self._attn_native
+        pt = torch.tensor([pos], device=ids.device) if one else None
         for L in self.layers:
             x = self._rms(h, L.ln1, L.eps1)
             qkv = L.qkv(x).view(t, nh + 2 * nkv, hd)
@@ -374,8 +421,13 @@ class FastDecoder:
             q = qk[:, :nh].transpose(0, 1)[None]
             L.k[0, :, pos:pos + t] = qk[:, nh:].transpose(0, 1)
             L.v[0, :, pos:pos + t] = qkv[:, nh + nkv:].transpose(0, 1)
-            o = self._attend(q, L.k[:, :, :pos + t], L.v[:, :, :pos + t], pos, t)
-            h = h + _call(L.o, o[0].transpose(0, 1).reshape(t, nh * hd))
+            if one:
+                o = torch.ops.lowbit.decode_attn(qk[0, :nh].contiguous(), L.k[0], L.v[0], pt,
+                                                 hd ** -0.5).reshape(1, nh * hd)
+            else:
+                o = self._attend(q, L.k[:, :, :pos + t], L.v[:, :, :pos + t], pos, t)
+                o = o[0].transpose(0, 1).reshape(t, nh * hd)
+            h = h + _call(L.o, o)
             x = self._rms(h, L.ln2, L.eps2)
             g, u = L.gate_up(x).chunk(2, -1)
             h = h + _call(L.down, F.silu(g) * u)
@@ -386,7 +438,8 @@ class FastDecoder:
     def _static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode token of the Llama step with static shapes (what is captured):
         ``ids [1]`` at position ``pos [1]`` (a tensor), written into the cache with
-        ``index_copy_``, attending over the whole cache with a mask; logits ``[vocab]``."""
+        ``index_copy_``, attending over the filled cache (the native operator) or over the
+        whole cache with a mask; logits ``[vocab]``."""
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         cos, sin = self.cos.index_select(0, pos)[:, None], self.sin.index_select(0, pos)[:, None]
         half = hd // 2
@@ -401,12 +454,20 @@ class FastDecoder:
                 qk = L.r3(qk)
             L.k.index_copy_(2, pos, qk[:, nh:].transpose(0, 1)[None])
             L.v.index_copy_(2, pos, qkv[:, nh + nkv:].transpose(0, 1)[None])
-            o = _one_query(qk[:, :nh].transpose(0, 1)[None], L.k, L.v, nkv, mask)
-            h = h + _call(L.o, o[0].transpose(0, 1).reshape(1, nh * hd))
+            if self._attn_native:  # the filled cache only: no mask
+                o = torch.ops.lowbit.decode_attn(qk[0, :nh].contiguous(), L.k[0], L.v[0], pos,
+                                                 hd ** -0.5).reshape(1, nh * hd)
+            else:
+                o = _one_query(qk[:, :nh].transpose(0, 1)[None], L.k, L.v, nkv, mask)
+                o = o[0].transpose(0, 1).reshape(1, nh * hd)
+            h = h + _call(L.o, o)
             x = self._rms(h, L.ln2, L.eps2)
             g, u = L.gate_up(x).chunk(2, -1)
             h = h + _call(L.down, F.silu(g) * u)
-        return _call(self.lm_head, self._rms(h, self.norm_w, self.norm_eps))[0]
+        logits = _call(self.lm_head, self._rms(h, self.norm_w, self.norm_eps))[0]
+        # the greedy token and the finiteness check inside the captured step (each ~0.2 ms
+        # a token as separate eager calls)
+        return logits, logits.argmax(-1, keepdim=True), torch.isfinite(logits).all()
 
     def _compiled_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor | None:
         """The decode step through ``torch.compile`` (inductor; C++ on the CPU), or None
@@ -418,15 +479,19 @@ class FastDecoder:
         try:
             if self._compiled is None:
                 # cpp_wrapper: the calls between kernels are C++ too (fewer Python calls per token)
+                opts = {"cpp_wrapper": True}
+                if _GUARD_FILTER:
+                    opts["guard_filter_fn"] = _step_guards
                 self._compiled = torch.compile(self._static_step, fullgraph=True,
-                                               dynamic=False, options={"cpp_wrapper": True})
-            out = self._compiled(ids, torch.tensor([pos], device=ids.device))
+                                               dynamic=False, options=opts)
+            out, nxt, finite = self._compiled(ids, torch.tensor([pos], device=ids.device))
         except Exception as e:  # noqa: BLE001 - no compiler, an op inductor cannot lower ...
             fell_back(COMPILE_PATH, e, "the eager decode step")
             self.compile = False
             return None
         took_hardware(COMPILE_PATH)
-        if not bool(torch.isfinite(out).all()):  # the captured step checks no input itself
+        self._next = nxt
+        if not bool(finite):  # the captured step checks no input itself
             raise FormatError(f"decode step at position {pos}: the logits hold NaN/Inf "
                               "values (the model's activations overflowed or were NaN)")
         return out
@@ -504,7 +569,7 @@ class FastDecoder:
         logits = self.forward(ids, 0)
         out = [ids]
         for i in range(max_new_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
+            nxt = logits.argmax(-1, keepdim=True) if self._next is None else self._next
             out.append(nxt)
             if (eos and int(nxt) in eos) or i == max_new_tokens - 1:
                 break

@@ -10,17 +10,36 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.hardware import fell_back, took_hardware
+from lowbit.runtime import native
 from lowbit.runtime.packed import PackedLinear
 
 FUSED_PATH = "runtime.fused_linear"  # name in lowbit.hardware.hardware_path_report()
+BF16_GEMV_PATH = "runtime.bf16_gemv_native"
+_BF16_GEMV: list = []  # [bool] once decided in this process (until native.reset())
+native._RESET_HOOKS.append(_BF16_GEMV.clear)
+
+
+def bf16_gemv() -> bool:
+    """Whether bfloat16 decode rows run lowbit's native GEMV (``torch.ops.lowbit.bf16_mm``,
+    :func:`lowbit.runtime.native.bf16_gemv_ready`); decided once per process and recorded as
+    ``runtime.bf16_gemv_native`` in the hardware path report (a failure warns once)."""
+    if not _BF16_GEMV:
+        _BF16_GEMV.append(native.choose(BF16_GEMV_PATH, native.bf16_gemv_ready, "torch.mv for "
+                                        "bfloat16 decode rows (slower, the same function)"))
+    return _BF16_GEMV[0]
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-    """``F.linear`` for ``x [T, in]``; a decode row (T = 1) in bfloat16/float16 goes through
-    ``torch.mv``, 2-2.6x faster there on the CPU than the GEMM path (same fp32
-    accumulation; float32 is as fast either way and keeps ``F.linear``)."""
+    """``F.linear`` for ``x [T, in]``; a decode row (T = 1) in bfloat16 goes through lowbit's
+    native GEMV (:func:`bf16_gemv`) where it builds, else ``torch.mv`` (2-2.6x faster there on
+    the CPU than the GEMM path), as does float16 (same fp32 accumulation; float32 is as fast
+    either way and keeps ``F.linear``)."""
     if x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        y = torch.mv(weight, x[0])[None]
+        if x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and \
+                weight.is_contiguous() and bf16_gemv():
+            y = torch.ops.lowbit.bf16_mm(x.contiguous(), weight)
+        else:
+            y = torch.mv(weight, x[0])[None]
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
@@ -161,6 +180,7 @@ def _try_fuse(mods) -> FusedLinear | None:
         out.register_buffer("scale_zeros", torch.cat([m.scale_zeros for m in mods], 1))
         out.group_size, out.act_dtype = first.group_size, first.act_dtype
         out.prefill_gemm = all(m.prefill_gemm for m in mods)
+        out.gemv_native = all(getattr(m, "gemv_native", False) for m in mods)
         _share_rows(mods, "w_packed", w)
         out._copied = ("scale_zeros",)
     elif kern == "int8_weight_only":

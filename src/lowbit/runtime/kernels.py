@@ -281,9 +281,28 @@ def int4_prefill_gemm(out_features: int, dtype: torch.dtype) -> bool:
     return True
 
 
+INT4_GEMV_PATH = "runtime.int4_gemv_native"
+
+
+def int4_gemv_native(out_features: int, dtype: torch.dtype) -> bool:
+    """Whether an int4 weight-only layer of ``out_features`` computing in ``dtype`` can run
+    a decode row (one row) through lowbit's native int4 GEMV (``torch.ops.lowbit.int4_mm``,
+    :func:`lowbit.runtime.native.int4_gemv_ready`); recorded in the hardware path report,
+    and a failure of the native build or probe warns once and keeps torch's kernel."""
+    if dtype != torch.bfloat16:
+        not_attempted(INT4_GEMV_PATH, f"activations in {dtype} (bfloat16 only)")
+        return False
+    if out_features % 64:
+        not_attempted(INT4_GEMV_PATH, f"out_features {out_features} not a multiple of 64")
+        return False
+    return native.choose(INT4_GEMV_PATH, native.int4_gemv_ready, "torch's int4 kernel for "
+                         "decode rows (slower decode, the same function)")
+
+
 class Int4WeightOnlyCPU(Kernel):
-    """int4 grouped weights x bfloat16 activations: torch's CPU int4 pack kernel (decode),
-    native dequantization + bfloat16 GEMM (prefill)."""
+    """int4 grouped weights x bfloat16 activations: lowbit's native int4 GEMV for one row
+    (decode) where it builds, torch's CPU int4 pack kernel for a few rows, native
+    dequantization + bfloat16 GEMM from :data:`INT4_GEMM_ROWS` rows (prefill)."""
 
     name = "int4_weight_only"
     devices = ("cpu",)
@@ -298,9 +317,13 @@ class Int4WeightOnlyCPU(Kernel):
         layer.register_buffer("scale_zeros", int4_scale_zeros(qt, layer.act_dtype))
         layer.group_size = qt.spec.group_size
         layer.prefill_gemm = int4_prefill_gemm(info.out_features, layer.act_dtype)
+        layer.gemv_native = int4_gemv_native(info.out_features, layer.act_dtype)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = x.to(layer.act_dtype)
+        if x.shape[0] == 1 and getattr(layer, "gemv_native", False):
+            return torch.ops.lowbit.int4_mm(x, layer.w_packed, layer.scale_zeros,
+                                            layer.group_size)
         if x.shape[0] >= INT4_GEMM_ROWS and getattr(layer, "prefill_gemm", False):
             w_t = native.dequant_int4pack_t(layer.w_packed, layer.scale_zeros,
                                             layer.out_features, layer.in_features,
