@@ -229,6 +229,31 @@ def test_compiled_step_matches_the_eager_step(recipe, dtype, tol):
             a, b = eager.forward(tok[None], 10 + i), comp.forward(tok[None], 10 + i)
 
 
+def test_compiled_decoders_keep_their_own_graphs():
+    """The captured step drops dynamo's guards on the weights (they cannot change within one
+    decoder); two decoders of different kernels in one process must still each run their
+    own graph (a shared graph read the other's buffers: KeyError 'w_int8', found in the
+    bench)."""
+    from lowbit.hardware import hardware_path_report, reset_hardware_paths
+    from lowbit.runtime.decode import COMPILE_PATH
+    reset_hardware_paths()
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for recipe in ("int8-weight-only", "int4-weight-only", None):
+            m = wide()
+            if recipe is not None:
+                lowbit.quantize(m, recipe, **({"group_size": 64} if "int4" in recipe else {}))
+                rt.convert(m)
+            m = m.to(torch.bfloat16)
+            comp = FastDecoder(m, compile=True)
+            a, b = FastDecoder(m).forward(ids[0], 0), comp.forward(ids[0], 0)
+            for i in range(3):
+                a = FastDecoder(m).forward(ids[0, :i + 1], 0)
+                b = comp.forward(ids[0, i:i + 1], i)
+                assert rel(b, a) < 2 ** -5, recipe
+            assert hardware_path_report()[COMPILE_PATH] == "hardware", recipe
+
+
 def test_compile_failure_falls_back_to_the_eager_step(monkeypatch):
     from lowbit.hardware import HardwareFallbackWarning, hardware_path_report
     from lowbit.runtime.decode import COMPILE_PATH

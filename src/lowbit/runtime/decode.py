@@ -41,6 +41,7 @@ greedy tokens equal ``generate``'s.
 from __future__ import annotations
 
 import re
+import types
 
 import torch
 import torch.nn.functional as F
@@ -469,6 +470,16 @@ class FastDecoder:
         # a token as separate eager calls)
         return logits, logits.argmax(-1, keepdim=True), torch.isfinite(logits).all()
 
+    def _own_step(self):
+        """:meth:`_static_step` bound to this decoder through a code object of its own.
+        Dynamo keeps its compiled graphs per code object; with the guards on the weights
+        dropped (:func:`_step_guards`), two decoders sharing one code object could run each
+        other's graph. A copy per decoder keeps their graphs apart (and out of each other's
+        recompilation limit)."""
+        f = FastDecoder._static_step
+        code = f.__code__.replace(co_name=f"_static_step_{id(self):x}")
+        return types.MethodType(types.FunctionType(code, f.__globals__, code.co_name), self)
+
     def _compiled_step(self, ids: torch.Tensor, pos: int) -> torch.Tensor | None:
         """The decode step through ``torch.compile`` (inductor; C++ on the CPU), or None
         after a failure (recorded and warned once; the eager step runs from then on)."""
@@ -482,7 +493,7 @@ class FastDecoder:
                 opts = {"cpp_wrapper": True}
                 if _GUARD_FILTER:
                     opts["guard_filter_fn"] = _step_guards
-                self._compiled = torch.compile(self._static_step, fullgraph=True,
+                self._compiled = torch.compile(self._own_step(), fullgraph=True,
                                                dynamic=False, options=opts)
             out, nxt, finite = self._compiled(ids, torch.tensor([pos], device=ids.device))
         except Exception as e:  # noqa: BLE001 - no compiler, an op inductor cannot lower ...
