@@ -170,3 +170,31 @@ def test_no_cxx_compiler_falls_back_loudly(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-lowbit")
     with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler"):
         native._build_ops()
+
+
+@needs_ops
+@pytest.mark.parametrize("n,k", [(64, 576), (40, 80), (4096, 1024)])
+def test_int8_gemv_matches_torch_kernel(n, k):
+    torch.manual_seed(0)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s = (torch.rand(n) * 0.01 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(1, k).to(torch.bfloat16)
+    want = torch._weight_int8pack_mm(x, w, s)
+    got = torch.ops.lowbit.int8_mm(x, w, s)
+    assert got.dtype == torch.bfloat16 and rel(got, want) <= 2 ** -7
+
+
+@needs_ops
+def test_large_int8_layer_takes_the_native_gemv():
+    from lowbit.runtime.kernels import INT8_GEMV_MIN, INT8_GEMV_PATH
+    torch.manual_seed(0)
+    for n, native_row in ((INT8_GEMV_MIN // 256, True), (256, False)):
+        qt = quantize(torch.randn(n, 256), QuantSpec(format="int8", granularity="channel"))
+        m = PackedLinear.from_qtensor(qt, None, torch.bfloat16)
+        assert m.kernel == "int8_weight_only" and m.gemv_native is native_row
+        x = torch.randn(1, 256).to(torch.bfloat16)
+        with torch.no_grad():
+            got = m(x)
+        want = torch._weight_int8pack_mm(x, m.w_int8, m.w_scale)
+        assert rel(got, want) <= 2 ** -7
+    assert hardware_path_report()[INT8_GEMV_PATH] == "hardware"

@@ -207,8 +207,32 @@ INT8MM_K = 16  # torch._weight_int8pack_mm only for in_features multiple of this
 GEMM_ROWS = 32  # rows from which a weight-only layer dequantizes into a GEMM (when it can)
 
 
+INT8_GEMV_PATH = "runtime.int8_gemv_native"
+#: weights from this many elements take the native int8 GEMV for a decode row: below it
+#: (weights in the caches, compute-bound) torch's kernel was as fast or faster on the 2-core
+#: AMD EPYC (3072x576: 58 vs 70 us), above it the native one streams memory better (the
+#: 49152x576 LM head: 2.6 vs 1.7 ms)
+INT8_GEMV_MIN = 1 << 22
+
+
+def int8_gemv_native(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether an int8 weight-only ``[out, in]`` layer computing in ``dtype`` runs a decode
+    row through lowbit's native int8 GEMV (``torch.ops.lowbit.int8_mm``,
+    :func:`lowbit.runtime.native.int8_gemv_ready`): weights of :data:`INT8_GEMV_MIN`
+    elements or more, bfloat16; recorded in the hardware path report when tried."""
+    if out_features * in_features < INT8_GEMV_MIN:
+        return False
+    if dtype != torch.bfloat16:
+        not_attempted(INT8_GEMV_PATH, f"activations in {dtype} (bfloat16 only)")
+        return False
+    return native.choose(INT8_GEMV_PATH, native.int8_gemv_ready, "torch's int8 kernel for "
+                         "decode rows (slower decode, the same function)")
+
+
 class Int8WeightOnly(Kernel):
-    """int8 per-channel weights x bfloat16 activations: ``torch._weight_int8pack_mm``."""
+    """int8 per-channel weights x bfloat16 activations: lowbit's native int8 GEMV for one
+    row (decode) where it builds, ``torch._weight_int8pack_mm`` for a few rows, dequantize +
+    GEMM from :data:`GEMM_ROWS` rows."""
 
     name = "int8_weight_only"
     devices = ("cpu",)
@@ -221,9 +245,13 @@ class Int8WeightOnly(Kernel):
         layer.act_dtype = act_dtype(info)
         layer.register_buffer("w_int8", qt.codes.contiguous().view(torch.int8))
         layer.register_buffer("w_scale", qt.scale.reshape(-1).to(layer.act_dtype).contiguous())
+        layer.gemv_native = int8_gemv_native(info.out_features, info.in_features,
+                                             layer.act_dtype)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = x.to(layer.act_dtype)
+        if x.shape[0] == 1 and getattr(layer, "gemv_native", False):
+            return torch.ops.lowbit.int8_mm(x, layer.w_int8, layer.w_scale)
         if x.shape[0] >= GEMM_ROWS or layer.act_dtype != torch.bfloat16 or \
                 x.shape[-1] % INT8MM_K:
             # torch's int8 kernel is a GEMV: for prefill-sized batches (and outside

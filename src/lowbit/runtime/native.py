@@ -28,6 +28,8 @@ a decode step captured by ``torch.compile`` calls them through torch's dispatche
   probe before it is used;
 * ``torch.ops.lowbit.bf16_mm`` (:func:`bf16_gemv_ready`): a decode row through a bfloat16
   weight, as ``torch.mv`` computes it (float32 accumulation), with the same instructions;
+* ``torch.ops.lowbit.int8_mm`` (:func:`int8_gemv_ready`): a decode row through per-channel
+  int8 weights, as ``torch._weight_int8pack_mm`` computes it;
 * ``torch.ops.lowbit.decode_attn`` (:func:`decode_attn_ready`): the attention of one query
   over the filled part of a static KV cache, in float32, for :class:`FastDecoder`'s step.
 """
@@ -313,6 +315,10 @@ def _load_ops() -> None:
     def _bf16_mm_fake(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("lowbit::int8_mm")
+    def _int8_mm_fake(x, w, scale):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("lowbit::decode_attn")
     def _decode_attn_fake(q, k, v, pos, scale):
         return torch.empty_like(q)
@@ -406,6 +412,28 @@ def _check_bf16_gemv() -> None:
         tol = float(want.abs().max()) * 2 ** -7
         if not err <= tol:
             raise NativeUnavailable(f"the native bfloat16 GEMV differs from torch.mv by "
+                                    f"{err:.3g} (tolerance {tol:.3g}) at {n}x{k}")
+
+
+def int8_gemv_ready() -> None:
+    """Return once ``torch.ops.lowbit.int8_mm`` is built, loaded and agrees with
+    ``torch._weight_int8pack_mm`` on a probe (several shapes, odd widths included, to 2^-7 of
+    the largest output); raises :class:`NativeUnavailable` (cached) with the reason
+    otherwise."""
+    _op_ready("int8_gemv", "int8 GEMV", _check_int8_gemv)
+
+
+def _check_int8_gemv() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((64, 576), (40, 80), (200, 1536)):
+        w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        s = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
+        x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+        want = (x.float() @ w.float().t() * s.float()).float()
+        err = float((torch.ops.lowbit.int8_mm(x, w, s).float() - want).abs().max())
+        tol = float(want.abs().max()) * 2 ** -7
+        if not err <= tol:
+            raise NativeUnavailable(f"the native int8 GEMV differs from float32 by "
                                     f"{err:.3g} (tolerance {tol:.3g}) at {n}x{k}")
 
 

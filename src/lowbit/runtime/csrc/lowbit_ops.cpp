@@ -24,6 +24,11 @@
 //   a decode row through a bfloat16 weight (a bfloat16 model's linears, an unquantized LM head).
 //   One row of w at a time, one vdpbf16ps per 32 multiply-adds.
 //
+// lowbit::int8_mm(x [M, K] bf16, w [N, K] int8, scale [N] bf16) -> [M, N] bf16
+//   y[m, n] = scale[n] * sum_k w[n, k] x[m, k] as torch._weight_int8pack_mm computes it (float32
+//   accumulation, one rounding): an int8 weight-only layer's decode row. One weight row at a
+//   time (int8 -> float32, FMA against x in float32).
+//
 // lowbit::decode_attn(q [H, d], k [n_kv, L, d], v [n_kv, L, d], pos int64 [1], scale) -> [H, d]
 //   attention of one query position over the cache positions 0..pos (grouped-query heads: query
 //   head h reads key/value head h / (H / n_kv)), in float32 (scores, softmax, weighted sum),
@@ -48,6 +53,13 @@ inline float bf16_f32(uint16_t h) {
     float f;
     std::memcpy(&f, &u, 4);
     return f;
+}
+
+inline uint16_t round_bf16(float f) {  // nearest even (finite values)
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
@@ -184,12 +196,6 @@ at::Tensor bf16_mm(const at::Tensor &x, const at::Tensor &w) {
     uint16_t *yp = reinterpret_cast<uint16_t *>(y.data_ptr<at::BFloat16>());
     const int64_t K32 = K / 32 * 32;
     const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
-    auto round1 = [](float f) -> uint16_t {  // nearest even (finite values)
-        uint32_t u;
-        std::memcpy(&u, &f, 4);
-        u += 0x7FFFu + ((u >> 16) & 1u);
-        return (uint16_t)(u >> 16);
-    };
     // one row of w at a time (one read stream per thread: 2x faster than 4 interleaved rows on a
     // head that does not fit the caches), tasks of 64 rows
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
@@ -211,12 +217,70 @@ at::Tensor bf16_mm(const at::Tensor &x, const at::Tensor &w) {
                 if (tail)
                     a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, r + K32),
                                           (__m512bh)_mm512_maskz_loadu_epi16(tail, xm + K32));
-                yp[m * N + n] = round1(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+                yp[m * N + n] = round_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
             }
         }
     });
 #else
     TORCH_CHECK(false, "lowbit::bf16_mm: built without AVX-512 BF16/VBMI (needs -march=native "
+                "on a CPU that has them)");
+#endif
+    return y;
+}
+
+at::Tensor int8_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scale) {
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() &&
+                    w.device().is_cpu(),
+                "lowbit::int8_mm: w must be a contiguous CPU int8 [N, K] matrix");
+    const int64_t N = w.size(0), K = w.size(1);
+    TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N && scale.is_contiguous() &&
+                    scale.scalar_type() == at::kBFloat16,
+                "lowbit::int8_mm: scale must be a contiguous bfloat16 [", N, "] vector");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() && x.device().is_cpu() &&
+                    x.scalar_type() == at::kBFloat16,
+                "lowbit::int8_mm: x must be a contiguous CPU [M, ", K, "] bfloat16 matrix");
+    const int64_t M = x.size(0);
+    at::Tensor y = at::empty({M, N}, x.options());
+    if (M == 0 || N == 0) return y;
+#ifdef LB_HAVE_KERNEL
+    const int8_t *wp = w.data_ptr<int8_t>();
+    const uint16_t *xp = reinterpret_cast<const uint16_t *>(x.data_ptr<at::BFloat16>());
+    const uint16_t *sp = reinterpret_cast<const uint16_t *>(scale.data_ptr<at::BFloat16>());
+    uint16_t *yp = reinterpret_cast<uint16_t *>(y.data_ptr<at::BFloat16>());
+    std::vector<float> xf(M * K + 16, 0.f);  // x in float32 (+16: the tail reads stay inside)
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_f32(xp[i]);
+    const int64_t K16 = K / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1);
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = xf.data() + m * K;
+            for (int64_t n = n0; n < n1; n++) {
+                const int8_t *r = wp + n * K;
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                int64_t k = 0;
+                for (; k + 32 <= K16; k += 32) {
+                    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(r + k)))),
+                                         _mm512_loadu_ps(xm + k), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(r + k + 16)))),
+                                         _mm512_loadu_ps(xm + k + 16), a1);
+                }
+                if (k < K16)
+                    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(r + k)))),
+                                         _mm512_loadu_ps(xm + k), a0);
+                if (tail)
+                    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_maskz_loadu_epi8(tail, r + K16))),
+                                         _mm512_maskz_loadu_ps(tail, xm + K16), a1);
+                const float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                yp[m * N + n] = round_bf16(acc * bf16_f32(sp[n]));
+            }
+        }
+    });
+#else
+    TORCH_CHECK(false, "lowbit::int8_mm: built without AVX-512 BF16/VBMI (needs -march=native "
                 "on a CPU that has them)");
 #endif
     return y;
@@ -307,11 +371,13 @@ at::Tensor decode_attn(const at::Tensor &q, const at::Tensor &k, const at::Tenso
 TORCH_LIBRARY(lowbit, m) {
     m.def("int4_mm(Tensor x, Tensor packed, Tensor scale_zeros, int group) -> Tensor");
     m.def("bf16_mm(Tensor x, Tensor w) -> Tensor");
+    m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
     m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor pos, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
     m.impl("int4_mm", &int4_mm);
     m.impl("bf16_mm", &bf16_mm);
+    m.impl("int8_mm", &int8_mm);
     m.impl("decode_attn", &decode_attn);
 }
