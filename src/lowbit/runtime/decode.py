@@ -3,9 +3,10 @@ Llama's layer, and the families that change it (Qwen3, Gemma-2/3, Phi-3, Granite
 
 ``transformers``' ``generate`` spends most of a small model's decode step outside the
 matmuls: Python-level cache and mask bookkeeping, generation utilities, and seven separate
-projections per layer; on SmolLM2-135M with int4 weights it decodes at ~40 tokens/s where
-:class:`FastDecoder` reaches ~60 (``bench/runtime.py``; ~1700 dispatched aten ops per token
-against ~2300, and 4 matmuls per layer instead of 7):
+projections per layer. :class:`FastDecoder` runs the same function with fewer dispatched
+ops (4 matmuls per layer instead of 7), lowbit's native decode operators where they build,
+and optionally its step captured by ``torch.compile`` (figures: ``bench/runtime.py``,
+docs/runtime.md):
 
 * q/k/v and gate/up are fused into one matmul each (:func:`fuse_linears`; packed int4 and
   int8 weight-only layers and float ``nn.Linear`` layers are concatenated, other layers are
@@ -13,9 +14,12 @@ against ~2300, and 4 matmuls per layer instead of 7):
 * a static KV cache per layer, written in place; the rotary ``cos``/``sin`` tables computed
   once by the model's own rotary module (every non-dynamic RoPE scaling);
 * RMSNorm as one ``F.rms_norm`` in float32 (as ``LlamaRMSNorm`` computes it);
-* ``scaled_dot_product_attention`` with grouped-query heads, no mask in decode;
+* prompts through ``scaled_dot_product_attention`` with grouped-query heads; a decode token
+  through ``torch.ops.lowbit.decode_attn`` (bfloat16 caches: the filled positions only,
+  float32 inside) or :func:`_one_query`;
 * the LM head on the last position only; float layers of a bfloat16 model run a decode row
-  through ``torch.mv`` (:func:`float_linear`).
+  through lowbit's native bfloat16 GEMV or ``torch.mv`` (:func:`float_linear`); int4 and
+  int8 packed layers through their kernels' decode paths (:mod:`lowbit.runtime.kernels`).
 
 The model is not changed: the fused matmuls share the model's weight storage (views) where
 the kernel allows it; packed int4 layers need their group scales contiguous, so those are
