@@ -185,16 +185,16 @@ def test_int8_gemv_matches_torch_kernel(n, k):
 
 
 @needs_ops
-def test_large_int8_layer_takes_the_native_gemv():
-    from lowbit.runtime.kernels import INT8_GEMV_MIN, INT8_GEMV_PATH
+def test_int8_layer_decode_row_takes_the_native_gemv():
+    from lowbit.runtime.kernels import INT8_GEMV_PATH
     torch.manual_seed(0)
-    for n, native_row in ((INT8_GEMV_MIN // 256, True), (256, False)):
-        qt = quantize(torch.randn(n, 256), QuantSpec(format="int8", granularity="channel"))
-        m = PackedLinear.from_qtensor(qt, None, torch.bfloat16)
-        assert m.kernel == "int8_weight_only" and m.gemv_native is native_row
-        x = torch.randn(1, 256).to(torch.bfloat16)
-        with torch.no_grad():
-            got = m(x)
-        want = torch._weight_int8pack_mm(x, m.w_int8, m.w_scale)
-        assert rel(got, want) <= 2 ** -7
+    qt = quantize(torch.randn(96, 256), QuantSpec(format="int8", granularity="channel"))
+    m = PackedLinear.from_qtensor(qt, None, torch.bfloat16)
+    assert m.kernel == "int8_weight_only" and m.gemv_native
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with torch.no_grad():
+        one, few = m(x[:1]), m(x)
+    assert torch.equal(one, torch.ops.lowbit.int8_mm(x[:1], m.w_int8, m.w_scale))
+    assert torch.equal(few, torch._weight_int8pack_mm(x, m.w_int8, m.w_scale))
+    assert rel(one, few[:1]) <= 2 ** -7
     assert hardware_path_report()[INT8_GEMV_PATH] == "hardware"

@@ -11,7 +11,6 @@ from torch import nn
 from lowbit.errors import ConfigError
 from lowbit.hardware import fell_back, took_hardware
 from lowbit.runtime import native
-from lowbit.runtime.kernels import int8_gemv_native
 from lowbit.runtime.packed import PackedLinear
 
 FUSED_PATH = "runtime.fused_linear"  # name in lowbit.hardware.hardware_path_report()
@@ -192,7 +191,7 @@ def _try_fuse(mods) -> FusedLinear | None:
         out.register_buffer("w_int8", w)
         out.register_buffer("w_scale", s)
         out.act_dtype = first.act_dtype
-        out.gemv_native = int8_gemv_native(sum(sizes), first.in_features, first.act_dtype)
+        out.gemv_native = all(getattr(m, "gemv_native", False) for m in mods)
         _share_rows(mods, "w_int8", w)
         _share_rows(mods, "w_scale", s)
         out._copied = ()

@@ -208,20 +208,17 @@ GEMM_ROWS = 32  # rows from which a weight-only layer dequantizes into a GEMM (w
 
 
 INT8_GEMV_PATH = "runtime.int8_gemv_native"
-#: weights from this many elements take the native int8 GEMV for a decode row: below it
-#: (weights in the caches, compute-bound) torch's kernel was as fast or faster on the 2-core
-#: AMD EPYC (3072x576: 58 vs 70 us), above it the native one streams memory better (the
-#: 49152x576 LM head: 2.6 vs 1.7 ms)
-INT8_GEMV_MIN = 1 << 22
 
 
-def int8_gemv_native(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
-    """Whether an int8 weight-only ``[out, in]`` layer computing in ``dtype`` runs a decode
-    row through lowbit's native int8 GEMV (``torch.ops.lowbit.int8_mm``,
-    :func:`lowbit.runtime.native.int8_gemv_ready`): weights of :data:`INT8_GEMV_MIN`
-    elements or more, bfloat16; recorded in the hardware path report when tried."""
-    if out_features * in_features < INT8_GEMV_MIN:
-        return False
+def int8_gemv_native(dtype: torch.dtype) -> bool:
+    """Whether an int8 weight-only layer computing in ``dtype`` runs a decode row (one row)
+    through lowbit's native int8 GEMV (``torch.ops.lowbit.int8_mm``,
+    :func:`lowbit.runtime.native.int8_gemv_ready`); recorded in the hardware path report.
+
+    Measured on SmolLM2-135M's decode (2-core AMD EPYC, weights streamed from memory every
+    token): ~52 us a call against torch's kernel's ~85 us; on a small matrix repeated in the
+    caches torch's kernel is as fast or faster (3072x576: 58 against 70 us), a case a model's
+    decode does not have."""
     if dtype != torch.bfloat16:
         not_attempted(INT8_GEMV_PATH, f"activations in {dtype} (bfloat16 only)")
         return False
@@ -245,8 +242,7 @@ class Int8WeightOnly(Kernel):
         layer.act_dtype = act_dtype(info)
         layer.register_buffer("w_int8", qt.codes.contiguous().view(torch.int8))
         layer.register_buffer("w_scale", qt.scale.reshape(-1).to(layer.act_dtype).contiguous())
-        layer.gemv_native = int8_gemv_native(info.out_features, info.in_features,
-                                             layer.act_dtype)
+        layer.gemv_native = int8_gemv_native(layer.act_dtype)
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = x.to(layer.act_dtype)
