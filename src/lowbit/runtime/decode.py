@@ -68,22 +68,24 @@ from lowbit.runtime.fuse import (FUSED_PATH, FusedLinear, _call, _plain_linear, 
 _GQA_KWARG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 COMPILE_PATH = "runtime.decode_compiled"  # name in lowbit.hardware.hardware_path_report()
 ATTN_PATH = "runtime.decode_attn_native"
+CACHE_BUCKET = 256  # a compiled decoder sizes its cache in multiples of this
 
 
-def _native_attention(dtype: torch.dtype, head_dim: int) -> bool:
+def _native_attention(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
     """Whether the Llama step's one-query attention runs lowbit's native operator
     (``torch.ops.lowbit.decode_attn``: reads only the filled cache, float32 inside), recorded
     as ``runtime.decode_attn_native``; else :func:`_one_query` (the same function).
     bfloat16 caches only: a float32 model keeps torch's ops, whose sums match the model's own
     attention bit for bit (the native sums differ by ~1e-7, enough to flip a later bfloat16
     rounding of a weight-only kernel's input)."""
+    if device.type != "cpu":
+        return False  # a CPU operator: other devices keep torch's ops, nothing to record
     if dtype != torch.bfloat16 or head_dim % 16 or head_dim > 256:
         not_attempted(ATTN_PATH, f"{dtype} cache with head size {head_dim} (bfloat16, a "
                       "multiple of 16 up to 256)")
         return False
     return native.choose(ATTN_PATH, native.decode_attn_ready,
                          "the one-query attention in torch ops (slower, the same function)")
-CACHE_BUCKET = 256  # a compiled decoder sizes its cache in multiples of this
 
 
 #: torch.compile takes a ``guard_filter_fn`` option (it came with these helpers)
@@ -223,7 +225,7 @@ class FastDecoder:
         self.embed = base.embed_tokens
         self.dtype = self.embed.weight.dtype
         self.lm_head = lm_head
-        if self.dtype == torch.bfloat16:
+        if self.dtype == torch.bfloat16 and self.embed.weight.device.type == "cpu":
             bf16_gemv()  # decided (native build + probe) before any step is captured
         adapter = get_adapter(model)
         declared = adapter.norm if adapter is not None else None
@@ -254,7 +256,8 @@ class FastDecoder:
         self._plain = self.plan.plain and self._llama_norm(base.norm, self.final_norm) and \
             all(L.plain for L in self.layers)
         self._fast = self._plain
-        self._attn_native = self._plain and _native_attention(self.dtype, self.head_dim)
+        self._attn_native = self._plain and _native_attention(self.dtype, self.head_dim,
+                                                              self.embed.weight.device)
         self.cache_len = 0
         self.cos = self.sin = None
         self._ids = None
