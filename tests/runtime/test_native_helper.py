@@ -65,11 +65,14 @@ def test_prefill_rows_take_the_gemm_and_match_torch_kernel():
         few = m(x[:3]).float()  # a few rows: torch's kernel
         one = m(x[:1]).float()  # a decode row: lowbit's native GEMV
     assert hardware_path_report()[INT4_PREFILL_PATH] == "hardware"
-    assert hardware_path_report()[INT4_GEMV_PATH] == "hardware"
     assert float((got - want).abs().max()) <= 2 ** -6 * float(want.abs().max())
     assert torch.equal(few, want[:3])
-    # one bfloat16 rounding apart (float32 sums in another order)
-    assert float((one - want[:1]).abs().max()) <= 2 ** -7 * float(want[:1].abs().max())
+    if m.gemv_native:  # the C++ operators built here (tests/runtime/test_native_ops.py)
+        assert hardware_path_report()[INT4_GEMV_PATH] == "hardware"
+        # one bfloat16 rounding apart (float32 sums in another order)
+        assert float((one - want[:1]).abs().max()) <= 2 ** -7 * float(want[:1].abs().max())
+    else:
+        assert torch.equal(one, want[:1])
     assert INT4_GEMM_ROWS <= 64
 
 
