@@ -72,39 +72,48 @@ def _cpu_key() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build() -> Path:
-    cc = os.environ.get("CC") or "cc"
+def _compile(env: str, default: str, what: str, source: Path, stem: str, args: tuple,
+             key_extra: tuple, timeout: int) -> Path:
+    """``<cache>/native/<stem>-<key>.so`` built from ``source`` by the compiler ``$env`` (or
+    ``default``) with ``args``, keyed by the source, compiler version, args, ``key_extra``
+    and the CPU; built into a temporary file and renamed (whole or not at all)."""
+    cc = os.environ.get(env) or default
     exe = shutil.which(cc)
     if exe is None:
-        raise NativeUnavailable(f"no C compiler ({cc!r} not on PATH; set $CC)")
+        raise NativeUnavailable(f"no {what} compiler ({cc!r} not on PATH; set ${env})")
     try:
         ver = subprocess.run([exe, "--version"], capture_output=True, text=True,
                              timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeUnavailable(f"{cc} --version failed: {e}") from None
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + repr((ver, FLAGS, _cpu_key())).encode()).hexdigest()[:20]
+    key = hashlib.sha256(source.read_bytes() + repr(
+        (ver, args, key_extra, _cpu_key())).encode()).hexdigest()[:20]
     out_dir = cache_dir() / "native"
-    lib = out_dir / f"lowbit_cpu-{key}.so"
+    lib = out_dir / f"{stem}-{key}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        r = subprocess.run([exe, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run([exe, str(source), "-o", tmp, *args], capture_output=True,
+                           text=True, timeout=timeout)
         if r.returncode != 0:
-            err = (r.stderr or r.stdout).strip().splitlines()
-            raise NativeUnavailable(f"{cc} failed on {SOURCE.name}: "
+            out = (r.stderr or r.stdout).strip().splitlines()
+            err = [ln for ln in out if "error" in ln] or out
+            raise NativeUnavailable(f"{cc} failed on {source.name}: "
                                     f"{err[0] if err else 'exit ' + str(r.returncode)}")
-        os.replace(tmp, lib)  # whole or not at all: a concurrent build writes the same bytes
+        os.replace(tmp, lib)  # a concurrent build writes the same bytes
     except subprocess.TimeoutExpired:
-        raise NativeUnavailable(f"{cc} took over 300 s on {SOURCE.name}") from None
+        raise NativeUnavailable(f"{cc} took over {timeout} s on {source.name}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+def _build() -> Path:
+    return _compile("CC", "cc", "C", SOURCE, "lowbit_cpu", FLAGS, (), 300)
 
 
 def _load() -> ctypes.CDLL:
@@ -249,47 +258,15 @@ _OPS: dict = {}  # {"path": the library loaded into this process} (never unloade
 
 
 def _build_ops() -> Path:
-    cxx = os.environ.get("CXX") or "c++"
-    exe = shutil.which(cxx)
-    if exe is None:
-        raise NativeUnavailable(f"no C++ compiler ({cxx!r} not on PATH; set $CXX)")
     tdir = Path(torch.__file__).parent
     inc = [tdir / "include", tdir / "include" / "torch" / "csrc" / "api" / "include"]
     if not (inc[0] / "torch" / "library.h").exists():
         raise NativeUnavailable(f"torch's C++ headers are not installed ({inc[0]})")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    cmd_flags = (*OPS_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-                 *(f"-I{d}" for d in inc), f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu",
-                 f"-Wl,-rpath,{tdir / 'lib'}")
-    try:
-        ver = subprocess.run([exe, "--version"], capture_output=True, text=True,
-                             timeout=30).stdout.splitlines()[:1]
-    except (OSError, subprocess.SubprocessError) as e:
-        raise NativeUnavailable(f"{cxx} --version failed: {e}") from None
-    key = hashlib.sha256(OPS_SOURCE.read_bytes() + repr(
-        (ver, cmd_flags, torch.__version__, _cpu_key())).encode()).hexdigest()[:20]
-    out_dir = cache_dir() / "native"
-    lib = out_dir / f"lowbit_ops-{key}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        r = subprocess.run([exe, str(OPS_SOURCE), "-o", tmp, *cmd_flags], capture_output=True,
-                           text=True, timeout=600)
-        if r.returncode != 0:
-            err = [ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln] or \
-                (r.stderr or r.stdout).strip().splitlines()
-            raise NativeUnavailable(f"{cxx} failed on {OPS_SOURCE.name}: "
-                                    f"{err[0] if err else 'exit ' + str(r.returncode)}")
-        os.replace(tmp, lib)  # whole or not at all
-    except subprocess.TimeoutExpired:
-        raise NativeUnavailable(f"{cxx} took over 600 s on {OPS_SOURCE.name}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    args = (*OPS_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{d}" for d in inc),
+            f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}")
+    return _compile("CXX", "c++", "C++", OPS_SOURCE, "lowbit_ops", args, (torch.__version__,),
+                    600)
 
 
 def _load_ops() -> None:
